@@ -1,0 +1,1322 @@
+"""GoogLeNet (Inception v1) in one file: model, data, device, training loop, checkpoints, CLI.
+
+Two architectures, one channel table (Szegedy et al. 2015, "Going deeper with convolutions"):
+  original  the paper's 224x224 net: 7x7/2 stem, LRN, two auxiliary classifiers, no BatchNorm
+  tiny      the 64x64 variant for Tiny ImageNet: 3x3/1 stem that shrinks the image slower,
+            BatchNorm after every conv, same Inception blocks 3a-5b
+
+Run it:
+  python googlenet.py --dataset tiny --data-dir data --download          # Tiny ImageNet, auto device
+  python googlenet.py --dataset tiny --device xla                        # TPU (all cores)
+  python googlenet.py --dataset cifar10 --arch original --image-size 224 # the paper's net on CIFAR-10
+  python googlenet.py --dataset folder --data-dir my_photos             # DIR/train/<class>/*, DIR/val/<class>/*
+  python googlenet.py --resume runs/tiny/last.pt                          # continue a run
+  python googlenet.py --evaluate --resume runs/tiny/best.pt               # only evaluate
+  python googlenet.py --dataset tiny --benchmark-data                     # images/s of both data paths
+
+Use it from your own code:
+  import googlenet
+  model = googlenet.build_model("tiny", num_classes=200)
+  model, config = googlenet.load_for_inference("runs/tiny/best.pt")
+
+Sections: model, data, device, train/eval, checkpoint, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import namedtuple
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem with the user's input; `str(error)` is one line that says what to do."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated or not one of ours."""
+
+
+class ImageDecodeError(UserError):
+    """A file that cannot be decoded as an image."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+# The paper's Table 1, one row per Inception block:
+# (in_channels, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj)
+INCEPTION_TABLE = {
+    "3a": (192, 64, 96, 128, 16, 32, 32),
+    "3b": (256, 128, 128, 192, 32, 96, 64),
+    "4a": (480, 192, 96, 208, 16, 48, 64),
+    "4b": (512, 160, 112, 224, 24, 64, 64),
+    "4c": (512, 128, 128, 256, 24, 64, 64),
+    "4d": (512, 112, 144, 288, 32, 64, 64),
+    "4e": (528, 256, 160, 320, 32, 128, 128),
+    "5a": (832, 256, 160, 320, 32, 128, 128),
+    "5b": (832, 384, 192, 384, 48, 128, 128),
+}
+ARCHS = ("original", "tiny")
+
+GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux1", "aux2"])
+GoogLeNetOutputs.__doc__ = """Training-mode output: main logits and the two auxiliary heads' logits
+(after 4a and 4d), each [batch, num_classes]."""
+
+
+class ConvReLU(nn.Sequential):
+    """Conv (same padding) -> optional BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, batch_norm=False):
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                            padding=kernel_size // 2, bias=not batch_norm)]  # BN has its own shift
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class Inception(nn.Module):
+    """Four parallel branches concatenated on channels: 1x1 | 1x1->3x3 | 1x1->5x5 | 3x3 max-pool->1x1."""
+
+    def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj,
+                 batch_norm=False):
+        super().__init__()
+        self.branch1 = ConvReLU(in_channels, ch1x1, 1, batch_norm=batch_norm)
+        self.branch2 = nn.Sequential(ConvReLU(in_channels, ch3x3_reduce, 1, batch_norm=batch_norm),
+                                     ConvReLU(ch3x3_reduce, ch3x3, 3, batch_norm=batch_norm))
+        # A real 5x5 as in the paper (torchvision uses 3x3 here for historical reasons).
+        self.branch3 = nn.Sequential(ConvReLU(in_channels, ch5x5_reduce, 1, batch_norm=batch_norm),
+                                     ConvReLU(ch5x5_reduce, ch5x5, 5, batch_norm=batch_norm))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),
+                                     ConvReLU(in_channels, pool_proj, 1, batch_norm=batch_norm))
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class AuxClassifier(nn.Module):
+    """The paper's auxiliary head: avg-pool to 4x4 -> 1x1 conv 128 -> FC 1024 -> dropout 0.7 -> FC."""
+
+    def __init__(self, in_channels, num_classes, batch_norm=False, dropout=0.7):
+        super().__init__()
+        self.conv = ConvReLU(in_channels, 128, 1, batch_norm=batch_norm)
+        self.fc1 = nn.Linear(128 * 4 * 4, 1024)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        # The paper's 5x5/3 average pool maps the 224-net's 14x14 map to 4x4. Other input sizes
+        # (the 64x64 variant's 8x8, CIFAR's 4x4) pool adaptively to the same 4x4, so the head's
+        # shapes and parameter count never depend on the image size.
+        if tuple(x.shape[-2:]) == (14, 14):
+            x = F.avg_pool2d(x, kernel_size=5, stride=3)
+        else:
+            x = F.adaptive_avg_pool2d(x, 4)
+        x = torch.flatten(self.conv(x), 1)
+        x = self.dropout(F.relu(self.fc1(x), inplace=True))
+        return self.fc2(x)
+
+
+class GoogLeNet(nn.Module):
+    """GoogLeNet / Inception v1.
+
+    forward(x) returns the main logits [N, num_classes] in eval mode (or without aux heads), and a
+    `GoogLeNetOutputs(logits, aux1, aux2)` in training mode when the aux heads are on.
+    """
+
+    def __init__(self, arch="tiny", num_classes=200, aux_logits=True, batch_norm=None,
+                 dropout=0.4, aux_dropout=0.7):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        if batch_norm is None:
+            batch_norm = arch == "tiny"
+        self.arch, self.aux_logits, self.batch_norm = arch, aux_logits, batch_norm
+        bn = batch_norm
+
+        if arch == "original":
+            # 224 -> 112 (conv 7x7/2) -> 56 (pool) -> 28 (pool); LRN as in the paper unless BN replaces it.
+            lrn = [] if bn else [nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)]
+            self.stem = nn.Sequential(
+                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn,
+                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn,
+                nn.MaxPool2d(3, 2, padding=1))
+        else:
+            # 64 -> 64 (conv 3x3/1) -> 32 (pool) -> 16 (pool): a 64x64 image keeps enough spatial
+            # detail for the Inception blocks (the 224 stem would leave 2x2 maps at 5b).
+            self.stem = nn.Sequential(
+                ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
+                ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
+
+        t = INCEPTION_TABLE
+        self.inception3a = Inception(*t["3a"], batch_norm=bn)
+        self.inception3b = Inception(*t["3b"], batch_norm=bn)
+        self.maxpool3 = nn.MaxPool2d(3, 2, padding=1)
+        self.inception4a = Inception(*t["4a"], batch_norm=bn)
+        self.inception4b = Inception(*t["4b"], batch_norm=bn)
+        self.inception4c = Inception(*t["4c"], batch_norm=bn)
+        self.inception4d = Inception(*t["4d"], batch_norm=bn)
+        self.inception4e = Inception(*t["4e"], batch_norm=bn)
+        self.maxpool4 = nn.MaxPool2d(3, 2, padding=1)
+        self.inception5a = Inception(*t["5a"], batch_norm=bn)
+        self.inception5b = Inception(*t["5b"], batch_norm=bn)
+        if aux_logits:
+            self.aux1 = AuxClassifier(t["4b"][0], num_classes, batch_norm=bn, dropout=aux_dropout)
+            self.aux2 = AuxClassifier(t["4e"][0], num_classes, batch_norm=bn, dropout=aux_dropout)
+        else:
+            self.aux1 = self.aux2 = None
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # = the paper's 7x7 average pool at 224
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1024, num_classes)
+        init_weights(self)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.inception3a(x)
+        x = self.inception3b(x)
+        x = self.maxpool3(x)
+        x = self.inception4a(x)
+        use_aux = self.training and self.aux_logits
+        aux1 = self.aux1(x) if use_aux else None
+        x = self.inception4b(x)
+        x = self.inception4c(x)
+        x = self.inception4d(x)
+        aux2 = self.aux2(x) if use_aux else None
+        x = self.inception4e(x)
+        x = self.maxpool4(x)
+        x = self.inception5a(x)
+        x = self.inception5b(x)
+        logits = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        if use_aux:
+            return GoogLeNetOutputs(logits, aux1, aux2)
+        return logits
+
+
+def init_weights(model):
+    """Kaiming-normal convs (ReLU nets without BN train from scratch with it), small-normal FCs."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def build_model(arch, num_classes, **options):
+    """Build a GoogLeNet. arch: "original" or "tiny". options: aux_logits (True), batch_norm
+    (None = the arch's default: on for tiny, off for original), dropout (0.4), aux_dropout (0.7)."""
+    return GoogLeNet(arch=arch, num_classes=num_classes, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("tiny", "cifar10", "folder", "synthetic")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+
+@dataclass
+class Split:
+    """One split before decoding: either image files or already-decoded uint8 HWC arrays."""
+    labels: list
+    files: list | None = None
+    arrays: np.ndarray | None = None  # [N, H, W, 3] uint8 (CIFAR-10, synthetic)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, n):
+        if not n or n >= len(self):
+            return self
+        return Split(self.labels[:n], self.files[:n] if self.files is not None else None,
+                     self.arrays[:n] if self.arrays is not None else None)
+
+
+@dataclass
+class DatasetInfo:
+    """A dataset's splits and everything a checkpoint must remember about it."""
+    name: str
+    train: Split
+    val: Split
+    class_names: list          # short human names, for display
+    class_ids: list            # wnids / folder names / CIFAR names
+    mean: tuple
+    std: tuple
+    source_size: int           # images are decoded to this square size, then augmented on device
+    root: str | None = None
+
+
+def decode_image(source, size):
+    """Decode an image file (or PIL image) to a uint8 tensor [3, size, size]: EXIF rotation applied,
+    any mode (grayscale, palette, RGBA, 16-bit, CMYK) made RGB (transparency over white), the
+    shorter side resized to `size` and the centre cropped. Raises ImageDecodeError naming the file."""
+    from PIL import Image, ImageOps
+    name = getattr(source, "filename", None) or str(source)
+    try:
+        img = source if isinstance(source, Image.Image) else Image.open(source)
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img = ImageOps.fit(img, (size, size), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(img):
+    from PIL import Image
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit grayscale: PIL's convert() clips at 255, which turns most photos white.
+        values = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if img.mode == "F" and values.max() <= 1.0:
+            peak = 1.0
+        img = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def _listing(path):
+    """What a folder holds, for 'expected X, found Y' messages."""
+    path = Path(path)
+    if not path.exists():
+        return "nothing (it does not exist)"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    return ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") if entries else "an empty folder"
+
+
+def _image_files(folder):
+    return sorted(str(p) for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def find_tiny_imagenet(data_dir):
+    """The tiny-imagenet-200 folder: data_dir itself or data_dir/tiny-imagenet-200."""
+    for candidate in (Path(data_dir), Path(data_dir) / "tiny-imagenet-200"):
+        if (candidate / "wnids.txt").is_file():
+            return candidate
+    return None
+
+
+def download_tiny_imagenet(data_dir):
+    """Fetch and verify the official zip, extract it next to a temporary name, then rename, so an
+    interrupted download or extraction never leaves a folder that looks complete."""
+    from torchvision.datasets.utils import download_url, extract_archive
+    data_dir = Path(data_dir)
+    if find_tiny_imagenet(data_dir):
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {TINY_IMAGENET_URL} (248 MB) to {data_dir}", flush=True)
+    try:
+        download_url(TINY_IMAGENET_URL, str(data_dir), md5=TINY_IMAGENET_MD5)
+    except Exception as e:  # network errors come in many types; the message is what matters
+        raise UserError(f"downloading Tiny ImageNet failed ({e}); check the connection and retry") from None
+    partial = data_dir / ".tiny-imagenet-200.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    extract_archive(str(data_dir / "tiny-imagenet-200.zip"), str(partial))
+    os.replace(partial / "tiny-imagenet-200", data_dir / "tiny-imagenet-200")
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_tiny_imagenet(data_dir, download=False):
+    """Tiny ImageNet in its original layout. Class indices follow sorted wnids.txt for both
+    splits; val labels come from val/val_annotations.txt (val/ is not in ImageFolder layout)."""
+    if download:
+        download_tiny_imagenet(data_dir)
+    root = find_tiny_imagenet(data_dir)
+    if root is None:
+        raise UserError(f"no Tiny ImageNet in {data_dir}: expected tiny-imagenet-200/ with wnids.txt, "
+                        f"words.txt, train/, val/; found {_listing(data_dir)}. Add --download to fetch it")
+    wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines() if line.strip())
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, names = line.partition("\t")
+            words[wnid] = names.strip()
+    class_names = [words.get(w, w).split(",")[0].strip() or w for w in wnids]
+
+    train_files, train_labels = [], []
+    for wnid in wnids:
+        folder = root / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise UserError(f"Tiny ImageNet at {root} is incomplete: expected {folder}; "
+                            f"found in train/: {_listing(root / 'train')}")
+        files = _image_files(folder)
+        train_files += files
+        train_labels += [index[wnid]] * len(files)
+
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(f"Tiny ImageNet at {root} has no val/val_annotations.txt "
+                        f"(found in val/: {_listing(root / 'val')})")
+    val_files, val_labels = [], []
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in index:
+            raise UserError(f"{annotations}: class {fields[1]} is not in wnids.txt")
+        val_files.append(str(root / "val" / "images" / fields[0]))
+        val_labels.append(index[fields[1]])
+    return DatasetInfo("tiny", Split(train_labels, files=train_files), Split(val_labels, files=val_files),
+                       class_names, wnids, IMAGENET_MEAN, IMAGENET_STD, source_size=64, root=str(root))
+
+
+def load_image_folder(data_dir, image_size):
+    """DIR/train/<class>/* and DIR/val/<class>/* (DIR/test/<class>/* when there is no val)."""
+    root = Path(data_dir)
+    train_dir = root / "train"
+    val_dir = root / "val" if (root / "val").is_dir() else root / "test"
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        raise UserError(f"--dataset folder expected {root}/train/<class>/ and {root}/val/<class>/ "
+                        f"(or test/); found {_listing(root)}")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>; "
+                        f"found {_listing(train_dir)}")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def read_split(split_dir):
+        files, labels = [], []
+        for c in sorted(p.name for p in split_dir.iterdir() if p.is_dir()):
+            if c not in index:
+                raise UserError(f"{split_dir}/{c} is a class that train/ does not have")
+            found = _image_files(split_dir / c)
+            files += found
+            labels += [index[c]] * len(found)
+        if not files:
+            raise UserError(f"no images found in {split_dir}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        return Split(labels, files=files)
+
+    return DatasetInfo("folder", read_split(train_dir), read_split(val_dir), classes, classes,
+                       IMAGENET_MEAN, IMAGENET_STD, source_size=image_size, root=str(root))
+
+
+def load_cifar10(data_dir, download=False):
+    """torchvision's CIFAR-10 (data_dir/cifar-10-batches-py), kept at its native 32x32."""
+    from torchvision.datasets import CIFAR10
+    try:
+        train = CIFAR10(str(data_dir), train=True, download=download)
+        val = CIFAR10(str(data_dir), train=False, download=download)
+    except RuntimeError as e:
+        raise UserError(f"no CIFAR-10 in {data_dir} ({e}): expected {data_dir}/cifar-10-batches-py; "
+                        f"found {_listing(data_dir)}. Add --download to fetch it") from None
+    except OSError as e:
+        raise UserError(f"downloading CIFAR-10 failed ({e}); check the connection and retry") from None
+    return DatasetInfo("cifar10", Split(list(train.targets), arrays=train.data),
+                       Split(list(val.targets), arrays=val.data), list(CIFAR10_CLASSES),
+                       list(CIFAR10_CLASSES), CIFAR10_MEAN, CIFAR10_STD, source_size=32, root=str(data_dir))
+
+
+def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, seed=0):
+    """Images whose label is learnable: each class is a smooth random colour pattern, each image
+    that pattern shifted and overlaid with noise. For smoke tests and benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=image_size,
+                             mode="bilinear", align_corners=False)
+
+    def split(n):
+        labels = torch.randint(num_classes, (n,), generator=g)
+        shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n,), generator=g)
+        images = patterns[labels]
+        images = torch.stack([torch.roll(im, int(s), dims=2) for im, s in zip(images, shifts)])
+        images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).clamp(0, 1)
+        arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return Split(labels.tolist(), arrays=arrays)
+
+    names = [f"pattern {i}" for i in range(num_classes)]
+    return DatasetInfo("synthetic", split(train_size), split(val_size), names, names,
+                       (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), source_size=image_size)
+
+
+def load_dataset(name, data_dir, image_size, download=False):
+    """DatasetInfo for "tiny", "cifar10", "folder" or "synthetic" (no images decoded yet)."""
+    if name == "tiny":
+        return load_tiny_imagenet(data_dir, download)
+    if name == "cifar10":
+        return load_cifar10(data_dir, download)
+    if name == "folder":
+        return load_image_folder(data_dir, image_size)
+    if name == "synthetic":
+        return make_synthetic(image_size)
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+# --- Fast path: decode once into a uint8 store, augment per batch on the training device ------
+
+@dataclass
+class ImageStore:
+    """Decoded images [N, 3, S, S] uint8 and labels [N] int64, in host memory."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def _decode_for_store(job):
+    path, size = job
+    try:
+        return decode_image(path, size).numpy(), None
+    except ImageDecodeError as e:
+        return None, str(e)
+
+
+def _store_cache_path(cache_dir, dataset, split_name, split, size):
+    # The key covers every file's path, size and mtime: any change to the source re-decodes.
+    h = hashlib.sha256(f"v1 {dataset} {split_name} {size}".encode())
+    for f in split.files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps(split.labels).encode())
+    return Path(cache_dir) / f"{dataset}-{split_name}-{size}px-{h.hexdigest()[:16]}.pt"
+
+
+def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, dataset="data",
+                split_name="train", log=print):
+    """Decode a Split once into an ImageStore (uint8, size x size). With cache_dir, the store is
+    saved there (atomically) and reused while the source files are unchanged."""
+    if split.arrays is not None:
+        images = torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous()
+        if images.shape[-1] != size:
+            images = torch.stack([decode_image(_pil(a), size) for a in split.arrays])
+        return ImageStore(images, torch.tensor(split.labels, dtype=torch.int64))
+
+    cache_path = _store_cache_path(cache_dir, dataset, split_name, split, size) if cache_dir else None
+    if cache_path is not None and cache_path.is_file():
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            log(f"{split_name}: {len(cached['labels'])} decoded images from cache {cache_path}")
+            return ImageStore(cached["images"], cached["labels"])
+        except Exception as e:  # a damaged cache is only a cache: decode again
+            log(f"warning: ignoring unreadable cache {cache_path} ({e})")
+
+    start = time.perf_counter()
+    jobs = [(f, size) for f in split.files]
+    if workers > 1 and len(jobs) > 2000:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_decode_for_store, jobs, chunksize=256)
+    else:
+        results = [_decode_for_store(job) for job in jobs]
+    images = np.empty((len(jobs), 3, size, size), dtype=np.uint8)
+    keep, errors = [], []
+    for i, (array, error) in enumerate(results):
+        if error is not None:
+            errors.append(error)
+            continue
+        images[len(keep)] = array
+        keep.append(i)
+    if errors and not skip_bad_images:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
+    if errors:
+        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
+    store = ImageStore(torch.from_numpy(images[:len(keep)]),
+                       torch.tensor([split.labels[i] for i in keep], dtype=torch.int64))
+    seconds = time.perf_counter() - start
+    log(f"{split_name}: decoded {len(store)} images to {size}x{size} in {seconds:.1f}s "
+        f"({store.images.numel() / 2**20:.0f} MiB uint8)")
+    if cache_path is not None:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"images": store.images, "labels": store.labels}, cache_path)
+            log(f"{split_name}: cached at {cache_path}")
+        except OSError as e:
+            log(f"warning: could not write the cache {cache_path} ({e}); continuing without it")
+    return store
+
+
+def _pil(array):
+    from PIL import Image
+    return Image.fromarray(array)
+
+
+def _resample_matrix(scale, offset, out_size, in_size):
+    """[B, out, in] bilinear weights for x_in = scale * x_out + offset in [-1, 1] coordinates
+    (pixel centres, like align_corners=False). Integer-pixel shifts reproduce pixels exactly."""
+    out_pos = (torch.arange(out_size, device=scale.device, dtype=torch.float32) + 0.5) / out_size * 2 - 1
+    src = scale[:, None] * out_pos[None, :] + offset[:, None]
+    src_pixels = (src + 1) * (in_size / 2) - 0.5
+    # Within half a pixel of the border is still inside the image: clamp there (as F.interpolate
+    # does) so resizing does not darken the edges; farther out is padding and gets zero weight.
+    inside = (src_pixels >= -0.5) & (src_pixels <= in_size - 0.5)
+    src_pixels = torch.where(inside, src_pixels.clamp(0, in_size - 1), src_pixels)
+    in_pixels = torch.arange(in_size, device=scale.device, dtype=torch.float32)
+    return (1 - (src_pixels[:, :, None] - in_pixels[None, None, :]).abs()).clamp(min=0)
+
+
+def _resample(images, params, out_size):
+    """Crop/flip/resize a uint8 batch with per-image affine params [B, 4] = (sx, sy, tx, ty), as two
+    batched matmuls: the same op on CPU, CUDA and XLA (TPUs are built for matmuls), fixed shapes."""
+    x = images.float() / 255.0
+    rows = _resample_matrix(params[:, 1], params[:, 3], out_size, x.shape[-2])   # [B, out, H]
+    cols = _resample_matrix(params[:, 0], params[:, 2], out_size, x.shape[-1])   # [B, out, W]
+    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+
+
+def _normalize(x, mean, std):
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def train_transform(images, params, image_size, mean, std):
+    """On-device training augmentation of a uint8 batch [B, 3, S, S] with crop params from
+    `random_crop_params`: crop, flip, resize to image_size, normalise. Returns float [B, 3, s, s]."""
+    return _normalize(_resample(images, params, image_size), mean, std)
+
+
+def eval_transform(images, config):
+    """What validation and inference do to a uint8 batch [N, 3, S, S] (S = config.source_size):
+    resize to config.image_size and normalise with the dataset's mean/std."""
+    params = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=images.device).expand(images.shape[0], 4)
+    return _normalize(_resample(images, params, config.image_size), config.mean, config.std)
+
+
+def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25):
+    """Per-image (sx, sy, tx, ty) for `train_transform`, drawn on the host so that the data order
+    and augmentation depend only on the seed and epoch, whatever the device.
+    crop="pad": shift by up to source_size/8 whole pixels (zero padding) and flip.
+    crop="resized": a random-resized crop (area min_scale..1, aspect 3/4..4/3) and flip."""
+    flip = torch.where(torch.rand(batch_size, generator=generator) < 0.5, -1.0, 1.0)
+    if crop == "pad":
+        pad = max(1, source_size // 8)
+        shift = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator).float()
+        return torch.stack([flip, torch.ones(batch_size), shift[:, 0] * 2 / source_size,
+                            shift[:, 1] * 2 / source_size], 1)
+    area = min_scale + (1 - min_scale) * torch.rand(batch_size, generator=generator)
+    log_ratio = (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(4 / 3)
+    sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    tx = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sy)
+    return torch.stack([sx * flip, sy, tx, ty], 1)
+
+
+class StoreLoader:
+    """Batches from an ImageStore, sharded over `world_size` replicas.
+
+    Training batches are (uint8 images, labels, crop params), shuffled by (seed, epoch), the last
+    partial batch dropped so every step has the same shape (no XLA recompiles). Validation
+    batches are (uint8 images, labels, mask): the last batch is padded to full size and the mask
+    marks the real images, so metrics count every image exactly once across replicas."""
+
+    def __init__(self, store, batch_size, train, seed=0, rank=0, world_size=1, crop="pad",
+                 source_size=None):
+        self.store, self.batch_size, self.train = store, batch_size, train
+        self.seed, self.rank, self.world_size, self.crop = seed, rank, world_size, crop
+        self.source_size = source_size or store.images.shape[-1]
+        self.epoch = 0
+        if train and len(store) // world_size < batch_size:
+            raise UserError(f"{len(store)} training images make no full batch of {batch_size} per "
+                            f"replica ({world_size}): lower --batch-size")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        if self.train:
+            return len(self.store) // self.world_size // self.batch_size
+        return math.ceil(math.ceil(len(self.store) / self.world_size) / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.train:
+            order = torch.randperm(len(self.store), generator=g)
+            per_replica = len(self.store) // self.world_size
+            order = order[self.rank * per_replica:(self.rank + 1) * per_replica]
+            for b in range(len(self)):
+                index = order[b * self.batch_size:(b + 1) * self.batch_size]
+                yield (self.store.images[index], self.store.labels[index],
+                       random_crop_params(g, len(index), self.source_size, self.crop))
+        else:
+            index = torch.arange(self.rank, len(self.store), self.world_size)
+            for b in range(len(self)):
+                chunk = index[b * self.batch_size:(b + 1) * self.batch_size]
+                mask = torch.zeros(self.batch_size)
+                mask[:len(chunk)] = 1
+                padded = torch.cat([chunk, chunk.new_zeros(self.batch_size - len(chunk))])
+                yield self.store.images[padded], self.store.labels[padded], mask
+
+
+# --- Baseline path: per-sample PIL decoding and torchvision transforms in DataLoader workers --
+
+class PILDataset(torch.utils.data.Dataset):
+    """Per-sample decoding (the plain torchvision way), for data too big for memory and as the
+    baseline the fast path is measured against. Yields what the training step expects."""
+
+    def __init__(self, split, info, image_size, train, crop="pad"):
+        from torchvision import transforms as T
+        self.split, self.info, self.train = split, info, train
+        self.config = ModelConfig(arch="", num_classes=len(info.class_names), class_names=[],
+                                  image_size=image_size, source_size=info.source_size,
+                                  mean=info.mean, std=info.std, dataset=info.name)
+        s = info.source_size
+        if crop == "pad":
+            steps = [T.RandomCrop(s, padding=max(1, s // 8)), T.Resize(image_size)]
+        else:
+            steps = [T.RandomResizedCrop(image_size, scale=(0.25, 1.0))]
+        self.augment = T.Compose(steps + [T.RandomHorizontalFlip(), T.ToTensor(),
+                                          T.Normalize(info.mean, info.std)])
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        source = self.split.files[i] if self.split.files is not None else _pil(self.split.arrays[i])
+        label = self.split.labels[i]
+        if self.train:
+            from torchvision.transforms.functional import to_pil_image
+            image = to_pil_image(decode_image(source, self.info.source_size))
+            return self.augment(image), label, torch.zeros(4)
+        image = decode_image(source, self.info.source_size)
+        return eval_transform(image[None], self.config)[0], label, torch.tensor(1.0)
+
+
+def make_loaders(info, args, rank=0, world_size=1):
+    """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader)."""
+    train_split, val_split = info.train.subset(args.subset), info.val.subset(args.subset)
+    crop = args.crop or ("resized" if info.name == "folder" else "pad")
+    if args.loader == "torch":
+        shard = lambda n: list(range(rank, n, world_size))  # noqa: E731
+        common = dict(batch_size=args.batch_size, num_workers=args.workers,
+                      persistent_workers=args.workers > 0)
+        train = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(PILDataset(train_split, info, args.image_size, True, crop),
+                                    shard(len(train_split))),
+            shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed), **common)
+        val = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(PILDataset(val_split, info, args.image_size, False),
+                                    shard(len(val_split))), shuffle=False, **common)
+        return train, val
+    cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    stores = [build_store(split, info.source_size, args.workers, cache_dir, args.skip_bad_images,
+                          info.name, name, log)
+              for name, split in (("train", train_split), ("val", val_split))]
+    return (StoreLoader(stores[0], args.batch_size, True, args.seed, rank, world_size, crop),
+            StoreLoader(stores[1], args.batch_size, False, args.seed, rank, world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Device:
+    """Where training runs: kind is "cuda", "xla" or "cpu"; rank/world_size for multi-core XLA."""
+    kind: str
+    torch_device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+
+def xla_available():
+    """torch_xla importable and a PJRT device configured (PJRT_DEVICE) or a TPU present."""
+    try:
+        import importlib.util
+        if importlib.util.find_spec("torch_xla") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    return bool(os.environ.get("PJRT_DEVICE")) or Path("/dev/accel0").exists() or Path("/dev/vfio").is_dir()
+
+
+def resolve_device_kind(requested):
+    """"auto" -> "cuda" if available, else "xla" if usable, else "cpu"; checks explicit requests."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "xla" if xla_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if requested == "xla":
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError:
+            raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
+                            "(matching torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
+    if requested not in ("cuda", "xla", "cpu"):
+        raise UserError(f"unknown device {requested!r}: choose auto, cuda, xla or cpu")
+    return requested
+
+
+def make_device(kind):
+    if kind == "xla":
+        import torch_xla
+        import torch_xla.runtime as xr
+        return Device("xla", torch_xla.device(), xr.global_ordinal(), xr.world_size())
+    return Device(kind, torch.device("cuda" if kind == "cuda" else "cpu"))
+
+
+def seed_everything(seed, device):
+    """Seed every RNG the step uses. Called at each epoch start with (seed, epoch), so a resumed
+    run draws exactly the numbers an uninterrupted one would."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.kind == "xla":
+        import torch_xla.core.xla_model as xm
+        xm.set_rng_state(seed, device=device.torch_device)
+
+
+def device_batches(loader, device):
+    """Iterate a loader's batches on the device. On XLA, MpDeviceLoader overlaps the host->device
+    copy with compute and cuts the graph after every step."""
+    if device.kind == "xla":
+        import torch_xla.distributed.parallel_loader as pl
+        yield from pl.MpDeviceLoader(loader, device.torch_device)
+        return
+    non_blocking = device.kind == "cuda"
+    for batch in loader:
+        yield tuple(t.to(device.torch_device, non_blocking=non_blocking) for t in batch)
+
+
+def all_reduce_sum(tensor, device):
+    """Sum a metrics tensor over replicas (a no-op on one)."""
+    if device.world_size > 1 and device.kind == "xla":
+        import torch_xla.core.xla_model as xm
+        return xm.all_reduce(xm.REDUCE_SUM, tensor)
+    return tensor
+
+
+def xla_compile_count():
+    """How many graphs torch_xla has compiled in this process (None when XLA is not in use)."""
+    if "torch_xla" not in sys.modules:
+        return None
+    import torch_xla.debug.metrics as met
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Train / evaluate
+# ---------------------------------------------------------------------------------------------
+
+def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
+    """Cross-entropy on the main logits plus aux_weight x each aux head's (aux only in training).
+    Returns (loss, main logits)."""
+    if isinstance(outputs, GoogLeNetOutputs):
+        loss = F.cross_entropy(outputs.logits, labels, label_smoothing=label_smoothing)
+        for aux in (outputs.aux1, outputs.aux2):
+            loss = loss + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing)
+        return loss, outputs.logits
+    return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing), outputs
+
+
+def _autocast(device, precision):
+    device_type = {"cuda": "cuda", "xla": "xla", "cpu": "cpu"}[device.kind]
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=print):
+    """One pass over the training loader. Metrics accumulate on the device and are read once per
+    log interval, never per step. Returns {"loss", "top1", "images", "seconds"} over all replicas."""
+    model.train()
+    sums = torch.zeros(3, device=device.torch_device)  # loss x n, correct, n
+    steps, start = len(loader), time.perf_counter()
+    for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
+        if images.dtype == torch.uint8:  # fast path: augment here, on the device
+            images = train_transform(images, crop_params, config.image_size, config.mean, config.std)
+        with _autocast(device, args.precision):
+            outputs = model(images)
+            loss, logits = googlenet_loss(outputs, labels, args.aux_weight, args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if device.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            xm.optimizer_step(optimizer)  # all-reduces gradients across cores, then steps
+        else:
+            optimizer.step()
+        n = labels.shape[0]
+        sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == labels).sum().float(),
+                             torch.tensor(float(n), device=labels.device)])
+        if args.log_interval and step % args.log_interval == 0 and device.is_master:
+            loss_sum, correct, count = sums.tolist()  # the one host sync per interval
+            rate = count * device.world_size / (time.perf_counter() - start)
+            log(f"epoch {epoch + 1} step {step}/{steps} loss {loss_sum / count:.4f} "
+                f"top1 {correct / count:.4f} {rate:.0f} img/s")
+    seconds = time.perf_counter() - start
+    loss_sum, correct, count = all_reduce_sum(sums, device).tolist()
+    return {"loss": loss_sum / max(count, 1), "top1": correct / max(count, 1), "images": int(count),
+            "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, config, precision="fp32"):
+    """Loss, top-1 and top-5 over the whole validation set (padded batches masked, replicas
+    reduced): {"loss", "top1", "top5", "images"}."""
+    model.eval()
+    sums = torch.zeros(4, device=device.torch_device)  # loss, top1, top5, n
+    for images, labels, mask in device_batches(loader, device):
+        if images.dtype == torch.uint8:
+            images = eval_transform(images, config)
+        with _autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit5 = (top5 == labels[:, None]).any(1).float()
+        hit1 = (top5[:, 0] == labels).float()
+        mask = mask.float()
+        sums += torch.stack([(loss * mask).sum(), (hit1 * mask).sum(), (hit5 * mask).sum(), mask.sum()])
+    loss_sum, top1, top5, count = all_reduce_sum(sums, device).tolist()
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
+
+
+@torch.no_grad()
+def predict_proba(model, config, images):
+    """Class probabilities [N, num_classes] for a uint8 batch [N, 3, S, S] decoded with
+    decode_image(..., config.source_size), preprocessed exactly as validation does."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model(eval_transform(images.to(device), config))
+    return logits.float().softmax(1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "googlenet-checkpoint-v1"
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint says about its model and data, enough to rebuild and use it."""
+    arch: str
+    num_classes: int
+    class_names: list
+    image_size: int
+    source_size: int
+    mean: tuple
+    std: tuple
+    dataset: str = ""
+    data_dir: str | None = None
+    model_options: dict = dataclasses.field(default_factory=dict)
+    class_ids: list = dataclasses.field(default_factory=list)
+    epoch: int = 0
+    best_top1: float | None = None
+    val_top1: float | None = None
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash
+    or error mid-save leaves the previous file intact and no partial file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src, dst):
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _to_cpu(obj):
+    """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path, model, optimizer, scheduler, config, args, metrics=None):
+    """Write a self-describing checkpoint atomically (see atomic_torch_save)."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(config),
+        "model": _to_cpu(model.state_dict()),
+        "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "args": vars(args) if args is not None else {},
+        "metrics": metrics or {},
+        "torch_version": str(torch.__version__),
+    }
+    atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint (on the CPU), or raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with "
+                              f"`python googlenet.py` or pass the path of a .pt file it wrote")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a PyTorch "
+                              f"file): {first_line[:200]}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              f"marker): pass a last.pt or best.pt written by googlenet.py")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """(model on the CPU with the checkpoint's weights, ModelConfig)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in checkpoint["config"].items() if k in fields})
+    config.mean, config.std = tuple(config.mean), tuple(config.std)
+    model = build_model(config.arch, config.num_classes, **config.model_options)
+    model.load_state_dict(checkpoint["model"])
+    return model, config
+
+
+def load_for_inference(path, device="cpu"):
+    """Rebuild a trained model from a checkpoint alone: (model in eval mode on `device`,
+    ModelConfig with classes, image size and normalisation). Use predict_proba to classify."""
+    model, config = model_from_checkpoint(load_checkpoint(path))
+    return model.to(device).eval(), config
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show a default only where it tells something
+        if action.default in (None, False, True) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message, raised for main() to report
+        raise UserError(f"{message} (see python googlenet.py --help)")
+
+
+def build_parser():
+    p = _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, "
+                            "CIFAR-10 or an image folder, on CUDA, TPU (torch_xla) or CPU.",
+                formatter_class=_HelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="tiny", choices=DATASETS,
+                   help="tiny = Tiny ImageNet 200; folder = DIR/train/<class>, DIR/val/<class>")
+    d.add_argument("--data-dir", default="data",
+                   help="dataset root (holding tiny-imagenet-200/ or cifar-10-batches-py/, or the folder)")
+    d.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    d.add_argument("--image-size", type=positive_int, default=None,
+                   help="network input size (default: 224 for original; 64 for tiny/folder, 32 for CIFAR-10)")
+    d.add_argument("--subset", type=non_negative_int, default=0,
+                   help="use only the first N training and N validation images (0 = all)")
+    d.add_argument("--loader", default="fast", choices=("fast", "torch"),
+                   help="fast = decode once to uint8 in memory, augment on the device; "
+                        "torch = per-sample PIL DataLoader")
+    d.add_argument("--crop", default=None, choices=("pad", "resized"),
+                   help="train crop: pad = shifted crop with zero padding; resized = random-resized "
+                        "crop (default: resized for folder, pad otherwise)")
+    d.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="decoding processes / DataLoader workers")
+    d.add_argument("--cache", action="store_true",
+                   help="keep the decoded uint8 store on disk (DATA/.googlenet-cache) for later runs")
+    d.add_argument("--cache-dir", default=None, help="where --cache writes (implies --cache)")
+    d.add_argument("--skip-bad-images", action="store_true",
+                   help="skip undecodable images (counted) instead of stopping")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="tiny", choices=ARCHS,
+                   help="original = the paper's 224 net; tiny = 64x64 stem with BatchNorm")
+    m.add_argument("--batch-norm", default=None, action=argparse.BooleanOptionalAction,
+                   help="BatchNorm after every conv (default: on for tiny, off for original)")
+    m.add_argument("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
+    m.add_argument("--aux-weight", type=float, default=0.3, help="loss weight of each aux head")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=positive_int, default=50, help="total epochs (a resumed run stops here too)")
+    t.add_argument("--batch-size", type=positive_int, default=128, help="per device/core")
+    t.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=float, default=2e-4, help="L2 weight decay")
+    t.add_argument("--lr-step-epochs", type=positive_int, default=8, help="StepLR period")
+    t.add_argument("--lr-gamma", type=positive_float, default=0.96, help="StepLR factor")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    t.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, init and dropout")
+    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16 = autocast to bfloat16 (XLA, CUDA, CPU)")
+    t.add_argument("--log-interval", type=non_negative_int, default=50, help="steps between progress lines")
+
+    r = p.add_argument_group("device, checkpoints")
+    r.add_argument("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
+                   help="auto = CUDA, else XLA (torch_xla with a TPU or PJRT_DEVICE), else CPU")
+    r.add_argument("--num-cores", type=positive_int, default=None,
+                   help="XLA processes, one per core (default: all TPU cores; 1 on CPU-XLA)")
+    r.add_argument("--checkpoint-dir", default=None, help="default: runs/<dataset>")
+    r.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="continue from a checkpoint (no value: <checkpoint-dir>/last.pt)")
+    r.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
+    r.add_argument("--benchmark-data", action="store_true",
+                   help="measure images/s of the fast and torch data paths, then exit")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse the command line; with --resume, the checkpoint's saved flags become the defaults, so
+    `--resume runs/x/last.pt` alone continues the same run and any flag given overrides."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        path = args.resume
+        if path == "last":
+            path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / "last.pt"
+        checkpoint = load_checkpoint(path)
+        saved = {k: v for k, v in checkpoint.get("args", {}).items()
+                 if k not in ("resume", "evaluate", "benchmark_data")}
+        parser.set_defaults(**saved)
+        args = parser.parse_args(argv)
+        args.resume = str(path)
+    if args.cache_dir:
+        args.cache = True
+    if args.image_size is None:
+        args.image_size = 224 if args.arch == "original" else 32 if args.dataset == "cifar10" else 64
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = f"runs/{args.dataset}"
+    return args, checkpoint
+
+
+def _log_master(device):
+    return print if device.is_master else (lambda *a, **k: None)
+
+
+def run(args, checkpoint=None):
+    """Train (or evaluate) as the parsed args say, on one device or one XLA core. Returns the last
+    epoch's metrics."""
+    if checkpoint is None and args.resume:  # each XLA process reads it itself
+        checkpoint = load_checkpoint(args.resume)
+    device = make_device(args.device)
+    log = _log_master(device)
+    torch.manual_seed(args.seed)
+    info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
+    num_classes = len(info.class_names)
+    options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
+    config = ModelConfig(arch=args.arch, num_classes=num_classes, class_names=info.class_names,
+                         image_size=args.image_size, source_size=info.source_size, mean=info.mean,
+                         std=info.std, dataset=info.name, data_dir=info.root, model_options=options,
+                         class_ids=info.class_ids)
+    model = build_model(args.arch, num_classes, **options)
+    if checkpoint is not None:
+        saved = checkpoint["config"]
+        if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
+            raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with {saved['num_classes']} "
+                                  f"classes, but this run builds {args.arch} with {num_classes}")
+        model.load_state_dict(checkpoint["model"])
+    model.to(device.torch_device)
+    log(f"device: {device.kind} ({device.torch_device}, {device.world_size} process"
+        f"{'es' if device.world_size > 1 else ''}); model {args.arch}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
+        f"{args.image_size}x{args.image_size} input")
+
+    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size)
+    if args.evaluate:
+        if checkpoint is None:
+            raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
+        result = evaluate(model, val_loader, device, config, args.precision)
+        log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
+            f"top5 {result['top5']:.4f} over {result['images']} images")
+        return result
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step_epochs, args.lr_gamma)
+    start_epoch, best_top1 = 0, None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, best_top1 = checkpoint["config"]["epoch"], checkpoint["config"]["best_top1"]
+        log(f"resumed from {args.resume} at epoch {start_epoch}")
+
+    out_dir = Path(args.checkpoint_dir)
+    if device.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    record = {}
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed * 1000 + epoch, device)
+        if isinstance(train_loader, StoreLoader):
+            train_loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, train_loader, optimizer, device, config, args, epoch, log)
+        val = evaluate(model, val_loader, device, config, args.precision)
+        scheduler.step()
+        improved = best_top1 is None or val["top1"] > best_top1
+        best_top1 = val["top1"] if improved else best_top1
+        record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
+                  "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                  "val_images": val["images"], "lr": lr, "epoch_seconds": train["seconds"],
+                  "train_images_per_second": train["images"] / max(train["seconds"], 1e-9)}
+        compiles = xla_compile_count()
+        if compiles is not None:
+            record["xla_compiles"] = compiles
+        log(f"epoch {epoch + 1}/{args.epochs} train loss {train['loss']:.4f} top1 {train['top1']:.4f} | "
+            f"val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} | lr {lr:.5f} | "
+            f"{train['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s")
+        if device.is_master:
+            config.epoch, config.best_top1, config.val_top1 = epoch + 1, best_top1, val["top1"]
+            save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, config, args, record)
+            if improved:
+                atomic_copy(out_dir / "last.pt", out_dir / "best.pt")
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    if xla_compile_count() is not None:
+        log(f"XLA compilations in this process: {xla_compile_count()}")
+    return record
+
+
+def benchmark_data(args, batches=30):
+    """images/s of the fast path (uint8 store + on-device augmentation) and the per-sample PIL
+    DataLoader, on the same training data, same batch size and worker count, in one run."""
+    device = make_device(args.device)
+    info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
+    config = ModelConfig("", len(info.class_names), [], args.image_size, info.source_size, info.mean, info.std)
+    results = {}
+    for loader_kind in ("torch", "fast"):
+        args.loader = loader_kind
+        start = time.perf_counter()
+        train_loader, _ = make_loaders(info, args)
+        setup = time.perf_counter() - start
+        count, n = 0, min(batches, len(train_loader))
+        iterator = device_batches(train_loader, device)
+        images, labels, params = next(iterator)  # warm-up: workers start, first batch
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            images, labels, params = next(iterator)
+            if images.dtype == torch.uint8:
+                images = train_transform(images, params, args.image_size, info.mean, info.std)
+            count += images.shape[0]
+        _sync(device, images)
+        results[loader_kind] = count / (time.perf_counter() - start)
+        print(f"{loader_kind:>5}: {results[loader_kind]:8.0f} images/s over {count} images "
+              f"(setup {setup:.1f}s), batch {args.batch_size}, workers {args.workers}", flush=True)
+        del iterator, train_loader
+    ratio = results["fast"] / results["torch"]
+    print(f"fast / torch = {ratio:.1f}x on {args.dataset} at {args.image_size}x{args.image_size}, device {device.kind}")
+    return results
+
+
+def _sync(device, tensor):
+    if device.kind == "cuda":
+        torch.cuda.synchronize()
+    elif device.kind == "xla":
+        import torch_xla
+        torch_xla.sync()
+        tensor.cpu()
+
+
+def _xla_worker(index, args):
+    # One process per XLA core (spawned by torch_xla.launch); only the master logs and saves.
+    run(args)
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit code (2 with one line on bad input)."""
+    try:
+        args, checkpoint = parse_args(argv)
+        args.device = resolve_device_kind(args.device)
+        if args.benchmark_data:
+            benchmark_data(args)
+            return 0
+        if args.device == "xla" and _xla_processes(args.num_cores) > 1:
+            import torch_xla
+            torch_xla.launch(_xla_worker, args=(args,))
+            return 0
+        run(args, checkpoint)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is in last.pt; continue with --resume",
+              file=sys.stderr)
+        return 130
+
+
+def _xla_processes(num_cores):
+    return num_cores or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Tests for googlenet.py. Run: python -m pytest -q
+
+Real data comes from ../shared/data (or $GOOGLENET_SHARED_DATA); tests that need it skip
+cleanly without it. Everything else writes fixtures in the real on-disk formats."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import googlenet as g
+
+HERE = Path(__file__).resolve().parent
+
+
+def _shared_data():
+    for candidate in (os.environ.get("GOOGLENET_SHARED_DATA"), HERE.parent / "shared" / "data",
+                      Path("/work/shared/data")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+SHARED = _shared_data()
+TINY = SHARED / "tiny-imagenet-200" if SHARED else None
+needs_tiny = pytest.mark.skipif(not (TINY and TINY.is_dir()), reason="../shared/data/tiny-imagenet-200 absent")
+needs_cifar = pytest.mark.skipif(not (SHARED and (SHARED / "cifar-10-batches-py").is_dir()),
+                                 reason="../shared/data/cifar-10-batches-py absent")
+
+
+def run_main(argv, capsys):
+    code = g.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --- model -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,size", [("tiny", 64), ("tiny", 32), ("original", 224), ("original", 96)])
+def test_outputs_aux_in_training_mode_only(arch, size):
+    model = g.build_model(arch, num_classes=7)
+    x = torch.randn(2, 3, size, size)
+    model.train()
+    out = model(x)
+    assert isinstance(out, g.GoogLeNetOutputs)
+    assert [t.shape for t in out] == [torch.Size([2, 7])] * 3
+    model.eval()
+    out = model(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+
+
+def test_no_aux_returns_tensor_in_training():
+    model = g.build_model("tiny", 5, aux_logits=False).train()
+    assert model.aux1 is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_paper_aux_pool_at_224():
+    # At 224 the aux heads see 14x14 maps and use the paper's 5x5/3 average pool (14 -> 4).
+    model = g.build_model("original", 10)
+    seen = []
+    model.aux1.register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
+    model.train()(torch.randn(1, 3, 224, 224))
+    assert seen == [(14, 14)]
+
+
+def _conv_params(cin, cout, k, bn):
+    return k * k * cin * cout + (2 * cout if bn else cout)  # BN: gamma+beta, else conv bias
+
+
+def _expected_params(arch, num_classes, aux, bn):
+    """Parameter count from the paper's channel table, computed without the model code."""
+    table = [  # in, 1x1, 3x3red, 3x3, 5x5red, 5x5, poolproj: Szegedy et al. 2015, Table 1
+        (192, 64, 96, 128, 16, 32, 32), (256, 128, 128, 192, 32, 96, 64),
+        (480, 192, 96, 208, 16, 48, 64), (512, 160, 112, 224, 24, 64, 64),
+        (512, 128, 128, 256, 24, 64, 64), (512, 112, 144, 288, 32, 64, 64),
+        (528, 256, 160, 320, 32, 128, 128), (832, 256, 160, 320, 32, 128, 128),
+        (832, 384, 192, 384, 48, 128, 128)]
+    if arch == "original":
+        total = _conv_params(3, 64, 7, bn) + _conv_params(64, 64, 1, bn) + _conv_params(64, 192, 3, bn)
+    else:
+        total = _conv_params(3, 64, 3, bn) + _conv_params(64, 192, 3, bn)
+    for cin, c1, r3, c3, r5, c5, pp in table:
+        total += (_conv_params(cin, c1, 1, bn) + _conv_params(cin, r3, 1, bn) + _conv_params(r3, c3, 3, bn)
+                  + _conv_params(cin, r5, 1, bn) + _conv_params(r5, c5, 5, bn) + _conv_params(cin, pp, 1, bn))
+    total += 1024 * num_classes + num_classes
+    if aux:
+        for cin in (512, 528):
+            total += _conv_params(cin, 128, 1, bn) + 2048 * 1024 + 1024 + 1024 * num_classes + num_classes
+    return total
+
+
+@pytest.mark.parametrize("arch,num_classes,aux,bn", [
+    ("original", 1000, True, False), ("original", 1000, False, False), ("original", 10, True, True),
+    ("tiny", 200, True, True), ("tiny", 200, False, True)])
+def test_parameter_count_matches_channel_table(arch, num_classes, aux, bn):
+    model = g.build_model(arch, num_classes, aux_logits=aux, batch_norm=bn)
+    assert sum(p.numel() for p in model.parameters()) == _expected_params(arch, num_classes, aux, bn)
+
+
+def test_weight_count_close_to_paper_total():
+    # Table 1's "params" column sums to about 6.8M for the 1000-class net without aux heads.
+    model = g.build_model("original", 1000, aux_logits=False)
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    assert abs(weights - 6.8e6) / 6.8e6 < 0.04
+
+
+def test_five_by_five_branch_is_real():
+    model = g.build_model("tiny", 10)
+    assert model.inception3a.branch3[1][0].kernel_size == (5, 5)
+
+
+def test_loss_falls_when_overfitting_a_batch():
+    torch.manual_seed(0)
+    model = g.build_model("tiny", 10).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss, _ = g.googlenet_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_aux_loss_weighting():
+    y = torch.tensor([0, 1])
+    main, a1, a2 = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    loss, logits = g.googlenet_loss(g.GoogLeNetOutputs(main, a1, a2), y, aux_weight=0.3)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(loss, ce(main, y) + 0.3 * ce(a1, y) + 0.3 * ce(a2, y))
+    assert logits is main
+
+
+# --- data: on-device transforms ---------------------------------------------------------------
+
+def test_pad_crop_params_shift_and_flip_exactly():
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    # identity, flip, shift right by 2 (zero fill) and down by 1
+    params = torch.tensor([[1.0, 1, 0, 0], [-1.0, 1, 0, 0], [1.0, 1, -2 * 2 / 8, -1 * 2 / 8]])
+    out = g._resample(images, params, 8) * 255
+    x = images.float()
+    assert torch.allclose(out[0], x[0], atol=1e-3)
+    assert torch.allclose(out[1], x[1].flip(-1), atol=1e-3)
+    expected = torch.zeros_like(x[2])
+    expected[:, 1:, 2:] = x[2][:, :-1, :-2]
+    assert torch.allclose(out[2], expected, atol=1e-3)
+
+
+def test_eval_transform_upsamples_and_normalises():
+    config = g.ModelConfig("tiny", 10, [], image_size=64, source_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    out = g.eval_transform(images, config)
+    assert out.shape == (2, 3, 64, 64)
+    assert torch.allclose(out, torch.full_like(out, (128 / 255 - 0.5) / 0.25), atol=1e-5)
+    ramp = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32).expand(1, 3, 32, 32) % 251
+    ours = g.eval_transform(ramp.to(torch.uint8), config) * 0.25 + 0.5
+    reference = torch.nn.functional.interpolate(ramp / 255, size=64, mode="bilinear", align_corners=False)
+    assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_random_resized_crop_stays_inside_image():
+    p = g.random_crop_params(torch.Generator().manual_seed(0), 1000, 64, crop="resized")
+    assert ((p[:, 0].abs() + p[:, 2].abs()) <= 1 + 1e-6).all() and ((p[:, 1] + p[:, 3].abs()) <= 1 + 1e-6).all()
+    assert (p[:, 0] < 0).any() and (p[:, 0] > 0).any()
+
+
+# --- data: decoding ---------------------------------------------------------------------------
+
+def test_decode_image_modes(tmp_path):
+    cases = {
+        "gray.png": Image.new("L", (40, 30), 200),
+        "rgba.png": Image.new("RGBA", (30, 40), (255, 0, 0, 0)),  # fully transparent -> white
+        "palette.png": Image.new("RGB", (20, 20), (0, 0, 255)).convert("P"),
+        "deep.png": Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)),
+        "tiny.png": Image.new("RGB", (1, 1), (10, 20, 30)),
+        "cmyk.jpg": Image.new("CMYK", (20, 20), (0, 0, 0, 0)),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+    out = {name: g.decode_image(tmp_path / name, 8) for name in cases}
+    assert all(t.shape == (3, 8, 8) and t.dtype == torch.uint8 for t in out.values())
+    assert (out["gray.png"] == 200).all()
+    assert (out["rgba.png"] == 255).all()
+    assert out["palette.png"][2].min() > 200 and out["palette.png"][0].max() < 50
+    assert (out["deep.png"] == 255).all()  # 16-bit white stays white, not clipped garbage
+    assert out["tiny.png"][:, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_decode_image_applies_exif_rotation(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed: the blue half ends up on top
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = g.decode_image(tmp_path / "rot.jpg", 20).float()
+    assert out[2, :5].mean() > 200 and out[2, -5:].mean() < 60
+
+
+def test_decode_image_error_names_the_file(tmp_path):
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_bytes(b"this is text")
+    with pytest.raises(g.ImageDecodeError, match="not_an_image.jpg"):
+        g.decode_image(bad, 32)
+
+
+# --- data: CIFAR-10 -------------------------------------------------------------------------------
+
+def _write_cifar(root, n_train=64, n_test=32):
+    """A CIFAR-10 folder in torchvision's exact pickle layout (md5s differ, so no download check)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": g.CIFAR10_CLASSES}, f)
+
+
+@needs_cifar
+def test_cifar10_real_files_load():
+    info = g.load_cifar10(SHARED)
+    assert len(info.train) == 50000 and len(info.val) == 10000
+    assert info.train.arrays.shape == (50000, 32, 32, 3)
+    assert info.class_names[3] == "cat"
+
+
+@needs_cifar
+@pytest.mark.slow
+def test_cifar10_short_real_run_beats_chance(tmp_path, capsys):
+    code, out, err = run_main(["--dataset", "cifar10", "--data-dir", SHARED, "--arch", "tiny",
+                               "--subset", 2000, "--epochs", 3, "--batch-size", 64, "--lr", 0.05,
+                               "--device", "cpu", "--checkpoint-dir", tmp_path, "--log-interval", 0], capsys)
+    assert code == 0, err
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["val_images"] == 2000
+    assert last["val_top1"] > 0.2, last  # chance is 0.10
+
+
+# --- data: Tiny ImageNet --------------------------------------------------------------------------
+
+def _write_tiny_imagenet(root, wnids=("n02", "n01", "n03"), per_class=4, val_per_class=2):
+    """A miniature Tiny ImageNet in the original layout (wnids not sorted in wnids.txt on purpose)."""
+    rng = np.random.default_rng(0)
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\tthing {w}, other name\n" for w in sorted(wnids))
+                                    + "n99\tunused\n")
+    annotations = []
+    for k, wnid in enumerate(sorted(wnids)):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        colour = [0, 0, 0]
+        colour[k % 3] = 255
+        for i in range(per_class):
+            noise = rng.integers(0, 30, (64, 64, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise - 15, 0, 255).astype(np.uint8)).save(
+                folder / f"{wnid}_{i}.JPEG")
+        for i in range(val_per_class):
+            name = f"val_{k * val_per_class + i}.JPEG"
+            Image.new("L" if i == 0 else "RGB", (64, 64), 128).save(root / "val" / "images" / name)
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    return root
+
+
+def test_tiny_imagenet_fixture_val_labels_match_train(tmp_path):
+    root = _write_tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    info = g.load_tiny_imagenet(tmp_path)  # the parent dir works too
+    assert info.class_ids == ["n01", "n02", "n03"]
+    assert info.class_names == ["thing n01", "thing n02", "thing n03"]
+    for wnid_index, wnid in enumerate(info.class_ids):
+        train_labels = {lab for f, lab in zip(info.train.files, info.train.labels) if f"/{wnid}/" in f}
+        assert train_labels == {wnid_index}
+    annotations = dict(line.split("\t")[:2] for line in (root / "val/val_annotations.txt").read_text().splitlines())
+    for f, lab in zip(info.val.files, info.val.labels):
+        assert info.class_ids[lab] == annotations[Path(f).name]
+    store = g.build_store(info.val, 64)
+    assert store.images.shape == (6, 3, 64, 64)  # grayscale val JPEGs became RGB
+
+
+@needs_tiny
+def test_tiny_imagenet_real_subset_parsing():
+    info = g.load_tiny_imagenet(TINY)
+    assert len(info.class_ids) == 200 and info.class_ids == sorted(info.class_ids)
+    assert info.class_names[info.class_ids.index("n01443537")] == "goldfish"
+    assert len(info.val) == 10000 and np.bincount(info.val.labels).tolist() == [50] * 200
+    annotations = {}
+    for line in (TINY / "val" / "val_annotations.txt").read_text().splitlines():
+        name, wnid = line.split("\t")[:2]
+        annotations[name] = wnid
+    assert all(info.class_ids[lab] == annotations[Path(f).name] for f, lab in zip(info.val.files, info.val.labels))
+    # a train image's label is its folder's class
+    assert all(info.class_ids[lab] in f for f, lab in zip(info.train.files[::500], info.train.labels[::500]))
+
+
+@needs_tiny
+def test_fast_and_torch_paths_give_same_val_tensors():
+    info = g.load_tiny_imagenet(TINY)
+    split = info.val.subset(40)
+    config = g.ModelConfig("tiny", 200, [], 64, 64, info.mean, info.std)
+    fast = g.eval_transform(g.build_store(split, 64).images, config)
+    dataset = g.PILDataset(split, info, 64, train=False)
+    baseline = torch.stack([dataset[i][0] for i in range(len(split))])
+    assert torch.allclose(fast, baseline, atol=1e-5)
+    assert [dataset[i][1] for i in range(len(split))] == split.labels
+
+
+def test_bad_image_named_or_skipped(tmp_path, capsys):
+    root = tmp_path / "tiny-imagenet-200"
+    _write_tiny_imagenet(root)
+    bad = root / "train" / "n01" / "images" / "n01_broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    argv = ["--dataset", "tiny", "--data-dir", tmp_path, "--image-size", 32, "--epochs", 1,
+            "--batch-size", 4, "--device", "cpu", "--checkpoint-dir", tmp_path / "run", "--workers", 0]
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and "n01_broken.JPEG" in err and "--skip-bad-images" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_main(argv + ["--skip-bad-images"], capsys)
+    assert code == 0, err
+    assert "skipped 1 undecodable" in out
+
+
+def test_wrong_layout_one_line(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    for dataset in ("tiny", "folder"):
+        code, out, err = run_main(["--dataset", dataset, "--data-dir", tmp_path, "--device", "cpu"], capsys)
+        assert code == 2 and "expected" in err and "images/" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_store_cache_reused_and_invalidated(tmp_path):
+    root = _write_tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    info = g.load_tiny_imagenet(root)
+    messages = []
+    first = g.build_store(info.train, 32, cache_dir=tmp_path / "cache", log=messages.append)
+    second = g.build_store(info.train, 32, cache_dir=tmp_path / "cache", log=messages.append)
+    assert "from cache" in messages[-1] and torch.equal(first.images, second.images)
+    changed = info.train.files[0]
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(changed)
+    os.utime(changed, ns=(10**18, 10**18))
+    third = g.build_store(info.train, 32, cache_dir=tmp_path / "cache", log=messages.append)
+    assert "decoded" in messages[-2] and third.images[0, :, 0, 0].tolist() != first.images[0, :, 0, 0].tolist()
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_val_loader_pads_and_masks_exactly():
+    store = g.ImageStore(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10))
+    seen = []
+    for rank in range(3):
+        loader = g.StoreLoader(store, 3, train=False, rank=rank, world_size=3)
+        for images, labels, mask in loader:
+            assert images.shape[0] == 3  # fixed shapes, last batch padded
+            seen += labels[mask.bool()].tolist()
+    assert sorted(seen) == list(range(10))
+
+
+def test_train_loader_shards_disjoint_fixed_batches():
+    store = g.ImageStore(torch.zeros(22, 3, 4, 4, dtype=torch.uint8), torch.arange(22))
+    shards = []
+    for rank in range(2):
+        loader = g.StoreLoader(store, 4, train=True, seed=1, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == 2 and all(b[0].shape[0] == 4 for b in batches)
+        shards.append({x for b in batches for x in b[1].tolist()})
+    assert not shards[0] & shards[1]
+
+
+# --- data: image folder ---------------------------------------------------------------------------
+
+def _write_folder(root, classes=("cat", "dog"), per_class=12, split_names=("train", "val")):
+    rng = np.random.default_rng(1)
+    for split in split_names:
+        for k, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class if split == "train" else 4):
+                size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+                colour = (255 * (k == 0), 0, 255 * (k == 1))
+                mode = "RGBA" if i % 3 == 0 else "RGB"
+                Image.new(mode, size, colour + ((255,) if mode == "RGBA" else ())).save(
+                    root / split / c / f"{i}.{'png' if i % 2 else 'jpg' if mode == 'RGB' else 'png'}")
+
+
+def test_folder_dataset_trains_and_checkpoints(tmp_path, capsys):
+    _write_folder(tmp_path / "pets", split_names=("train", "test"))  # test/ serves as val
+    code, out, err = run_main(["--dataset", "folder", "--data-dir", tmp_path / "pets", "--image-size", 32,
+                               "--epochs", 2, "--batch-size", 8, "--device", "cpu",
+                               "--checkpoint-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    model, config = g.load_for_inference(tmp_path / "run" / "best.pt")
+    assert config.class_names == ["cat", "dog"] and config.dataset == "folder" and config.image_size == 32
+    assert config.data_dir == str(tmp_path / "pets")
+
+
+# --- training, checkpoints, resume ----------------------------------------------------------------
+
+SYNTH = ["--dataset", "synthetic", "--image-size", 32, "--subset", 96, "--batch-size", 32,
+         "--device", "cpu", "--log-interval", 0, "--lr", 0.02]
+
+
+def test_metrics_jsonl_and_checkpoint_contents(tmp_path, capsys):
+    code, out, err = run_main(SYNTH + ["--epochs", 2, "--checkpoint-dir", tmp_path], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds",
+                "train_images_per_second"):
+        assert key in records[0]
+    assert records[0]["val_images"] == 96  # whole val set, the last partial batch included
+    ckpt = g.load_checkpoint(tmp_path / "last.pt")
+    cfg = ckpt["config"]
+    assert cfg["arch"] == "tiny" and cfg["num_classes"] == 10 and cfg["epoch"] == 2
+    assert cfg["image_size"] == 32 and len(cfg["mean"]) == 3 and len(cfg["class_names"]) == 10
+    assert {"model", "optimizer", "scheduler", "args"} <= set(ckpt)
+    assert (tmp_path / "best.pt").is_file()
+    assert "epoch 2/2" in out
+
+
+def test_resume_gives_identical_weights(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main(SYNTH + ["--epochs", 2, "--checkpoint-dir", straight], capsys)[0] == 0
+    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", split], capsys)[0] == 0
+    code, out, err = run_main(["--resume", split / "last.pt", "--epochs", 2], capsys)
+    assert code == 0, err
+    assert "resumed" in out and "epoch 2/2" in out and "epoch 1/2" not in out
+    a, b = g.load_checkpoint(straight / "last.pt"), g.load_checkpoint(split / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["scheduler"] == b["scheduler"]
+    assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_only(tmp_path, capsys):
+    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)[0] == 0
+    before = (tmp_path / "last.pt").read_bytes()
+    code, out, err = run_main(["--evaluate", "--resume", tmp_path / "last.pt"], capsys)
+    assert code == 0, err
+    assert "evaluate" in out and "over 96 images" in out
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
+    model = g.build_model("tiny", 3)
+    config = g.ModelConfig("tiny", 3, ["a", "b", "c"], 32, 32, (0.5,) * 3, (0.2,) * 3)
+    path = tmp_path / "last.pt"
+    g.save_checkpoint(path, model, None, None, config, None)
+    before = path.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")  # fails after part of the file has been written
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        g.save_checkpoint(path, model, None, None, config, None, metrics={"zzz": Unpicklable()})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+    g.load_checkpoint(path)
+
+
+def test_load_for_inference_matches_trained_model(tmp_path, capsys):
+    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)[0] == 0
+    model, config = g.load_for_inference(tmp_path / "best.pt")
+    assert not model.training and config.dataset == "synthetic" and config.epoch == 1
+    info = g.make_synthetic(32)
+    images = g.build_store(info.val.subset(8), 32).images
+    probs = g.predict_proba(model, config, images)
+    assert probs.shape == (8, 10) and torch.allclose(probs.sum(1), torch.ones(8), atol=1e-5)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--dataset", "imagenet21k"], "invalid choice"),
+    (["--arch", "resnet"], "invalid choice"),
+    (["--epochs", "0"], "positive"),
+    (["--batch-size", "-4"], "positive"),
+    (["--lr", "0"], "positive"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "--download"),
+    (["--dataset", "tiny", "--data-dir", "/nonexistent/dir"], "--download"),
+    (["--resume", "/nonexistent/last.pt"], "does not exist"),
+    (["--evaluate", "--dataset", "synthetic", "--device", "cpu"], "--resume"),
+])
+def test_cli_errors_one_line_exit_2(argv, fragment, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 2
+    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_resume_foreign_or_truncated_file(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    truncated = tmp_path / "truncated.pt"
+    g.save_checkpoint(truncated, g.build_model("tiny", 2), None, None,
+                      g.ModelConfig("tiny", 2, ["a", "b"], 32, 32, (0.5,) * 3, (0.2,) * 3), None)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path, fragment in [(foreign, "not a googlenet.py checkpoint"), (truncated, "not a readable"),
+                           (text, "not a readable")]:
+        code, out, err = run_main(["--resume", path], capsys)
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, str(HERE / "googlenet.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for action in g.build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout
+        assert action.help, action.option_strings
