@@ -585,31 +585,62 @@ def _resample_matrix(scale, offset, out_size, in_size):
 
 
 def _resample(images, params, out_size):
-    """Crop/flip/resize a uint8 batch with per-image affine params [B, 4] = (sx, sy, tx, ty), as two
-    batched matmuls: the same op on CPU, CUDA and XLA (TPUs are built for matmuls), fixed shapes."""
-    x = images.float() / 255.0
-    rows = _resample_matrix(params[:, 1], params[:, 3], out_size, x.shape[-2])   # [B, out, H]
-    cols = _resample_matrix(params[:, 0], params[:, 2], out_size, x.shape[-1])   # [B, out, W]
-    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+    """Crop/flip/resize a batch [B, 3, H, W] with per-image affine params [B, 4] = (sx, sy, tx, ty),
+    as two batched matmuls: the same op on CPU, CUDA and XLA (TPUs are built for matmuls), fixed
+    shapes. Returns floats in 0..255, [B, 3, out_size, out_size]."""
+    b, c, h, w = images.shape
+    rows = _resample_matrix(params[:, 1], params[:, 3], out_size, h)   # [B, out, H]
+    cols = _resample_matrix(params[:, 0], params[:, 2], out_size, w)   # [B, out, W]
+    # Channels ride along in the matmuls' free dimension: [B, out, H] @ [B, H, C*W], then columns.
+    x = images.permute(0, 2, 1, 3).reshape(b, h, c * w).float()
+    x = torch.bmm(rows, x).view(b, out_size * c, w)
+    x = torch.bmm(x, cols.transpose(1, 2)).view(b, out_size, c, out_size)
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+def _shift_crop(images, params):
+    """The "pad" crop: whole-pixel shifts (zero fill) and flips from params [B, 4], as one gather on
+    the uint8 batch. Exactly what _resample computes for such params, at a fraction of the cost."""
+    b, c, h, w = images.shape
+    dx = torch.round(params[:, 2] * (w / 2)).long()
+    dy = torch.round(params[:, 3] * (h / 2)).long()
+    xs = torch.arange(w, device=images.device)
+    cols = torch.where(params[:, :1] < 0, w - 1 - xs, xs) + dx[:, None]         # [B, W]
+    rows = torch.arange(h, device=images.device)[None, :] + dy[:, None]          # [B, H]
+    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    out = images.reshape(b, c, h * w).gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))
+    return out.view(b, c, h, w) * valid[:, None]
 
 
 def _normalize(x, mean, std):
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """0..255 floats -> (x / 255 - mean) / std."""
+    mean = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return x * (1 / (255 * std)) - mean / std
 
 
-def train_transform(images, params, image_size, mean, std):
-    """On-device training augmentation of a uint8 batch [B, 3, S, S] with crop params from
+def _resize(x, out_size):
+    if x.shape[-1] == out_size and x.shape[-2] == out_size:
+        return x.float()
+    params = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=x.device).expand(x.shape[0], 4)
+    return _resample(x, params, out_size)
+
+
+def train_transform(images, params, image_size, mean, std, crop="pad"):
+    """On-device training augmentation of a uint8 batch [B, 3, S, S] with params from
     `random_crop_params`: crop, flip, resize to image_size, normalise. Returns float [B, 3, s, s]."""
-    return _normalize(_resample(images, params, image_size), mean, std)
+    if crop == "pad":
+        x = _resize(_shift_crop(images, params), image_size)
+    else:
+        x = _resample(images, params, image_size)
+    return _normalize(x, mean, std)
 
 
 def eval_transform(images, config):
     """What validation and inference do to a uint8 batch [N, 3, S, S] (S = config.source_size):
     resize to config.image_size and normalise with the dataset's mean/std."""
-    params = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=images.device).expand(images.shape[0], 4)
-    return _normalize(_resample(images, params, config.image_size), config.mean, config.std)
+    return _normalize(_resize(images, config.image_size), config.mean, config.std)
 
 
 def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25):
@@ -715,7 +746,7 @@ class PILDataset(torch.utils.data.Dataset):
 def make_loaders(info, args, rank=0, world_size=1):
     """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader)."""
     train_split, val_split = info.train.subset(args.subset), info.val.subset(args.subset)
-    crop = args.crop or ("resized" if info.name == "folder" else "pad")
+    crop = args.crop
     if args.loader == "torch":
         shard = lambda n: list(range(rank, n, world_size))  # noqa: E731
         common = dict(batch_size=args.batch_size, num_workers=args.workers,
@@ -858,7 +889,8 @@ def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=p
     steps, start = len(loader), time.perf_counter()
     for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
         if images.dtype == torch.uint8:  # fast path: augment here, on the device
-            images = train_transform(images, crop_params, config.image_size, config.mean, config.std)
+            images = train_transform(images, crop_params, config.image_size, config.mean, config.std,
+                                     args.crop)
         with _autocast(device, args.precision):
             outputs = model(images)
             loss, logits = googlenet_loss(outputs, labels, args.aux_weight, args.label_smoothing)
@@ -1152,6 +1184,8 @@ def parse_args(argv=None):
         args.resume = str(path)
     if args.cache_dir:
         args.cache = True
+    if args.crop is None:  # photos of any framing benefit from scale jitter; 32/64px sets from shifts
+        args.crop = "resized" if args.dataset == "folder" else "pad"
     if args.image_size is None:
         args.image_size = 224 if args.arch == "original" else 32 if args.dataset == "cifar10" else 64
     if args.checkpoint_dir is None:
@@ -1265,7 +1299,7 @@ def benchmark_data(args, batches=30):
         for _ in range(n - 1):
             images, labels, params = next(iterator)
             if images.dtype == torch.uint8:
-                images = train_transform(images, params, args.image_size, info.mean, info.std)
+                images = train_transform(images, params, args.image_size, info.mean, info.std, args.crop)
             count += images.shape[0]
         _sync(device, images)
         results[loader_kind] = count / (time.perf_counter() - start)

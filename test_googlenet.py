@@ -142,17 +142,23 @@ def test_aux_loss_weighting():
 
 # --- data: on-device transforms ---------------------------------------------------------------
 
-def test_pad_crop_params_shift_and_flip_exactly():
+def test_pad_crop_shifts_and_flips_exactly():
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     # identity, flip, shift right by 2 (zero fill) and down by 1
     params = torch.tensor([[1.0, 1, 0, 0], [-1.0, 1, 0, 0], [1.0, 1, -2 * 2 / 8, -1 * 2 / 8]])
-    out = g._resample(images, params, 8) * 255
     x = images.float()
-    assert torch.allclose(out[0], x[0], atol=1e-3)
-    assert torch.allclose(out[1], x[1].flip(-1), atol=1e-3)
     expected = torch.zeros_like(x[2])
     expected[:, 1:, 2:] = x[2][:, :-1, :-2]
-    assert torch.allclose(out[2], expected, atol=1e-3)
+    for out in (g._resample(images, params, 8), g._shift_crop(images, params).float()):
+        assert torch.allclose(out[0], x[0], atol=1e-3)
+        assert torch.allclose(out[1], x[1].flip(-1), atol=1e-3)
+        assert torch.allclose(out[2], expected, atol=1e-3)
+
+
+def test_gather_crop_equals_matmul_crop_on_random_params():
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    params = g.random_crop_params(torch.Generator().manual_seed(3), 64, 16, crop="pad")
+    assert torch.allclose(g._shift_crop(images, params).float(), g._resample(images, params, 16), atol=1e-3)
 
 
 def test_eval_transform_upsamples_and_normalises():
