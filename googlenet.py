@@ -774,11 +774,14 @@ def make_loaders(info, args, rank=0, world_size=1):
 
 @dataclass
 class Device:
-    """Where training runs: kind is "cuda", "xla" or "cpu"; rank/world_size for multi-core XLA."""
+    """Where training runs. kind: "cuda", "xla" or "cpu". With several replicas, rank/world_size
+    say which shard is ours, and collectives how replicas talk: "xla" (torch_xla's collectives
+    between the cores of a TPU) or "gloo" (a torch.distributed process group)."""
     kind: str
     torch_device: torch.device
     rank: int = 0
     world_size: int = 1
+    collectives: str = "xla"
 
     @property
     def is_master(self):
@@ -814,20 +817,26 @@ def resolve_device_kind(requested):
 
 
 def make_device(kind):
+    """The Device for a resolved kind, inside the process that will use it."""
+    import torch.distributed as dist
     if kind == "xla":
         import torch_xla
+        if dist.is_available() and dist.is_initialized():
+            return Device("xla", torch_xla.device(), dist.get_rank(), dist.get_world_size(), "gloo")
         import torch_xla.runtime as xr
-        return Device("xla", torch_xla.device(), xr.global_ordinal(), xr.world_size())
+        return Device("xla", torch_xla.device(), xr.global_ordinal(), xr.world_size(), "xla")
     return Device(kind, torch.device("cuda" if kind == "cuda" else "cpu"))
 
 
 def seed_everything(seed, device):
     """Seed every RNG the step uses. Called at each epoch start with (seed, epoch), so a resumed
-    run draws exactly the numbers an uninterrupted one would."""
+    run draws exactly the numbers an uninterrupted one would. Replicas get different dropout masks
+    (seed + rank) but the same weights, which are initialised before this on the CPU."""
+    seed = seed + 7919 * device.rank
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if device.kind == "xla":
+    if device.kind == "xla":  # torch.manual_seed does not reach the XLA generator
         import torch_xla.core.xla_model as xm
         xm.set_rng_state(seed, device=device.torch_device)
 
@@ -844,12 +853,56 @@ def device_batches(loader, device):
         yield tuple(t.to(device.torch_device, non_blocking=non_blocking) for t in batch)
 
 
+def zeros_on(device, n):
+    # Built on the host and copied: on XLA a device-side torch.zeros is a graph of its own that
+    # gets compiled again whenever it is not fused into the same neighbours.
+    return torch.zeros(n).to(device.torch_device)
+
+
 def all_reduce_sum(tensor, device):
     """Sum a metrics tensor over replicas (a no-op on one)."""
-    if device.world_size > 1 and device.kind == "xla":
+    if device.world_size == 1:
+        return tensor
+    if device.collectives == "xla":
         import torch_xla.core.xla_model as xm
         return xm.all_reduce(xm.REDUCE_SUM, tensor)
-    return tensor
+    import torch.distributed as dist
+    host = tensor.cpu()
+    dist.all_reduce(host)
+    return host
+
+
+def optimizer_step(optimizer, model, device):
+    """Average gradients over replicas, then step."""
+    if device.kind == "xla" and device.collectives == "xla":
+        import torch_xla.core.xla_model as xm
+        xm.optimizer_step(optimizer)  # all-reduces gradients across TPU cores when there are several
+        return
+    if device.world_size > 1:
+        import torch.distributed as dist
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # gloo reduces host tensors: one device->host copy per step, the price of this path (used
+        # for several CPU-XLA processes, where torch_xla's own collectives cannot run).
+        flat = torch.cat([g.reshape(-1) for g in grads]).cpu()
+        dist.all_reduce(flat)
+        flat = (flat / device.world_size).to(device.torch_device)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    optimizer.step()
+
+
+def replica_checksums(model, device):
+    """Every replica's sum of |weights| (a list on all ranks): equal values show the replicas
+    train one model."""
+    mine = torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum()
+    if device.world_size == 1:
+        return [mine.item()]
+    everyone = zeros_on(device, device.world_size).double()
+    everyone = everyone + F.one_hot(torch.tensor(device.rank), device.world_size).double().to(
+        device.torch_device) * mine
+    return all_reduce_sum(everyone, device).tolist()
 
 
 def xla_compile_count():
@@ -885,7 +938,7 @@ def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=p
     """One pass over the training loader. Metrics accumulate on the device and are read once per
     log interval, never per step. Returns {"loss", "top1", "images", "seconds"} over all replicas."""
     model.train()
-    sums = torch.zeros(3, device=device.torch_device)  # loss x n, correct, n
+    sums = zeros_on(device, 3)  # loss x n, correct, n
     steps, start = len(loader), time.perf_counter()
     for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
         if images.dtype == torch.uint8:  # fast path: augment here, on the device
@@ -896,11 +949,7 @@ def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=p
             loss, logits = googlenet_loss(outputs, labels, args.aux_weight, args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if device.kind == "xla":
-            import torch_xla.core.xla_model as xm
-            xm.optimizer_step(optimizer)  # all-reduces gradients across cores, then steps
-        else:
-            optimizer.step()
+        optimizer_step(optimizer, model, device)
         n = labels.shape[0]
         sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == labels).sum().float(),
                              torch.tensor(float(n), device=labels.device)])
@@ -920,7 +969,7 @@ def evaluate(model, loader, device, config, precision="fp32"):
     """Loss, top-1 and top-5 over the whole validation set (padded batches masked, replicas
     reduced): {"loss", "top1", "top5", "images"}."""
     model.eval()
-    sums = torch.zeros(4, device=device.torch_device)  # loss, top1, top5, n
+    sums = zeros_on(device, 4)  # loss, top1, top5, n
     for images, labels, mask in device_batches(loader, device):
         if images.dtype == torch.uint8:
             images = eval_transform(images, config)
@@ -1260,8 +1309,11 @@ def run(args, checkpoint=None):
         best_top1 = val["top1"] if improved else best_top1
         record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                  "val_images": val["images"], "lr": lr, "epoch_seconds": train["seconds"],
+                  "val_images": val["images"], "train_images": train["images"], "lr": lr, "epoch_seconds": train["seconds"],
                   "train_images_per_second": train["images"] / max(train["seconds"], 1e-9)}
+        if device.world_size > 1:
+            record["replicas"] = device.world_size
+            record["replica_weight_checksums"] = replica_checksums(model, device)
         compiles = xla_compile_count()
         if compiles is not None:
             record["xla_compiles"] = compiles
@@ -1321,8 +1373,37 @@ def _sync(device, tensor):
 
 
 def _xla_worker(index, args):
-    # One process per XLA core (spawned by torch_xla.launch); only the master logs and saves.
+    # One process per TPU core, started by torch_xla.launch; only the master logs and saves.
     run(args)
+
+
+def _gloo_worker(rank, args, world_size, port):
+    # One process per CPU-XLA device, joined by a gloo process group (see launch_replicas).
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_replicas(args):
+    """Train on several XLA cores, one process each. On a TPU, torch_xla's launcher starts one
+    process per core (it supports all cores or one). On CPU-XLA (PJRT_DEVICE=CPU) its collectives
+    cannot run between processes (torch_xla 2.9 keys the CPU all-reduce per compiled module, so
+    replicas wait for each other forever), so the replicas join a gloo process group instead:
+    the same sharding, gradient averaging, metric reduction and master-only saving."""
+    if os.environ.get("PJRT_DEVICE", "TPU").upper() == "CPU":
+        import socket
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_gloo_worker, args=(args, args.num_cores, port), nprocs=args.num_cores)
+        return
+    import torch_xla
+    torch_xla.launch(_xla_worker, args=(args,))
 
 
 def main(argv=None):
@@ -1333,9 +1414,15 @@ def main(argv=None):
         if args.benchmark_data:
             benchmark_data(args)
             return 0
-        if args.device == "xla" and _xla_processes(args.num_cores) > 1:
-            import torch_xla
-            torch_xla.launch(_xla_worker, args=(args,))
+        if args.device == "xla" and args.num_cores != 1:
+            on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+            if on_cpu and args.num_cores is None:
+                args.num_cores = 1  # CPU-XLA: one process unless asked
+            elif not on_cpu and args.num_cores is not None:
+                raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                                "--num-cores 1 or leave --num-cores out")
+        if args.device == "xla" and args.num_cores != 1:
+            launch_replicas(args)
             return 0
         run(args, checkpoint)
         return 0
@@ -1346,10 +1433,6 @@ def main(argv=None):
         print("interrupted: the last completed epoch is in last.pt; continue with --resume",
               file=sys.stderr)
         return 130
-
-
-def _xla_processes(num_cores):
-    return num_cores or 1
 
 
 if __name__ == "__main__":

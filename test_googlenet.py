@@ -526,3 +526,76 @@ def test_help_documents_every_flag():
         for flag in action.option_strings:
             assert flag in result.stdout
         assert action.help, action.option_strings
+
+
+# --- XLA (the real torch_xla on PJRT_DEVICE=CPU; in CI too) ---------------------------------------
+
+import importlib.util  # noqa: E402
+
+needs_xla = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None,
+                               reason="torch_xla is not installed (requirements.txt installs it on Linux x86_64)")
+XLA_ENV = {**os.environ, "PJRT_DEVICE": "CPU", "PYTHONPATH": str(HERE)}
+XLA_RUN = ["--dataset", "synthetic", "--image-size", 16, "--subset", 128, "--batch-size", 16,
+           "--device", "xla", "--log-interval", 0, "--lr-step-epochs", 1, "--lr-gamma", 0.5]
+
+XLA_SCRIPT = r"""
+import json, sys, torch, torch_xla, googlenet as g
+out, argv = sys.argv[1], sys.argv[2:]
+assert g.main(argv + ["--epochs", "2", "--checkpoint-dir", out]) == 0
+assert g.main(["--resume", out + "/last.pt", "--epochs", "3"]) == 0
+cpu_model, config = g.load_for_inference(out + "/last.pt", device="cpu")
+xla_model, _ = g.load_for_inference(out + "/last.pt", device=torch_xla.device())
+images = g.build_store(g.make_synthetic(16).val.subset(16), 16).images
+with torch.no_grad():
+    cpu_logits = cpu_model(g.eval_transform(images, config))
+    xla_logits = xla_model(g.eval_transform(images.to(torch_xla.device()), config)).cpu()
+print("RESULT", json.dumps({"max_logit_diff": (cpu_logits - xla_logits).abs().max().item(),
+                            "logit_scale": cpu_logits.abs().max().item()}))
+"""
+
+
+@needs_xla
+@pytest.mark.xla
+def test_xla_train_resume_compile_count_and_cpu_parity(tmp_path):
+    result = subprocess.run([sys.executable, "-c", XLA_SCRIPT, str(tmp_path)] + [str(a) for a in XLA_RUN],
+                            env=XLA_ENV, capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device: xla" in result.stdout and "XLA compilations in this process" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["lr"] for r in records] == pytest.approx([0.01, 0.005, 0.0025])  # schedule continues
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    # no recompilation after the first epoch, even with the learning rate changing every epoch
+    assert records[1]["xla_compiles"] == records[0]["xla_compiles"], records
+    assert records[0]["val_images"] == 128
+    parity = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert parity["max_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"]), parity
+
+
+@needs_xla
+@pytest.mark.xla
+def test_xla_two_replicas_train_one_model(tmp_path):
+    argv = [sys.executable, str(HERE / "googlenet.py"), "--dataset", "synthetic", "--image-size", 16,
+            "--subset", 64, "--batch-size", 8, "--epochs", 1, "--device", "xla", "--num-cores", 2,
+            "--log-interval", 0, "--workers", 0, "--checkpoint-dir", tmp_path]
+    result = subprocess.run([str(a) for a in argv], env=XLA_ENV, capture_output=True, text=True,
+                            timeout=900, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1/1") == 1  # only the master logs
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["replicas"] == 2
+    a, b = record["replica_weight_checksums"]
+    assert a == b  # both shards' gradients were averaged into one model
+    assert record["train_images"] == 64 and record["val_images"] == 64  # each image once, over both
+    model, config = g.load_for_inference(tmp_path / "last.pt")
+    # the saved weights are those replicas (XLA and CPU sum floats in different orders: 1e-6)
+    assert sum(p.detach().abs().sum().double() for p in model.parameters()).item() == pytest.approx(a, rel=1e-6)
+
+
+def test_imports_and_explains_without_torch_xla(tmp_path):
+    code = ("import sys; sys.modules['torch_xla'] = None; import googlenet; "
+            "sys.exit(googlenet.main(['--device', 'xla', '--dataset', 'synthetic']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert result.returncode == 2
+    assert "pip install" in result.stderr and len(result.stderr.strip().splitlines()) == 1
