@@ -336,24 +336,30 @@ def find_tiny_imagenet(data_dir):
     return None
 
 
-def download_tiny_imagenet(data_dir):
-    """Fetch and verify the official zip, extract it next to a temporary name, then rename, so an
-    interrupted download or extraction never leaves a folder that looks complete."""
-    from torchvision.datasets.utils import download_url, extract_archive
+def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD5):
+    """Fetch the official zip, check its md5, extract it under a temporary name, then rename, so an
+    interrupted download or extraction never leaves a folder that looks complete. A no-op when
+    the data is already there."""
+    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
     data_dir = Path(data_dir)
     if find_tiny_imagenet(data_dir):
         return
     data_dir.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {TINY_IMAGENET_URL} (248 MB) to {data_dir}", flush=True)
+    archive = data_dir / "tiny-imagenet-200.zip"
+    print(f"downloading {url} to {data_dir}", flush=True)
     try:
-        download_url(TINY_IMAGENET_URL, str(data_dir), md5=TINY_IMAGENET_MD5)
+        download_url(url, str(data_dir), filename=archive.name)  # md5 checked below, with a clear message
     except Exception as e:  # network errors come in many types; the message is what matters
         raise UserError(f"downloading Tiny ImageNet failed ({e}); check the connection and retry") from None
+    if not check_integrity(str(archive), md5):
+        archive.unlink(missing_ok=True)
+        raise UserError(f"{url} gave a file whose md5 is not {md5}; removed it, retry the download")
     partial = data_dir / ".tiny-imagenet-200.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    extract_archive(str(data_dir / "tiny-imagenet-200.zip"), str(partial))
+    extract_archive(str(archive), str(partial))
     os.replace(partial / "tiny-imagenet-200", data_dir / "tiny-imagenet-200")
     shutil.rmtree(partial, ignore_errors=True)
+    archive.unlink()
 
 
 def load_tiny_imagenet(data_dir, download=False):
@@ -1267,6 +1273,9 @@ def run(args, checkpoint=None):
         if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
             raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with {saved['num_classes']} "
                                   f"classes, but this run builds {args.arch} with {num_classes}")
+        if saved.get("class_ids") and saved["class_ids"] != info.class_ids:
+            raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
+                                  f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
         model.load_state_dict(checkpoint["model"])
     model.to(device.torch_device)
     log(f"device: {device.kind} ({device.torch_device}, {device.world_size} process"
@@ -1294,8 +1303,15 @@ def run(args, checkpoint=None):
         log(f"resumed from {args.resume} at epoch {start_epoch}")
 
     out_dir = Path(args.checkpoint_dir)
+    if checkpoint is None and (out_dir / "last.pt").exists():
+        # A new run must never overwrite another run's checkpoints.
+        raise UserError(f"{out_dir / 'last.pt'} exists: continue that run with --resume, or pass "
+                        f"another --checkpoint-dir")
     if device.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if start_epoch >= args.epochs:
+        log(f"{args.resume} has already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) "
+            f"to train longer")
     record = {}
     for epoch in range(start_epoch, args.epochs):
         seed_everything(args.seed * 1000 + epoch, device)
@@ -1309,7 +1325,8 @@ def run(args, checkpoint=None):
         best_top1 = val["top1"] if improved else best_top1
         record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                  "val_images": val["images"], "train_images": train["images"], "lr": lr, "epoch_seconds": train["seconds"],
+                  "val_images": val["images"], "train_images": train["images"], "lr": lr,
+                  "epoch_seconds": train["seconds"],
                   "train_images_per_second": train["images"] / max(train["seconds"], 1e-9)}
         if device.world_size > 1:
             record["replicas"] = device.world_size

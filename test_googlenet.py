@@ -4,6 +4,7 @@ Real data comes from ../shared/data (or $GOOGLENET_SHARED_DATA); tests that need
 cleanly without it. Everything else writes fixtures in the real on-disk formats."""
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -295,6 +296,38 @@ def test_tiny_imagenet_fixture_val_labels_match_train(tmp_path):
     assert store.images.shape == (6, 3, 64, 64)  # grayscale val JPEGs became RGB
 
 
+def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
+    """The real download code against a local HTTP server serving a zip in the official layout."""
+    import hashlib
+    import http.server
+    import threading
+    import zipfile
+    source = _write_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200")
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "tiny-imagenet-200.zip", "w") as z:
+        for f in sorted(source.rglob("*")):
+            z.write(f, f.relative_to(source.parent))
+    md5 = hashlib.md5((served / "tiny-imagenet-200.zip").read_bytes()).hexdigest()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip"
+    try:
+        data = tmp_path / "data"
+        with pytest.raises(g.UserError, match="md5"):
+            g.download_tiny_imagenet(data, url=url, md5="0" * 32)
+        assert g.find_tiny_imagenet(data) is None and not list(data.iterdir())  # nothing half-made
+        g.download_tiny_imagenet(data, url=url, md5=md5)
+        info = g.load_tiny_imagenet(data)
+        assert info.class_ids == ["n01", "n02", "n03"] and len(info.val) == 6
+        assert [p.name for p in data.iterdir()] == ["tiny-imagenet-200"]  # zip and temp folder gone
+        server.shutdown()
+        g.download_tiny_imagenet(data, url=url, md5=md5)  # already there: no request made
+    finally:
+        server.server_close()
+
+
 @needs_tiny
 def test_tiny_imagenet_real_subset_parsing():
     info = g.load_tiny_imagenet(TINY)
@@ -320,6 +353,22 @@ def test_fast_and_torch_paths_give_same_val_tensors():
     baseline = torch.stack([dataset[i][0] for i in range(len(split))])
     assert torch.allclose(fast, baseline, atol=1e-5)
     assert [dataset[i][1] for i in range(len(split))] == split.labels
+
+
+@needs_tiny
+@pytest.mark.slow
+def test_tiny_imagenet_short_real_run_learns(tmp_path, capsys):
+    # The first 1,000 train images are 20 classes x 50; ~220 steps of batch 32.
+    code, out, err = run_main(["--dataset", "tiny", "--data-dir", SHARED, "--arch", "tiny",
+                               "--image-size", 32, "--subset", 1000, "--epochs", 7, "--batch-size", 32,
+                               "--lr", 0.05, "--device", "cpu", "--checkpoint-dir", tmp_path,
+                               "--log-interval", 0], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < 0.7 * records[0]["train_loss"], records
+    assert records[-1]["train_top1"] > 0.15  # chance among the 20 classes seen is 0.05
+    _, config = g.load_for_inference(tmp_path / "best.pt")
+    assert config.class_names[config.class_ids.index("n01443537")] == "goldfish"
 
 
 def test_bad_image_named_or_skipped(tmp_path, capsys):
@@ -445,6 +494,25 @@ def test_resume_gives_identical_weights(tmp_path, capsys):
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["scheduler"] == b["scheduler"]
     assert len((split / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_bf16_autocast_trains(tmp_path, capsys):
+    code, out, err = run_main(SYNTH + ["--epochs", 1, "--precision", "bf16", "--image-size", 16,
+                               "--checkpoint-dir", tmp_path], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
+    assert g.load_checkpoint(tmp_path / "last.pt")["model"]["fc.weight"].dtype == torch.float32
+
+
+def test_new_run_never_overwrites_a_checkpoint(tmp_path, capsys):
+    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path, "--image-size", 16], capsys)[0] == 0
+    before = (tmp_path / "last.pt").read_bytes()
+    code, out, err = run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path, "--image-size", 16], capsys)
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "last.pt").read_bytes() == before
+    code, out, err = run_main(["--resume", tmp_path / "last.pt"], capsys)  # already at --epochs
+    assert code == 0 and "already trained 1 epochs" in out
 
 
 def test_evaluate_only(tmp_path, capsys):
