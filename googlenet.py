@@ -25,6 +25,7 @@ Sections: model, data, device, train/eval, checkpoint, CLI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -285,12 +286,13 @@ def decode_image(source, size):
     from PIL import Image, ImageOps
     name = getattr(source, "filename", None) or str(source)
     try:
-        img = source if isinstance(source, Image.Image) else Image.open(source)
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = ImageOps.fit(img, (size, size), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
+        opened = None if isinstance(source, Image.Image) else Image.open(source)
+        with opened or contextlib.nullcontext():
+            img = opened or source
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
+            img = ImageOps.exif_transpose(img)
+            img = ImageOps.fit(_to_rgb(img), (size, size), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -1349,7 +1351,7 @@ def run(args, checkpoint=None):
     return record
 
 
-def benchmark_data(args, batches=30):
+def benchmark_data(args, batches=60):
     """images/s of the fast path (uint8 store + on-device augmentation) and the per-sample PIL
     DataLoader, on the same training data, same batch size and worker count, in one run."""
     device = make_device(args.device)

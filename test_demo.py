@@ -1,0 +1,598 @@
+"""Tests for demo.py: the served app, the command line and a real browser.
+
+The app is launched for real on 127.0.0.1 (a free port) from a checkpoint that
+googlenet.py trains in this session; it is called with gradio_client and, in the
+browser test, driven by headless Chromium. Real photos and Tiny ImageNet come from
+../shared/data (or $GOOGLENET_SHARED_DATA); tests that need them skip without them.
+
+Environment knobs:
+  GOOGLENET_DEMO_CHECKPOINT   serve this checkpoint instead of training a small one
+  GOOGLENET_DEMO_SCREENSHOT   where the browser test saves its screenshot (README: docs/demo.png)
+  GOOGLENET_CHROMIUM          the Chromium binary (default: chromium on PATH)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo
+import googlenet
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = Path(os.environ.get("GOOGLENET_SHARED_DATA") or ROOT.parent / "shared" / "data")
+PHOTOS = SHARED_DATA / "photos"
+TINY_IMAGENET = SHARED_DATA / "tiny-imagenet-200"
+PHOTO_NAMES = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+TOLERANCE = 1e-5  # served vs direct probabilities: same model, possibly other batch sizes
+
+
+def photo(name: str) -> Path:
+    path = PHOTOS / name
+    if not path.is_file():
+        pytest.skip(f"sample photo {path} is not there (set GOOGLENET_SHARED_DATA)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "demo.py"), *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=180)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
+    """Exit code 2 and exactly one line on stderr, no traceback; returns that line."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def served_top5(label_output: dict) -> dict[str, float]:
+    """gradio_client's view of a gr.Label back into {class name: probability}."""
+    return {c["label"]: c["confidence"] for c in label_output.get("confidences") or []}
+
+
+def assert_same_top5(served: dict[str, float], direct: dict[str, float], config) -> None:
+    assert list(served) == list(direct)
+    assert list(served.values()) == pytest.approx(list(direct.values()), abs=TOLERANCE)
+    assert len(served) == min(demo.TOP_K, config.num_classes)
+    assert set(served) <= set(config.class_names)
+    assert all(0.0 <= p <= 1.0 for p in served.values())
+    assert sum(served.values()) <= 1.0 + 1e-6
+
+
+def gradient(width: int = 128, height: int = 96) -> Image.Image:
+    """A colour picture with no symmetry, so rotations and flips change it."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def image_mode(path) -> str:
+    with Image.open(path) as image:
+        return image.mode
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint written by googlenet.py's real training and save path.
+
+    One quick epoch on Tiny ImageNet when it is on disk (real class names, real
+    example images), else on the synthetic dataset.
+    """
+    override = os.environ.get("GOOGLENET_DEMO_CHECKPOINT")
+    if override:
+        return Path(override).resolve()
+    out = tmp_path_factory.mktemp("run")
+    data = (["--dataset", "tiny", "--data-dir", str(TINY_IMAGENET)]
+            if (TINY_IMAGENET / "wnids.txt").is_file() else ["--dataset", "synthetic"])
+    status = googlenet.main(data + ["--arch", "tiny", "--image-size", "32", "--epochs", "1",
+                                    "--subset", "64", "--batch-size", "32", "--device", "cpu",
+                                    "--workers", "0", "--checkpoint-dir", str(out)])
+    assert status == 0
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoint):
+    """(model, config) as the served app has them: same checkpoint, same device choice."""
+    return googlenet.load_for_inference(checkpoint, device=demo.default_device())
+
+
+@pytest.fixture(scope="session")
+def odd_images(tmp_path_factory) -> dict[str, Path]:
+    """Images in the modes and shapes people upload, all made from one gradient picture."""
+    folder = tmp_path_factory.mktemp("odd")
+    base = gradient()
+    h, w = base.height, base.width
+    y, x = np.mgrid[0:h, 0:w]
+    images: dict[str, Path] = {}
+
+    def save(name, image, **options):
+        images[name] = folder / name
+        image.save(images[name], **options)
+
+    save("grayscale.png", base.convert("L"))
+    save("grayscale_alpha.png", base.convert("LA"))
+    transparent = base.convert("RGBA")
+    transparent.putalpha(Image.fromarray((x * 255 // w).astype(np.uint8)))  # left edge fully clear
+    save("transparent.png", transparent)
+    save("palette.png", base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16))
+    save("palette_transparent.gif", base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+         transparency=0)
+    save("16bit.png", Image.fromarray((y * 65535 // h).astype(np.uint16)))
+    save("float32.tiff", Image.fromarray((x / w).astype(np.float32)))
+    save("cmyk.jpg", base.convert("CMYK"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
+    save("exif_rotated.jpg", base.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    save("1x1.png", Image.new("RGB", (1, 1), (200, 30, 30)))
+    save("animated.gif", base, save_all=True, append_images=[base.rotate(180)], duration=100)
+    save("image.webp", base)
+    save("image.bmp", base)
+    across = (np.arange(8000) * 255 // 8000).astype(np.uint8)[None, :]
+    down = (np.arange(6000) * 255 // 6000).astype(np.uint8)[:, None]
+    stripes = (np.arange(8000) // 50 % 2 * 255).astype(np.uint8)[None, :]
+    huge = np.stack(np.broadcast_arrays(across, down, stripes), -1)
+    save("huge_8000x6000.jpg", Image.fromarray(np.ascontiguousarray(huge)), quality=80)
+    return images
+
+
+class Server:
+    """`python demo.py ...` running in the background on 127.0.0.1."""
+
+    def __init__(self, checkpoint: Path, log: Path, timeout: float = 120):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        # demo.py runs in this folder and shows the path on the page: keep it short there
+        if checkpoint.is_relative_to(ROOT):
+            checkpoint = checkpoint.relative_to(ROOT)
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "demo.py"), "--checkpoint", str(checkpoint),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"demo.py exited ({self.process.returncode}):\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"demo.py did not serve {self.url} in {timeout}s:\n{log.read_text()}")
+            time.sleep(0.5)
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint, tmp_path_factory):
+    running = Server(checkpoint, tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from gradio_client import Client
+    return Client(server.url, verbose=False)
+
+
+def classify_served(client, path: Path | None):
+    """(top-5 dict, message) from the running app's /predict endpoint."""
+    from gradio_client import handle_file
+    label, message = client.predict(handle_file(str(path)) if path else None, api_name="/predict")
+    return served_top5(label), message
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_demo_preprocesses_exactly_like_validation(loaded):
+    """The demo decodes the val images to the very bytes validation's store holds, and its
+    probabilities are what the model gives validation's input."""
+    model, config = loaded
+    if config.dataset != "tiny" or not (TINY_IMAGENET / "wnids.txt").is_file():
+        pytest.skip("needs Tiny ImageNet in ../shared/data and a checkpoint trained on it")
+    full = googlenet.load_dataset("tiny", config.data_dir, config.image_size).val
+    # About 2% of Tiny ImageNet is grayscale JPEGs: take the first one along with 11 colour ones.
+    gray = next(i for i, f in enumerate(full.files) if image_mode(f) == "L")
+    picked = list(range(11)) + [gray]
+    val = googlenet.Split([full.labels[i] for i in picked], files=[full.files[i] for i in picked])
+    store = googlenet.build_store(val, config.source_size, log=lambda *args: None)
+    assert torch.equal(demo.decode_batch(val.files, config), store.images)
+
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        logits = model(googlenet.eval_transform(store.images.to(device), config))
+    expected = logits.float().softmax(1).cpu()
+    for row, path in zip(expected, val.files):
+        assert_same_top5(demo.predict(path, model, config), demo.top_k(row, config.class_names), config)
+
+
+def test_predict_many_equals_predict_one_by_one(loaded, odd_images):
+    model, config = loaded
+    paths = [odd_images["grayscale.png"], odd_images["transparent.png"], odd_images["1x1.png"]]
+    together = demo.predict_many(paths, model, config)
+    for path, result in zip(paths, together):
+        assert_same_top5(result, demo.predict(path, model, config), config)
+    # a PIL image in memory is the same as its file
+    with Image.open(paths[0]) as image:
+        assert_same_top5(demo.predict(image, model, config), together[0], config)
+
+
+def test_exif_orientation_is_applied(loaded, tmp_path):
+    """A photo stored sideways with an EXIF rotation reaches the model upright (the served
+    tests then show the app gives what predict() gives, for a rotated JPEG too)."""
+    _, config = loaded
+    upright = gradient()
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
+    upright.save(tmp_path / "upright.png")
+    sideways.save(tmp_path / "sideways.png")
+    sideways.save(tmp_path / "sideways_with_exif.png", exif=exif)
+    rotated = demo.load_image(tmp_path / "sideways_with_exif.png", config)
+    assert torch.equal(rotated, demo.load_image(tmp_path / "upright.png", config))
+    assert not torch.equal(rotated, demo.load_image(tmp_path / "sideways.png", config))
+
+
+def test_classes_sharing_a_name_are_not_merged():
+    probs = torch.tensor([0.35, 0.4, 0.05, 0.2])
+    top = demo.top_k(probs, ["crane", "crane", "heron", "stork"], k=3)
+    assert list(top) == ["crane", "crane (class 0)", "stork"]
+    assert list(top.values()) == pytest.approx([0.4, 0.35, 0.2])
+
+
+# --------------------------------------------------------------------------- served app
+
+
+@pytest.mark.parametrize("name", PHOTO_NAMES)
+def test_served_top5_for_real_photos_equals_predict(client, loaded, name):
+    model, config = loaded
+    path = photo(name)
+    top5, message = classify_served(client, path)
+    assert message == ""
+    assert_same_top5(top5, demo.predict(path, model, config), config)
+
+
+@pytest.mark.parametrize("name", ["grayscale.png", "grayscale_alpha.png", "transparent.png",
+                                  "palette.png", "palette_transparent.gif", "16bit.png",
+                                  "float32.tiff", "cmyk.jpg", "exif_rotated.jpg", "1x1.png",
+                                  "animated.gif", "image.webp", "image.bmp", "huge_8000x6000.jpg"])
+def test_served_top5_for_odd_images_equals_predict(client, loaded, odd_images, name):
+    model, config = loaded
+    top5, message = classify_served(client, odd_images[name])
+    assert message == ""
+    assert_same_top5(top5, demo.predict(odd_images[name], model, config), config)
+
+
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, server, loaded,
+                                                              odd_images, tmp_path):
+    model, config = loaded
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = odd_images["image.bmp"].read_bytes()
+    (tmp_path / "truncated.bmp").write_bytes(good[:len(good) // 3])
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))  # JPEG magic, then noise
+
+    for name in ["notes.txt", "empty.png", "truncated.bmp", "photo.jpg"]:
+        top5, message = classify_served(client, tmp_path / name)
+        assert top5 == {}
+        assert f"Could not read `{name}` as an image" in message
+        assert "Traceback" not in message and str(tmp_path) not in message
+    top5, message = classify_served(client, None)
+    assert top5 == {} and message == demo.NO_IMAGE_MESSAGE
+
+    assert server.process.poll() is None
+    top5, message = classify_served(client, odd_images["grayscale.png"])
+    assert message == ""
+    assert_same_top5(top5, demo.predict(odd_images["grayscale.png"], model, config), config)
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_page_shows_the_checkpoint_and_examples(server, loaded):
+    import json
+    _, config = loaded
+    with urllib.request.urlopen(server.url + "config", timeout=30) as response:
+        page = json.load(response)
+    texts = " ".join(str(c.get("props", {}).get("value", "")) for c in page["components"]
+                     if c.get("type") == "markdown")
+    for fact in (f"dataset **{config.dataset}**", f"arch **{config.arch}**",
+                 f"epoch **{config.epoch}**", "validation top-1 **"):
+        assert fact in texts
+    examples = [c for c in page["components"] if c.get("type") == "dataset"]
+    expected = demo.example_images(config)
+    if expected:
+        samples = examples[0]["props"]["samples"]
+        assert [Path(s[0]["path"]).name for s in samples] == [p.name for p in expected]
+    else:
+        assert not examples
+    predict_fn = [d for d in page["dependencies"] if d.get("api_name") == "predict"]
+    assert predict_fn and predict_fn[0]["batch"] and predict_fn[0]["max_batch_size"] > 1
+
+
+def test_tiny_imagenet_examples_are_val_images_of_different_classes(loaded):
+    _, config = loaded
+    if config.dataset != "tiny":
+        pytest.skip("the served checkpoint was not trained on Tiny ImageNet")
+    examples = demo.example_images(config)
+    assert len(examples) == demo.NUM_EXAMPLES
+    annotations = dict(line.split("\t")[:2] for line in
+                       (Path(config.data_dir) / "val" / "val_annotations.txt").read_text().splitlines())
+    assert all(p.parent == Path(config.data_dir) / "val" / "images" and p.is_file() for p in examples)
+    assert len({annotations[p.name] for p in examples}) == len(examples)
+
+
+def _config_for(dataset: str, data_dir: Path | None, **overrides):
+    fields = dict(arch="tiny", num_classes=10, class_names=[f"class {i}" for i in range(10)],
+                  image_size=32, source_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                  dataset=dataset, data_dir=str(data_dir) if data_dir else None)
+    return googlenet.ModelConfig(**{**fields, **overrides})
+
+
+def test_cifar10_examples_are_test_images_of_different_classes():
+    if not (SHARED_DATA / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip(f"no CIFAR-10 in {SHARED_DATA}")
+    from torchvision.datasets import CIFAR10
+    test_set = CIFAR10(str(SHARED_DATA), train=False)
+    examples = demo.example_images(_config_for("cifar10", SHARED_DATA))
+    assert len(examples) == demo.NUM_EXAMPLES
+    indices = [int(re.search(r"(\d+)\.png$", p.name).group(1)) for p in examples]
+    assert len({test_set.targets[i] for i in indices}) == len(indices)
+    for path, index in zip(examples, indices):
+        with Image.open(path) as image:
+            assert np.array_equal(np.asarray(image), test_set.data[index])
+
+
+def test_folder_examples_are_one_val_image_per_class(tmp_path):
+    for split, names in [("train", ["cat/1.png", "dog/1.png", "owl/1.png"]),
+                         ("val", ["cat/a.png", "cat/b.png", "dog/c.png", "owl/d.png"])]:
+        for name in names:
+            (tmp_path / split / name).parent.mkdir(parents=True, exist_ok=True)
+            gradient(8, 8).save(tmp_path / split / name)
+    examples = demo.example_images(_config_for("folder", tmp_path, num_classes=3))
+    assert [p.relative_to(tmp_path / "val").as_posix() for p in examples] == \
+        ["cat/a.png", "dog/c.png", "owl/d.png"]
+
+
+def test_examples_fall_back_to_the_sample_photos_then_to_none(tmp_path, monkeypatch):
+    gone = _config_for("tiny", tmp_path / "moved-away")
+    monkeypatch.setenv("GOOGLENET_SHARED_DATA", str(tmp_path))
+    assert demo.example_images(gone) == []
+    (tmp_path / "photos").mkdir()
+    gradient().save(tmp_path / "photos" / "a.png")
+    assert demo.example_images(gone) == [tmp_path / "photos" / "a.png"]
+
+
+def test_memory_stays_flat_over_many_requests(client, server, odd_images):
+    """The server's memory after warm-up stays put over 160 more requests. Huge uploads
+    decode to ~150 MB each, so leaking even one would show; so does PyTorch growing a
+    thread pool for each Gradio worker thread (it did: +54 MiB here, before the demo
+    ran all inference on one thread)."""
+    from gradio_client import handle_file
+    huge, small = odd_images["huge_8000x6000.jpg"], odd_images["transparent.png"]
+
+    def burst(n_huge, n_small):
+        jobs = [client.submit(handle_file(str(p)), api_name="/predict")
+                for p in [huge] * n_huge + [small] * n_small]
+        assert all(job.result(timeout=120)[1] == "" for job in jobs)
+
+    burst(2, 30)  # warm up: allocator pools, Gradio's worker threads and caches
+    before = server.rss_mib()
+    for _ in range(4):
+        burst(1, 39)
+    growth = server.rss_mib() - before
+    print(f"server RSS {before:.0f} MiB after warm-up, {growth:+.1f} MiB after 160 more requests")
+    assert growth < 30, f"RSS grew {growth:.0f} MiB over 160 requests"
+
+
+def test_concurrent_requests_are_batched_and_isolated(loaded, odd_images, tmp_path):
+    """Requests that arrive while the model is busy go through it together, and a bad file
+    in a batch only affects its own request. The real model is wrapped to count batch sizes
+    and to take 0.5 s a call, like a big model would."""
+    from gradio_client import Client, handle_file
+    model, config = loaded
+
+    class CountingModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.batch_sizes: list[int] = []
+            self.lock = threading.Lock()
+
+        def forward(self, x):
+            with self.lock:
+                self.batch_sizes.append(len(x))
+            time.sleep(0.5)
+            return self.inner(x)
+
+    counting = CountingModel(model)
+    app = demo.build_demo(counting, config, examples=[])
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        (tmp_path / "notes.png").write_text("not a picture")
+        paths = [odd_images[n] for n in ["grayscale.png", "transparent.png", "palette.png",
+                                          "16bit.png", "1x1.png", "image.webp"]] * 2
+        paths.insert(5, tmp_path / "notes.png")
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        jobs = [client.submit(handle_file(str(p)), api_name="/predict") for p in paths]
+        results = [job.result(timeout=120) for job in jobs]
+    finally:
+        app.close()
+    for path, (label, message) in zip(paths, results):
+        if path.name == "notes.png":
+            assert served_top5(label) == {} and "Could not read" in message
+        else:
+            assert message == ""
+            assert_same_top5(served_top5(label), demo.predict(path, model, config), config)
+    assert sum(counting.batch_sizes) == len(paths) - 1  # each good image went through once
+    assert max(counting.batch_sizes) > 1, counting.batch_sizes
+    assert max(counting.batch_sizes) <= demo.MAX_BATCH_SIZE
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_prints_top5_for_a_real_photo(checkpoint, loaded):
+    model, config = loaded
+    path = photo("chelsea.png")
+    result = run_cli("--checkpoint", str(checkpoint), str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == str(path)
+    rows = [re.fullmatch(r"\s+(\d)\.\s+([\d.]+)%\s+(.+)", line) for line in lines[1:]]
+    assert all(rows) and len(rows) == min(demo.TOP_K, config.num_classes), result.stdout
+    expected = demo.predict(path, model, config)
+    assert [m.group(3) for m in rows] == list(expected)
+    assert [float(m.group(2)) for m in rows] == pytest.approx(
+        [100 * p for p in expected.values()], abs=0.051)
+
+
+def test_cli_bad_image_gets_one_line_and_the_others_still_print(checkpoint, odd_images, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    result = run_cli("--checkpoint", str(checkpoint), str(tmp_path / "notes.jpg"),
+                     str(odd_images["1x1.png"]))
+    line = assert_one_line_error(result)
+    assert line.startswith("error:") and "notes.jpg" in line
+    assert result.stdout.splitlines()[0] == str(odd_images["1x1.png"])
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated", "foreign"])
+def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_images, tmp_path):
+    path = tmp_path / "best.pt"
+    if problem == "corrupt":
+        path.write_bytes(os.urandom(4096))
+    elif problem == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[:100_000])
+    elif problem == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    line = assert_one_line_error(run_cli("--checkpoint", str(path), str(odd_images["1x1.png"])))
+    assert line.startswith("error:") and str(path) in line
+
+
+@pytest.mark.parametrize("args", [["--port", "99999"], ["--no-such-flag"]])
+def test_cli_bad_flags_give_one_line_and_exit_2(args):
+    line = assert_one_line_error(run_cli(*args))
+    assert line.startswith("error:") and "--help" in line
+
+
+def test_cli_port_in_use_gives_one_line_and_exit_2(server, checkpoint):
+    line = assert_one_line_error(run_cli("--checkpoint", str(checkpoint), "--port", str(server.port)))
+    assert f"127.0.0.1:{server.port}" in line and "--port" in line
+    assert server.process.poll() is None
+
+
+def test_cli_without_any_checkpoint_says_how_to_train_one(tmp_path):
+    line = assert_one_line_error(run_cli(cwd=tmp_path))
+    assert "python googlenet.py" in line and "--checkpoint" in line
+
+
+def test_cli_uses_the_newest_best_pt_under_runs(checkpoint, odd_images, tmp_path):
+    # The older "checkpoints" are junk: picking one of them would fail loudly.
+    for name, age in [("a", 3600), ("b", 0), ("c/nested", 7200)]:
+        target = tmp_path / "runs" / name / "best.pt"
+        target.parent.mkdir(parents=True)
+        if age:
+            target.write_bytes(b"an older run")
+            stamp = time.time() - age
+            os.utime(target, (stamp, stamp))
+        else:
+            shutil.copy(checkpoint, target)
+    result = run_cli(str(odd_images["1x1.png"]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert str(Path("runs") / "b" / "best.pt") in result.stderr
+    assert result.stdout.splitlines()[0] == str(odd_images["1x1.png"])
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _chromium() -> str | None:
+    explicit = os.environ.get("GOOGLENET_CHROMIUM")
+    if explicit:
+        return explicit
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+def test_browser_upload_shows_the_prediction(request, tmp_path):
+    """Headless Chromium opens the page, uploads a photo and reads the top-5 label."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium browser: `apt-get install chromium` (Debian) or set GOOGLENET_CHROMIUM")
+    # Only now start what the test needs, so that the skip above is immediate.
+    server, odd_images = request.getfixturevalue("server"), request.getfixturevalue("odd_images")
+    model, config = request.getfixturevalue("loaded")
+    image = PHOTOS / "chelsea.png" if (PHOTOS / "chelsea.png").is_file() else odd_images["transparent.png"]
+    expected = demo.predict(image, model, config)
+
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 640})
+            page.goto(server.url)
+            header = page.locator("h2", has_text="GoogLeNet").locator("xpath=..")
+            assert f"arch {config.arch}" in header.inner_text()
+            page.set_input_files("#image input[type=file]", str(image))
+            top = page.locator("#prediction [data-testid=label-output-value]")
+            top.wait_for(timeout=60_000)
+            assert top.inner_text() == next(iter(expected))
+            assert page.locator("#prediction dl dt").all_inner_texts() == list(expected)
+            shot = Path(os.environ.get("GOOGLENET_DEMO_SCREENSHOT") or tmp_path / "demo.png")
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot))
+
+            # A file that claims to be a JPEG but is not: a message on the page, no prediction.
+            (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+            page.set_input_files("#image input[type=file]", str(tmp_path / "broken.jpg"))
+            page.locator("#message", has_text="Could not read").wait_for(timeout=60_000)
+            assert page.locator("#prediction [data-testid=label-output-value]").count() == 0
+        finally:
+            browser.close()
