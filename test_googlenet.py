@@ -22,8 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _shared_data():
-    for candidate in (os.environ.get("GOOGLENET_SHARED_DATA"), HERE.parent / "shared" / "data",
-                      Path("/work/shared/data")):
+    for candidate in (os.environ.get("GOOGLENET_SHARED_DATA"), HERE.parent / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
