@@ -37,7 +37,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -751,7 +750,7 @@ class PILDataset(torch.utils.data.Dataset):
         return eval_transform(image[None], self.config)[0], label, torch.tensor(1.0)
 
 
-def make_loaders(info, args, rank=0, world_size=1):
+def make_loaders(info, args, rank=0, world_size=1, log=print):
     """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader)."""
     train_split, val_split = info.train.subset(args.subset), info.val.subset(args.subset)
     crop = args.crop
@@ -768,7 +767,6 @@ def make_loaders(info, args, rank=0, world_size=1):
                                     shard(len(val_split))), shuffle=False, **common)
         return train, val
     cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
-    log = print if rank == 0 else (lambda *a, **k: None)
     stores = [build_store(split, info.source_size, args.workers, cache_dir, args.skip_bad_images,
                           info.name, name, log)
               for name, split in (("train", train_split), ("val", val_split))]
@@ -1031,14 +1029,14 @@ class ModelConfig:
     val_top1: float | None = None
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash
-    or error mid-save leaves the previous file intact and no partial file behind."""
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file in path's folder, fsync, then rename over `path`: a
+    crash or error midway leaves the previous file intact and no partial file behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1047,18 +1045,17 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def atomic_torch_save(obj, path):
+    """torch.save that never leaves a truncated file (see _atomic_write)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_copy(src, dst):
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+    """Copy src to dst, never leaving a truncated dst (see _atomic_write)."""
+    def copy(fout):
+        with open(src, "rb") as fin:
             shutil.copyfileobj(fin, fout)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(dst, copy)
 
 
 def _to_cpu(obj):
@@ -1285,7 +1282,7 @@ def run(args, checkpoint=None):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
         f"{args.image_size}x{args.image_size} input")
 
-    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size)
+    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size, log)
     if args.evaluate:
         if checkpoint is None:
             raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
@@ -1346,8 +1343,9 @@ def run(args, checkpoint=None):
                 atomic_copy(out_dir / "last.pt", out_dir / "best.pt")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-    if xla_compile_count() is not None:
-        log(f"XLA compilations in this process: {xla_compile_count()}")
+    compiles = xla_compile_count()
+    if compiles is not None:
+        log(f"XLA compilations in this process: {compiles}")
     return record
 
 
@@ -1356,7 +1354,6 @@ def benchmark_data(args, batches=60):
     DataLoader, on the same training data, same batch size and worker count, in one run."""
     device = make_device(args.device)
     info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
-    config = ModelConfig("", len(info.class_names), [], args.image_size, info.source_size, info.mean, info.std)
     results = {}
     for loader_kind in ("torch", "fast"):
         args.loader = loader_kind
