@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -358,7 +359,10 @@ def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD
     partial = data_dir / ".tiny-imagenet-200.partial"
     shutil.rmtree(partial, ignore_errors=True)
     extract_archive(str(archive), str(partial))
-    os.replace(partial / "tiny-imagenet-200", data_dir / "tiny-imagenet-200")
+    target = data_dir / "tiny-imagenet-200"
+    if target.exists():
+        raise UserError(f"{target} exists but is incomplete (no wnids.txt): remove it and run again")
+    os.replace(partial / "tiny-imagenet-200", target)
     shutil.rmtree(partial, ignore_errors=True)
     archive.unlink()
 
@@ -620,17 +624,24 @@ def _shift_crop(images, params):
     return out.view(b, c, h, w) * valid[:, None]
 
 
+@functools.lru_cache(maxsize=64)
+def _device_constant(values, device):
+    # Made once per device: torch.tensor(..., device="cuda") in the step would be a blocking
+    # host->device copy every step.
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
 def _normalize(x, mean, std):
     """0..255 floats -> (x / 255 - mean) / std."""
-    mean = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = _device_constant(tuple(mean), x.device).view(1, 3, 1, 1)
+    std = _device_constant(tuple(std), x.device).view(1, 3, 1, 1)
     return x * (1 / (255 * std)) - mean / std
 
 
 def _resize(x, out_size):
     if x.shape[-1] == out_size and x.shape[-2] == out_size:
         return x.float()
-    params = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=x.device).expand(x.shape[0], 4)
+    params = _device_constant((1.0, 1.0, 0.0, 0.0), x.device).expand(x.shape[0], 4)
     return _resample(x, params, out_size)
 
 
@@ -750,28 +761,32 @@ class PILDataset(torch.utils.data.Dataset):
         return eval_transform(image[None], self.config)[0], label, torch.tensor(1.0)
 
 
-def make_loaders(info, args, rank=0, world_size=1, log=print):
-    """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader)."""
+def make_loaders(info, args, rank=0, world_size=1, log=print, need_train=True):
+    """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader);
+    train_loader is None when need_train is False (evaluation only)."""
     train_split, val_split = info.train.subset(args.subset), info.val.subset(args.subset)
     crop = args.crop
     if args.loader == "torch":
-        shard = lambda n: list(range(rank, n, world_size))  # noqa: E731
-        common = dict(batch_size=args.batch_size, num_workers=args.workers,
-                      persistent_workers=args.workers > 0)
+        # Equal training shards, so every replica takes the same number of steps (collectives).
+        train_shard = list(range(rank, len(train_split) - len(train_split) % world_size, world_size))
+        common = dict(batch_size=args.batch_size, num_workers=args.workers)
+        # Not persistent: workers restart each epoch and take their seeds from the generator,
+        # which run() reseeds from (seed, epoch), so a resumed run draws the same batches.
         train = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(train_split, info, args.image_size, True, crop),
-                                    shard(len(train_split))),
-            shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(args.seed), **common)
+            torch.utils.data.Subset(PILDataset(train_split, info, args.image_size, True, crop), train_shard),
+            shuffle=True, drop_last=True, generator=torch.Generator(), **common) if need_train else None
         val = torch.utils.data.DataLoader(
             torch.utils.data.Subset(PILDataset(val_split, info, args.image_size, False),
-                                    shard(len(val_split))), shuffle=False, **common)
+                                    list(range(rank, len(val_split), world_size))),
+            shuffle=False, persistent_workers=args.workers > 0, **common)
         return train, val
     cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
-    stores = [build_store(split, info.source_size, args.workers, cache_dir, args.skip_bad_images,
-                          info.name, name, log)
-              for name, split in (("train", train_split), ("val", val_split))]
-    return (StoreLoader(stores[0], args.batch_size, True, args.seed, rank, world_size, crop),
-            StoreLoader(stores[1], args.batch_size, False, args.seed, rank, world_size))
+    def store(name, split):
+        return build_store(split, info.source_size, args.workers, cache_dir, args.skip_bad_images,
+                           info.name, name, log)
+    train = (StoreLoader(store("train", train_split), args.batch_size, True, args.seed, rank, world_size, crop)
+             if need_train else None)
+    return train, StoreLoader(store("val", val_split), args.batch_size, False, args.seed, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -958,7 +973,7 @@ def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=p
         optimizer_step(optimizer, model, device)
         n = labels.shape[0]
         sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == labels).sum().float(),
-                             torch.tensor(float(n), device=labels.device)])
+                             labels.new_full((), n, dtype=torch.float32)])
         if args.log_interval and step % args.log_interval == 0 and device.is_master:
             loss_sum, correct, count = sums.tolist()  # the one host sync per interval
             rate = count * device.world_size / (time.perf_counter() - start)
@@ -1232,7 +1247,7 @@ def parse_args(argv=None):
             path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / "last.pt"
         checkpoint = load_checkpoint(path)
         saved = {k: v for k, v in checkpoint.get("args", {}).items()
-                 if k not in ("resume", "evaluate", "benchmark_data")}
+                 if k not in ("resume", "evaluate", "benchmark_data", "device", "num_cores")}
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
         args.resume = str(path)
@@ -1251,6 +1266,22 @@ def _log_master(device):
     return print if device.is_master else (lambda *a, **k: None)
 
 
+def _apply_changed_hyperparameters(optimizer, scheduler, saved, args, epoch, log):
+    # load_state_dict restores the old lr, momentum, decay and schedule; a flag given on the
+    # resume command line must win. Unchanged values are left alone so resume stays bit-exact.
+    changed = [k for k in ("lr", "momentum", "weight_decay", "lr_step_epochs", "lr_gamma")
+               if k in saved and saved[k] != getattr(args, k)]
+    if not changed:
+        return
+    scheduler.step_size, scheduler.gamma = args.lr_step_epochs, args.lr_gamma
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["momentum"], group["weight_decay"] = args.momentum, args.weight_decay
+        group["initial_lr"] = args.lr
+        group["lr"] = args.lr * args.lr_gamma ** (epoch // args.lr_step_epochs)
+    log(f"resume: using the new {', '.join(changed)} (lr now {optimizer.param_groups[0]['lr']:.5g})")
+
+
 def run(args, checkpoint=None):
     """Train (or evaluate) as the parsed args say, on one device or one XLA core. Returns the last
     epoch's metrics."""
@@ -1262,6 +1293,8 @@ def run(args, checkpoint=None):
     info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
     num_classes = len(info.class_names)
     options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
+    if checkpoint is not None:  # the weights decide the model's shape, not today's flags
+        options = checkpoint["config"]["model_options"]
     config = ModelConfig(arch=args.arch, num_classes=num_classes, class_names=info.class_names,
                          image_size=args.image_size, source_size=info.source_size, mean=info.mean,
                          std=info.std, dataset=info.name, data_dir=info.root, model_options=options,
@@ -1282,7 +1315,8 @@ def run(args, checkpoint=None):
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
         f"{args.image_size}x{args.image_size} input")
 
-    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size, log)
+    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size, log,
+                                            need_train=not args.evaluate)
     if args.evaluate:
         if checkpoint is None:
             raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
@@ -1298,6 +1332,8 @@ def run(args, checkpoint=None):
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        _apply_changed_hyperparameters(optimizer, scheduler, checkpoint.get("args", {}), args,
+                                       checkpoint["config"]["epoch"], log)
         start_epoch, best_top1 = checkpoint["config"]["epoch"], checkpoint["config"]["best_top1"]
         log(f"resumed from {args.resume} at epoch {start_epoch}")
 
@@ -1316,6 +1352,8 @@ def run(args, checkpoint=None):
         seed_everything(args.seed * 1000 + epoch, device)
         if isinstance(train_loader, StoreLoader):
             train_loader.set_epoch(epoch)
+        else:
+            train_loader.generator.manual_seed(args.seed * 1000 + epoch)
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, optimizer, device, config, args, epoch, log)
         val = evaluate(model, val_loader, device, config, args.precision)
@@ -1338,9 +1376,12 @@ def run(args, checkpoint=None):
             f"{train['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s")
         if device.is_master:
             config.epoch, config.best_top1, config.val_top1 = epoch + 1, best_top1, val["top1"]
-            save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, config, args, record)
+            # best.pt first: a crash between the two writes then never loses the best epoch.
             if improved:
-                atomic_copy(out_dir / "last.pt", out_dir / "best.pt")
+                save_checkpoint(out_dir / "best.pt", model, optimizer, scheduler, config, args, record)
+                atomic_copy(out_dir / "best.pt", out_dir / "last.pt")
+            else:
+                save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, config, args, record)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
     compiles = xla_compile_count()
@@ -1400,6 +1441,10 @@ def _gloo_worker(rank, args, world_size, port):
                             world_size=world_size)
     try:
         run(args)
+    except UserError as e:  # one line from the master, not a traceback per process
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         dist.destroy_process_group()
 
@@ -1438,7 +1483,15 @@ def main(argv=None):
                 raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
                                 "--num-cores 1 or leave --num-cores out")
         if args.device == "xla" and args.num_cores != 1:
-            launch_replicas(args)
+            if args.download:  # once, here: replicas downloading together would trample each other
+                load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
+                args.download = False
+            try:
+                launch_replicas(args)
+            except Exception as e:  # a replica stopped on bad input; its master printed why
+                if type(e).__name__ == "ProcessExitedException" and getattr(e, "exit_code", None) == 2:
+                    return 2
+                raise
             return 0
         run(args, checkpoint)
         return 0

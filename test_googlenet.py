@@ -481,10 +481,12 @@ def test_metrics_jsonl_and_checkpoint_contents(tmp_path, capsys):
     assert "epoch 2/2" in out
 
 
-def test_resume_gives_identical_weights(tmp_path, capsys):
+@pytest.mark.parametrize("loader", ["fast", "torch"])
+def test_resume_gives_identical_weights(tmp_path, capsys, loader):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_main(SYNTH + ["--epochs", 2, "--checkpoint-dir", straight], capsys)[0] == 0
-    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", split], capsys)[0] == 0
+    run = SYNTH + ["--loader", loader, "--workers", 0]
+    assert run_main(run + ["--epochs", 2, "--checkpoint-dir", straight], capsys)[0] == 0
+    assert run_main(run + ["--epochs", 1, "--checkpoint-dir", split], capsys)[0] == 0
     code, out, err = run_main(["--resume", split / "last.pt", "--epochs", 2], capsys)
     assert code == 0, err
     assert "resumed" in out and "epoch 2/2" in out and "epoch 1/2" not in out
@@ -513,6 +515,18 @@ def test_new_run_never_overwrites_a_checkpoint(tmp_path, capsys):
     assert (tmp_path / "last.pt").read_bytes() == before
     code, out, err = run_main(["--resume", tmp_path / "last.pt"], capsys)  # already at --epochs
     assert code == 0 and "already trained 1 epochs" in out
+
+
+def test_flags_given_on_resume_override_the_checkpoint(tmp_path, capsys):
+    assert run_main(SYNTH + ["--epochs", 1, "--image-size", 16, "--checkpoint-dir", tmp_path], capsys)[0] == 0
+    code, out, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", 2, "--lr", 0.004,
+                               "--momentum", 0.5], capsys)
+    assert code == 0, err
+    assert "using the new lr, momentum" in out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["lr"] == pytest.approx(0.004)
+    group = g.load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.5
 
 
 def test_evaluate_only(tmp_path, capsys):
@@ -658,6 +672,17 @@ def test_xla_two_replicas_train_one_model(tmp_path):
     model, config = g.load_for_inference(tmp_path / "last.pt")
     # the saved weights are those replicas (XLA and CPU sum floats in different orders: 1e-6)
     assert sum(p.detach().abs().sum().double() for p in model.parameters()).item() == pytest.approx(a, rel=1e-6)
+
+
+@needs_xla
+@pytest.mark.xla
+def test_xla_replica_error_is_one_line(tmp_path):
+    argv = [sys.executable, str(HERE / "googlenet.py"), "--dataset", "tiny", "--data-dir", tmp_path / "none",
+            "--device", "xla", "--num-cores", 2, "--checkpoint-dir", tmp_path / "run"]
+    result = subprocess.run([str(a) for a in argv], env=XLA_ENV, capture_output=True, text=True,
+                            timeout=300, cwd=HERE)
+    assert result.returncode == 2
+    assert result.stderr.count("error: no Tiny ImageNet") == 1 and "Traceback" not in result.stderr
 
 
 def test_imports_and_explains_without_torch_xla(tmp_path):
