@@ -149,7 +149,7 @@ class GoogLeNet(nn.Module):
                  dropout=0.4, aux_dropout=0.7):
         super().__init__()
         if arch not in ARCHS:
-            raise UserError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+            raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
         if batch_norm is None:
             batch_norm = arch == "tiny"
         self.arch, self.aux_logits, self.batch_norm = arch, aux_logits, batch_norm
@@ -214,11 +214,17 @@ class GoogLeNet(nn.Module):
 
 
 def init_weights(model):
-    """Kaiming-normal convs (ReLU nets without BN train from scratch with it), small-normal FCs."""
+    """Initialise for training from scratch. Convs followed by BatchNorm: Kaiming-normal (fan_out),
+    as torchvision does. Convs without BatchNorm (the paper's net): Kaiming-normal over fan_in, which
+    keeps the activation scale through 22 ReLU layers; fan_out would not here, because the Inception
+    reduce convs have few outputs (16) and many inputs (480), and it blew the paper net up to NaN.
+    FCs: N(0, 0.01), biases 0."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
+            if m.bias is None:  # BN follows (ConvReLU drops the bias exactly then)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
@@ -258,11 +264,24 @@ class Split:
     def __len__(self):
         return len(self.labels)
 
-    def subset(self, n):
+    def subset(self, n, seed=0):
+        """About n items drawn evenly from every class (seeded, order kept), so a quick run still
+        sees all classes; the whole split when n is 0 or at least its size."""
         if not n or n >= len(self):
             return self
-        return Split(self.labels[:n], self.files[:n] if self.files is not None else None,
-                     self.arrays[:n] if self.arrays is not None else None)
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(self.labels)
+        classes = np.unique(labels)
+        per_class, extra = divmod(n, len(classes))
+        picked = []
+        for k, c in enumerate(rng.permutation(classes)):  # which classes get one more: seeded too
+            members = np.flatnonzero(labels == c)
+            take = min(len(members), per_class + (k < extra))
+            picked.append(rng.choice(members, take, replace=False))
+        index = np.sort(np.concatenate(picked))
+        return Split([self.labels[i] for i in index],
+                     [self.files[i] for i in index] if self.files is not None else None,
+                     self.arrays[index] if self.arrays is not None else None)
 
 
 @dataclass
@@ -443,8 +462,11 @@ def load_image_folder(data_dir, image_size):
 
 
 def load_cifar10(data_dir, download=False):
-    """torchvision's CIFAR-10 (data_dir/cifar-10-batches-py), kept at its native 32x32."""
+    """torchvision's CIFAR-10 (data_dir/cifar-10-batches-py, or that folder itself), kept at its
+    native 32x32."""
     from torchvision.datasets import CIFAR10
+    if Path(data_dir).name == "cifar-10-batches-py" and not download:
+        data_dir = Path(data_dir).parent
     try:
         train = CIFAR10(str(data_dir), train=True, download=download)
         val = CIFAR10(str(data_dir), train=False, download=download)
@@ -479,17 +501,47 @@ def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, se
                        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), source_size=image_size)
 
 
-def load_dataset(name, data_dir, image_size, download=False):
-    """DatasetInfo for "tiny", "cifar10", "folder" or "synthetic" (no images decoded yet)."""
+def load_dataset(name, data_dir, image_size=64, download=False):
+    """DatasetInfo for "tiny", "cifar10", "folder" or "synthetic" (no images decoded yet). data_dir
+    may be the folder holding the dataset's folder or the dataset's folder itself."""
     if name == "tiny":
-        return load_tiny_imagenet(data_dir, download)
-    if name == "cifar10":
-        return load_cifar10(data_dir, download)
-    if name == "folder":
-        return load_image_folder(data_dir, image_size)
-    if name == "synthetic":
-        return make_synthetic(image_size)
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        info = load_tiny_imagenet(data_dir, download)
+    elif name == "cifar10":
+        info = load_cifar10(data_dir, download)
+    elif name == "folder":
+        info = load_image_folder(data_dir, image_size)
+    elif name == "synthetic":
+        info = make_synthetic(image_size)
+    else:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if len(info.class_names) < 2:
+        raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at least 2 "
+                        f"(one folder per class)")
+    return info
+
+
+def pick_examples(info, size, count=8):
+    """Up to `count` validation images of different classes as {"images": uint8 [K, 3, size, size],
+    "labels": [K]}: small enough to travel inside a checkpoint, so the demo can show examples
+    without reading any path the checkpoint names."""
+    picked, seen = [], set()
+    for i, label in enumerate(info.val.labels):
+        if label not in seen:
+            seen.add(label)
+            picked.append(i)
+            if len(picked) == count:
+                break
+    images, labels = [], []
+    for i in picked:
+        source = info.val.files[i] if info.val.files is not None else _pil(info.val.arrays[i])
+        try:
+            images.append(decode_image(source, size))
+            labels.append(info.val.labels[i])
+        except ImageDecodeError:
+            continue
+    if not images:
+        return None
+    return {"images": torch.stack(images), "labels": labels}
 
 
 # --- Fast path: decode once into a uint8 store, augment per batch on the training device ------
@@ -661,21 +713,29 @@ def eval_transform(images, config):
     return _normalize(_resize(images, config.image_size), config.mean, config.std)
 
 
-def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25):
+def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25, attempts=10):
     """Per-image (sx, sy, tx, ty) for `train_transform`, drawn on the host so that the data order
     and augmentation depend only on the seed and epoch, whatever the device.
     crop="pad": shift by up to source_size/8 whole pixels (zero padding) and flip.
-    crop="resized": a random-resized crop (area min_scale..1, aspect 3/4..4/3) and flip."""
+    crop="resized": torchvision's RandomResizedCrop (area min_scale..1, aspect 3/4..4/3; a draw that
+    does not fit is drawn again, up to `attempts` times, then the centre crop) and flip."""
     flip = torch.where(torch.rand(batch_size, generator=generator) < 0.5, -1.0, 1.0)
     if crop == "pad":
         pad = max(1, source_size // 8)
         shift = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator).float()
         return torch.stack([flip, torch.ones(batch_size), shift[:, 0] * 2 / source_size,
                             shift[:, 1] * 2 / source_size], 1)
-    area = min_scale + (1 - min_scale) * torch.rand(batch_size, generator=generator)
-    log_ratio = (torch.rand(batch_size, generator=generator) * 2 - 1) * math.log(4 / 3)
-    sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    # All attempts drawn at once (fixed count, so the generator advances the same way every batch);
+    # each image keeps its first draw that fits inside the (square) image.
+    area = min_scale + (1 - min_scale) * torch.rand(batch_size, attempts, generator=generator)
+    log_ratio = (torch.rand(batch_size, attempts, generator=generator) * 2 - 1) * math.log(4 / 3)
+    sx, sy = torch.sqrt(area * torch.exp(log_ratio)), torch.sqrt(area / torch.exp(log_ratio))
+    fits = (sx <= 1) & (sy <= 1)
+    first = torch.where(fits.any(1), fits.float().argmax(1), 0)
+    pick = lambda t: t.gather(1, first[:, None])[:, 0]  # noqa: E731
+    none_fit = ~fits.any(1)
+    sx = torch.where(none_fit, 1.0, pick(sx))  # fallback: the whole (square) image, as torchvision
+    sy = torch.where(none_fit, 1.0, pick(sy))
     tx = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sx)
     ty = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sy)
     return torch.stack([sx * flip, sy, tx, ty], 1)
@@ -731,21 +791,20 @@ class StoreLoader:
 
 class PILDataset(torch.utils.data.Dataset):
     """Per-sample decoding (the plain torchvision way), for data too big for memory and as the
-    baseline the fast path is measured against. Yields what the training step expects."""
+    baseline the fast path is measured against. Yields what the training step expects. Crops and
+    resizes are torchvision's transforms on uint8 tensors without antialiasing, the same
+    bilinear resampling the fast path and evaluation use."""
 
-    def __init__(self, split, info, image_size, train, crop="pad"):
-        from torchvision import transforms as T
-        self.split, self.info, self.train = split, info, train
-        self.config = ModelConfig(arch="", num_classes=len(info.class_names), class_names=[],
-                                  image_size=image_size, source_size=info.source_size,
-                                  mean=info.mean, std=info.std, dataset=info.name)
+    def __init__(self, split, info, image_size, train, crop="pad", skip_bad_images=False):
+        from torchvision.transforms import v2 as T
+        self.split, self.info, self.train, self.image_size = split, info, train, image_size
+        self.skip_bad_images = skip_bad_images
         s = info.source_size
         if crop == "pad":
-            steps = [T.RandomCrop(s, padding=max(1, s // 8)), T.Resize(image_size)]
+            steps = [T.RandomCrop(s, padding=max(1, s // 8)), T.Resize(image_size, antialias=False)]
         else:
-            steps = [T.RandomResizedCrop(image_size, scale=(0.25, 1.0))]
-        self.augment = T.Compose(steps + [T.RandomHorizontalFlip(), T.ToTensor(),
-                                          T.Normalize(info.mean, info.std)])
+            steps = [T.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=False)]
+        self.augment = T.Compose(steps + [T.RandomHorizontalFlip()])
 
     def __len__(self):
         return len(self.split)
@@ -753,40 +812,56 @@ class PILDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         source = self.split.files[i] if self.split.files is not None else _pil(self.split.arrays[i])
         label = self.split.labels[i]
+        try:
+            image = decode_image(source, self.info.source_size)
+        except ImageDecodeError as e:
+            if not self.skip_bad_images:
+                raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
+            # A fixed-size batch needs something here: a black image, counted as skipped.
+            return (torch.zeros(3, self.image_size, self.image_size), label,
+                    torch.zeros(4) if self.train else torch.tensor(0.0))
         if self.train:
-            from torchvision.transforms.functional import to_pil_image
-            image = to_pil_image(decode_image(source, self.info.source_size))
-            return self.augment(image), label, torch.zeros(4)
-        image = decode_image(source, self.info.source_size)
-        return eval_transform(image[None], self.config)[0], label, torch.tensor(1.0)
+            image = self.augment(image)
+        else:
+            image = _resize(image[None], self.image_size)[0]
+        x = _normalize(image[None].float(), self.info.mean, self.info.std)[0]
+        return x, label, torch.zeros(4) if self.train else torch.tensor(1.0)
 
 
-def make_loaders(info, args, rank=0, world_size=1, log=print, need_train=True):
-    """(train_loader, val_loader) for --loader fast (uint8 store) or torch (PIL DataLoader);
-    train_loader is None when need_train is False (evaluation only)."""
-    train_split, val_split = info.train.subset(args.subset), info.val.subset(args.subset)
-    crop = args.crop
-    if args.loader == "torch":
+def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
+                 seed=0, cache_dir=None, skip_bad_images=False, rank=0, world_size=1, log=print,
+                 need_train=True):
+    """(train_loader, val_loader) for a DatasetInfo, sharded for replica `rank` of `world_size`.
+    loader="fast": decode once into a uint8 store, augment per batch on the training device
+    (`train_transform`); loader="torch": a per-sample PIL DataLoader with `workers` processes.
+    subset: about that many images of each split, from every class. train_loader is None when
+    need_train is False (evaluation only)."""
+    train_split, val_split = info.train.subset(subset, seed), info.val.subset(subset, seed)
+    if loader == "torch":
         # Equal training shards, so every replica takes the same number of steps (collectives).
         train_shard = list(range(rank, len(train_split) - len(train_split) % world_size, world_size))
-        common = dict(batch_size=args.batch_size, num_workers=args.workers)
+        common = dict(batch_size=batch_size, num_workers=workers,
+                      multiprocessing_context="spawn" if workers else None)
         # Not persistent: workers restart each epoch and take their seeds from the generator,
-        # which run() reseeds from (seed, epoch), so a resumed run draws the same batches.
+        # which the loop reseeds from (seed, epoch), so a resumed run draws the same batches.
         train = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(train_split, info, args.image_size, True, crop), train_shard),
+            torch.utils.data.Subset(PILDataset(train_split, info, image_size, True, crop, skip_bad_images),
+                                    train_shard),
             shuffle=True, drop_last=True, generator=torch.Generator(), **common) if need_train else None
         val = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(val_split, info, args.image_size, False),
+            torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop, skip_bad_images),
                                     list(range(rank, len(val_split), world_size))),
-            shuffle=False, persistent_workers=args.workers > 0, **common)
+            shuffle=False, persistent_workers=workers > 0, **common)
+        if need_train and len(train) == 0:
+            raise UserError(f"{len(train_split)} training images make no full batch of {batch_size} per "
+                            f"replica ({world_size}): lower --batch-size")
         return train, val
-    cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
+
     def store(name, split):
-        return build_store(split, info.source_size, args.workers, cache_dir, args.skip_bad_images,
-                           info.name, name, log)
-    train = (StoreLoader(store("train", train_split), args.batch_size, True, args.seed, rank, world_size, crop)
+        return build_store(split, info.source_size, workers, cache_dir, skip_bad_images, info.name, name, log)
+    train = (StoreLoader(store("train", train_split), batch_size, True, seed, rank, world_size, crop)
              if need_train else None)
-    return train, StoreLoader(store("val", val_split), args.batch_size, False, args.seed, rank, world_size)
+    return train, StoreLoader(store("val", val_split), batch_size, False, seed, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,14 +870,15 @@ def make_loaders(info, args, rank=0, world_size=1, log=print, need_train=True):
 
 @dataclass
 class Device:
-    """Where training runs. kind: "cuda", "xla" or "cpu". With several replicas, rank/world_size
-    say which shard is ours, and collectives how replicas talk: "xla" (torch_xla's collectives
-    between the cores of a TPU) or "gloo" (a torch.distributed process group)."""
+    """Where training runs. kind: "cuda", "xla" or "cpu". With several processes, rank/world_size
+    say which shard is ours; `distributed` says how processes talk: "ddp" (a torch.distributed
+    process group, as torchrun sets up) or "xla" (torch_xla's collectives between TPU cores)."""
     kind: str
     torch_device: torch.device
     rank: int = 0
     world_size: int = 1
-    collectives: str = "xla"
+    distributed: str | None = None
+    note: str = ""  # said in the device line, e.g. why XLA runs on the CPU
 
     @property
     def is_master(self):
@@ -810,14 +886,15 @@ class Device:
 
 
 def xla_available():
-    """torch_xla importable and a PJRT device configured (PJRT_DEVICE) or a TPU present."""
+    """torch_xla importable and a PJRT device configured (PJRT_DEVICE) or a TPU present. /dev/vfio
+    is no sign of a TPU: many hosts without one have it."""
     try:
         import importlib.util
         if importlib.util.find_spec("torch_xla") is None:
             return False
     except (ImportError, ValueError):
         return False
-    return bool(os.environ.get("PJRT_DEVICE")) or Path("/dev/accel0").exists() or Path("/dev/vfio").is_dir()
+    return bool(os.environ.get("PJRT_DEVICE")) or Path("/dev/accel0").exists()
 
 
 def resolve_device_kind(requested):
@@ -837,16 +914,57 @@ def resolve_device_kind(requested):
     return requested
 
 
+def launched_by_torchrun():
+    """True inside a process that torchrun (or another launcher with its variables) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
 def make_device(kind):
-    """The Device for a resolved kind, inside the process that will use it."""
+    """The Device for a resolved kind, inside the process that will use it. Under torchrun this
+    joins the process group (nccl on CUDA, gloo on the CPU) from the standard variables, each rank
+    on its own local GPU."""
     import torch.distributed as dist
     if kind == "xla":
         import torch_xla
-        if dist.is_available() and dist.is_initialized():
-            return Device("xla", torch_xla.device(), dist.get_rank(), dist.get_world_size(), "gloo")
         import torch_xla.runtime as xr
-        return Device("xla", torch_xla.device(), xr.global_ordinal(), xr.world_size(), "xla")
+        on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+        note = "on the CPU: PJRT_DEVICE=CPU" if on_cpu else ""
+        world = xr.world_size()
+        return Device("xla", torch_xla.device(), xr.global_ordinal(), world,
+                      "xla" if world > 1 else None, note)
+    if launched_by_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        torch_device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+        return Device(kind, torch_device, dist.get_rank(), dist.get_world_size(), "ddp")
     return Device(kind, torch.device("cuda" if kind == "cuda" else "cpu"))
+
+
+def cpu_has_native_bf16():
+    """avx512_bf16 or AMX on x86, or bf16 on Arm: where bfloat16 matmuls run at full speed."""
+    cpu = getattr(torch._C, "_cpu", None)
+    if cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def resolve_precision(precision, device):
+    """"auto" -> "bf16" on CUDA GPUs with bf16, TPUs and CPUs with native bf16, else "fp32"."""
+    if precision != "auto":
+        return precision
+    if device.kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.kind == "xla":
+        return "fp32" if device.note.startswith("on the CPU") else "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def seed_everything(seed, device):
@@ -881,41 +999,40 @@ def zeros_on(device, n):
 
 
 def all_reduce_sum(tensor, device):
-    """Sum a metrics tensor over replicas (a no-op on one)."""
+    """Sum a metrics tensor over processes (a no-op on one)."""
     if device.world_size == 1:
         return tensor
-    if device.collectives == "xla":
+    if device.distributed == "xla":
         import torch_xla.core.xla_model as xm
         return xm.all_reduce(xm.REDUCE_SUM, tensor)
     import torch.distributed as dist
-    host = tensor.cpu()
-    dist.all_reduce(host)
-    return host
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
 
 
-def optimizer_step(optimizer, model, device):
-    """Average gradients over replicas, then step."""
-    if device.kind == "xla" and device.collectives == "xla":
+def broadcast_object(obj, device):
+    """rank 0's value of a small Python object, on every rank."""
+    if device.distributed != "ddp":
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def optimizer_step(optimizer, device):
+    """Step; on several TPU cores xm.optimizer_step all-reduces the gradients first (DDP has
+    already averaged them during backward)."""
+    if device.kind == "xla":
         import torch_xla.core.xla_model as xm
-        xm.optimizer_step(optimizer)  # all-reduces gradients across TPU cores when there are several
+        xm.optimizer_step(optimizer)
         return
-    if device.world_size > 1:
-        import torch.distributed as dist
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # gloo reduces host tensors: one device->host copy per step, the price of this path (used
-        # for several CPU-XLA processes, where torch_xla's own collectives cannot run).
-        flat = torch.cat([g.reshape(-1) for g in grads]).cpu()
-        dist.all_reduce(flat)
-        flat = (flat / device.world_size).to(device.torch_device)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
     optimizer.step()
 
 
 def replica_checksums(model, device):
-    """Every replica's sum of |weights| (a list on all ranks): equal values show the replicas
+    """Every process's sum of |weights| (a list on all ranks): equal values show the processes
     train one model."""
     mine = torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum()
     if device.world_size == 1:
@@ -939,15 +1056,108 @@ def xla_compile_count():
 # Train / evaluate
 # ---------------------------------------------------------------------------------------------
 
+SCHEDULES = ("cosine", "paper")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. The defaults are the modern one: SGD with Nesterov momentum, the peak
+    learning rate given per 256 images and scaled to the global batch, a per-step linear warmup
+    then cosine decay to zero at the last step, label smoothing 0.1, weight decay on conv and FC
+    weights only (not on BatchNorm or biases). schedule="paper" is the paper's: warmup, then
+    x0.96 every 8 epochs."""
+    epochs: int = 30
+    batch_size: int = 128             # per device / process; the global batch is this x processes
+    lr: float = 0.2                   # peak learning rate per 256 images of the global batch
+    schedule: str = "cosine"          # "cosine" or "paper"
+    warmup_epochs: float = 2.0        # linear from 0 to the peak, per step (at most epochs / 4)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    aux_weight: float = 0.3           # loss = main + aux_weight x (aux1 + aux2)
+    crop: str = "pad"                 # "pad" (shift + flip) or "resized" (random-resized + flip)
+    precision: str = "auto"           # "auto": bf16 where the hardware has it, else fp32
+    channels_last: bool | None = None  # None: on CUDA and CPU, off on XLA
+    compile: bool = False             # torch.compile the training forward/backward
+    seed: int = 0
+    log_interval: int = 50            # steps between progress lines (0: only per epoch)
+
+    def check(self):
+        """Raise ValueError naming the first field that makes no sense."""
+        rules = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                 ("lr", self.lr > 0, "above 0"), ("warmup_epochs", self.warmup_epochs >= 0, "0 or more"),
+                 ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                 ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                 ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                 ("aux_weight", self.aux_weight >= 0, "0 or more"), ("log_interval", self.log_interval >= 0, "0 or more"),
+                 ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+                 ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+                 ("crop", self.crop in ("pad", "resized"), "pad or resized")]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        return self
+
+
+def peak_lr(config, world_size=1):
+    """The learning rate at the end of warmup: config.lr per 256 images x the global batch."""
+    return config.lr * config.batch_size * world_size / 256
+
+
+def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
+    """The learning rate of step `step` (0-based) of epoch `epoch`: a pure function of where the
+    run is, so a resumed run (on any number of processes) continues the schedule exactly."""
+    progress = epoch + step / steps_per_epoch  # in epochs
+    peak = peak_lr(config, world_size)
+    warmup = min(config.warmup_epochs, config.epochs / 4)  # a short run still gets to decay
+    if warmup and progress < warmup:
+        return peak * (progress + 1 / steps_per_epoch) / warmup
+    if config.schedule == "paper":  # Szegedy et al.: -4% every 8 epochs
+        return peak * 0.96 ** (epoch // 8)
+    span = max(config.epochs - warmup, 1e-9)
+    done = min((progress + 1 / steps_per_epoch - warmup) / span, 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def make_optimizer(model, config, device_kind="cpu"):
+    """SGD (Nesterov by default) with weight decay on conv and FC weights only: decaying BatchNorm
+    scales and biases only fights the normalisation. The fused (CUDA) or foreach (CPU) kernels."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    kernels = {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_kind, {})
+    return torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=0.0, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+                           **kernels)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+GoogLeNetLoss = namedtuple("GoogLeNetLoss", ["total", "main", "aux", "logits"])
+GoogLeNetLoss.__doc__ = """total: what training minimises (label smoothing, aux heads weighted in);
+main / aux: plain cross-entropy of the main head and the mean of the aux heads, detached, for logs
+(main is comparable to the validation loss); logits: the main head's."""
+
+
 def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
-    """Cross-entropy on the main logits plus aux_weight x each aux head's (aux only in training).
-    Returns (loss, main logits)."""
+    """Cross-entropy of the main logits plus aux_weight x each aux head's (aux only in training)."""
     if isinstance(outputs, GoogLeNetOutputs):
-        loss = F.cross_entropy(outputs.logits, labels, label_smoothing=label_smoothing)
-        for aux in (outputs.aux1, outputs.aux2):
-            loss = loss + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing)
-        return loss, outputs.logits
-    return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing), outputs
+        logits, auxes = outputs.logits, (outputs.aux1, outputs.aux2)
+    else:
+        logits, auxes = outputs, ()
+    total = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    for aux in auxes:
+        total = total + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        main = F.cross_entropy(logits.float(), labels)
+        aux = (sum(F.cross_entropy(a.float(), labels) for a in auxes) / len(auxes) if auxes
+               else torch.zeros_like(main))
+    return GoogLeNetLoss(total, main, aux, logits)
 
 
 def _autocast(device, precision):
@@ -955,45 +1165,87 @@ def _autocast(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_one_epoch(model, loader, optimizer, device, config, args, epoch, log=print):
-    """One pass over the training loader. Metrics accumulate on the device and are read once per
-    log interval, never per step. Returns {"loss", "top1", "images", "seconds"} over all replicas."""
+def _format_memory(device):
+    return torch.channels_last if device.kind != "xla" else torch.contiguous_format
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
+                    step_model=None):
+    """One pass over the training loader at the learning rates `learning_rate` gives. Metrics
+    accumulate on the device and are read once per log interval (every step on the CPU, where a
+    read costs nothing), never forcing a sync per step on an accelerator. Raises TrainingDiverged
+    at the first non-finite loss found. step_model: what runs forward/backward (a DDP or compiled
+    wrapper of model); default model. Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
+    step_model = step_model or model
     model.train()
-    sums = zeros_on(device, 3)  # loss x n, correct, n
+    precision = resolve_precision(config.precision, device)
+    channels_last = config.channels_last if config.channels_last is not None else device.kind != "xla"
+    sums = zeros_on(device, 5)  # main loss x n, aux loss x n, correct, n, first bad step (0 = none)
     steps, start = len(loader), time.perf_counter()
+    check_every = 1 if device.kind == "cpu" else max(config.log_interval, 1)
     for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
+        set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         if images.dtype == torch.uint8:  # fast path: augment here, on the device
-            images = train_transform(images, crop_params, config.image_size, config.mean, config.std,
-                                     args.crop)
-        with _autocast(device, args.precision):
-            outputs = model(images)
-            loss, logits = googlenet_loss(outputs, labels, args.aux_weight, args.label_smoothing)
+            images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
+                                     model_config.std, config.crop)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            outputs = step_model(images)
+            loss = googlenet_loss(outputs, labels, config.aux_weight, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(optimizer, model, device)
+        loss.total.backward()
+        optimizer_step(optimizer, device)
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().float() * n, (logits.argmax(1) == labels).sum().float(),
-                             labels.new_full((), n, dtype=torch.float32)])
-        if args.log_interval and step % args.log_interval == 0 and device.is_master:
-            loss_sum, correct, count = sums.tolist()  # the one host sync per interval
-            rate = count * device.world_size / (time.perf_counter() - start)
-            log(f"epoch {epoch + 1} step {step}/{steps} loss {loss_sum / count:.4f} "
-                f"top1 {correct / count:.4f} {rate:.0f} img/s")
+        bad = (~torch.isfinite(loss.total.detach())).float() * step * (sums[4] == 0)
+        sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
+                             labels.new_full((), n, dtype=torch.float32), bad])
+        if step % check_every == 0 or step == steps:
+            values = sums.tolist()  # the one host read per interval
+            if values[4]:
+                raise TrainingDiverged(
+                    f"the loss became non-finite at step {int(values[4])} of epoch {epoch + 1}: "
+                    f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
+                    f"checkpoints of earlier epochs are kept")
+            if config.log_interval and step % config.log_interval == 0:
+                main, aux, correct, count, _ = values
+                elapsed = time.perf_counter() - start
+                rate = count * device.world_size / elapsed
+                log(f"epoch {epoch + 1} step {step}/{steps} loss {main / count:.4f} aux {aux / count:.4f} "
+                    f"top1 {correct / count:.4f} lr {optimizer.param_groups[0]['lr']:.4g} {rate:.0f} img/s "
+                    f"| {_clock(elapsed)} elapsed, ETA epoch {_clock(elapsed / step * (steps - step))} "
+                    f"run {_clock(elapsed / step * (steps - step + steps * (config.epochs - epoch - 1)))}")
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = all_reduce_sum(sums, device).tolist()
-    return {"loss": loss_sum / max(count, 1), "top1": correct / max(count, 1), "images": int(count),
+    main, aux, correct, count, _ = all_reduce_sum(sums, device).tolist()
+    count = max(count, 1)
+    return {"loss": main / count, "aux_loss": aux / count, "top1": correct / count, "images": int(count),
             "seconds": seconds}
 
 
+def _clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, config, precision="fp32"):
-    """Loss, top-1 and top-5 over the whole validation set (padded batches masked, replicas
+def evaluate(model, loader, device, model_config, precision="fp32"):
+    """Loss, top-1 and top-5 over the whole validation set (padded batches masked, processes
     reduced): {"loss", "top1", "top5", "images"}."""
     model.eval()
+    precision = resolve_precision(precision, device)
+    channels_last = device.kind != "xla" and next(model.parameters()).is_contiguous(
+        memory_format=torch.channels_last) and next(model.parameters()).ndim == 4
     sums = zeros_on(device, 4)  # loss, top1, top5, n
     for images, labels, mask in device_batches(loader, device):
         if images.dtype == torch.uint8:
-            images = eval_transform(images, config)
+            images = eval_transform(images, model_config)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
             logits = model(images)
         logits = logits.float()
@@ -1006,6 +1258,115 @@ def evaluate(model, loader, device, config, precision="fp32"):
     loss_sum, top1, top5, count = all_reduce_sum(sums, device).tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
+
+
+def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
+          resume=None, examples=None, cli_args=None, log=print):
+    """Train `model` to config.epochs epochs, evaluating after each; returns the history (one dict
+    of metrics per epoch, the same lines metrics.jsonl holds).
+
+    train_loader / val_loader: from make_loaders. model_config: the ModelConfig a checkpoint will
+    carry (image size, normalisation, classes). device: a Device (default: the best one here).
+    checkpoint_dir: where the master process writes last.pt every epoch, best.pt when val top-1
+    improves and metrics.jsonl (None: nothing is written). resume: a checkpoint from
+    load_checkpoint whose weights `model` already holds; the run continues its epoch count,
+    optimizer, schedule and history. examples: small uint8 images stored in the checkpoints for
+    the demo (see pick_examples). Raises TrainingDiverged on a non-finite loss, before any
+    checkpoint of that epoch is written."""
+    config.check()
+    device = device or make_device(resolve_device_kind("auto"))
+    run_start = time.perf_counter()
+    channels_last = config.channels_last if config.channels_last is not None else device.kind != "xla"
+    model.to(device.torch_device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = model
+    if device.distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        step_model = DistributedDataParallel(model, device_ids=[device.torch_device.index]
+                                             if device.kind == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)  # model keeps the weights: no _orig_mod. keys saved
+    optimizer = make_optimizer(model, config, device.kind)
+    start_epoch, history = 0, []
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}): "
+                                  f"it was written by another version of googlenet.py") from None
+        for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):
+            # The restored state carries the old values; today's config wins (same values: no change).
+            group.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+                         weight_decay=decay)
+        start_epoch = resume["config"]["epoch"]
+        history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
+    model_config.run_id = model_config.run_id or os.urandom(8).hex()
+    out_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if out_dir is not None and device.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(out_dir)
+        if removed:
+            log(f"removed {removed} temporary file{'s' * (removed > 1)} of interrupted saves in {out_dir}")
+    best = max(history, key=lambda h: h["val_top1"], default=None)
+    if start_epoch >= config.epochs:
+        log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train longer")
+    for epoch in range(start_epoch, config.epochs):
+        seed_everything(config.seed * 1000 + epoch, device)
+        if isinstance(train_loader, StoreLoader):
+            train_loader.set_epoch(epoch)
+        elif isinstance(getattr(train_loader, "generator", None), torch.Generator):
+            train_loader.generator.manual_seed(config.seed * 1000 + epoch)
+        if config.compile and epoch == start_epoch:
+            log("compiling the training step with torch.compile (one-off, before the first step)")
+        lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
+        result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
+                                 step_model)
+        val = evaluate(model, val_loader, device, model_config, config.precision)
+        record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
+                  "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
+                  "val_top5": val["top5"], "val_images": val["images"], "train_images": result["images"],
+                  "lr": lr, "epoch_seconds": result["seconds"],
+                  "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
+                  "elapsed_seconds": time.perf_counter() - run_start}
+        if device.world_size > 1:
+            record["processes"] = device.world_size
+            record["replica_weight_checksums"] = replica_checksums(model, device)
+        compiles = xla_compile_count()
+        if compiles is not None:
+            record["xla_compiles"] = compiles
+        history.append(record)
+        improved = best is None or val["top1"] > best["val_top1"]
+        best = record if improved else best
+        left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+        log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
+            f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
+            f"| lr {lr:.4g} | {result['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s "
+            f"| run ETA {_clock(left)}")
+        if out_dir is not None and device.is_master:
+            model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
+            model_config.best_top1, model_config.best_epoch = best["val_top1"], best["epoch"]
+            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, config=model_config,
+                                     train_config=config, history=history, examples=examples,
+                                     cli_args=cli_args)
+            # best.pt first: a crash between the two writes then never loses the best epoch;
+            # metrics.jsonl last, rewritten whole from the history, so it holds each epoch once.
+            if improved:
+                save(out_dir / "best.pt")
+                atomic_copy(out_dir / "best.pt", out_dir / "last.pt")
+            else:
+                save(out_dir / "last.pt")
+            write_metrics(out_dir / "metrics.jsonl", history)
+    if history and device.is_master:
+        log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 {best['val_top1']:.4f} "
+            f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
+            + (f"; {out_dir / 'last.pt'}, {out_dir / 'best.pt'}, {out_dir / 'metrics.jsonl'}" if out_dir else ""))
+    return history
+
+
+def write_metrics(path, history):
+    """metrics.jsonl: one JSON line per epoch, rewritten atomically."""
+    _atomic_write(path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
 
 
 @torch.no_grad()
@@ -1023,11 +1384,13 @@ def predict_proba(model, config, images):
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "googlenet-checkpoint-v1"
+TEMP_SUFFIX = ".tmp"
 
 
 @dataclass
 class ModelConfig:
-    """What a checkpoint says about its model and data, enough to rebuild and use it."""
+    """What a checkpoint says about its model and data, enough to rebuild and use it. Plain
+    metadata only: no paths, nothing that points outside the file."""
     arch: str
     num_classes: int
     class_names: list
@@ -1036,24 +1399,34 @@ class ModelConfig:
     mean: tuple
     std: tuple
     dataset: str = ""
-    data_dir: str | None = None
     model_options: dict = dataclasses.field(default_factory=dict)
     class_ids: list = dataclasses.field(default_factory=list)
     epoch: int = 0
     best_top1: float | None = None
+    best_epoch: int | None = None
     val_top1: float | None = None
+    run_id: str = ""
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync, then rename over `path`: a
-    crash or error midway leaves the previous file intact and no partial file behind."""
+    crash or error midway leaves the previous file intact and no partial file behind (a kill -9
+    can leave the temporary, which remove_stale_temporaries clears at the next start). The file
+    gets the permissions the umask gives, like any file the user writes."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -1073,6 +1446,16 @@ def atomic_copy(src, dst):
     _atomic_write(dst, copy)
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporaries of saves that a kill interrupted (.last.pt.<random>.tmp, ...)."""
+    removed = 0
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+        for tmp in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _to_cpu(obj):
     """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere."""
     if isinstance(obj, torch.Tensor):
@@ -1084,37 +1467,92 @@ def _to_cpu(obj):
     return obj
 
 
-def save_checkpoint(path, model, optimizer, scheduler, config, args, metrics=None):
-    """Write a self-describing checkpoint atomically (see atomic_torch_save)."""
+def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None,
+                    cli_args=None):
+    """Write a self-describing checkpoint atomically (see atomic_torch_save): the ModelConfig, the
+    weights, the optimizer state, the TrainConfig, the per-epoch metrics so far (`history`),
+    a few small uint8 validation images for the demo (`examples`: {"images", "labels"}) and the
+    command-line flags. Only tensors, numbers, strings, lists and dicts: it loads with
+    weights_only=True."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(config),
         "model": _to_cpu(model.state_dict()),
         "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "args": vars(args) if args is not None else {},
-        "metrics": metrics or {},
+        "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+        "history": list(history or []),
+        "examples": _to_cpu(examples) if examples is not None else None,
+        "args": dict(cli_args or {}),
         "torch_version": str(torch.__version__),
     }
     atomic_torch_save(checkpoint, path)
 
 
+_CONFIG_TYPES = {"arch": str, "num_classes": int, "class_names": list, "image_size": int,
+                 "source_size": int, "mean": (list, tuple), "std": (list, tuple)}
+
+
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint (on the CPU), or raise CheckpointError."""
+    """Read and check a checkpoint written by save_checkpoint (on the CPU, weights_only: no code
+    from the file runs). Raises CheckpointError with one line saying what is wrong: a missing
+    file, a folder, a file that is not a checkpoint, one of another program, or one whose
+    config, classes and weights disagree, or whose weights are not finite."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. "
+                              f"{path / 'best.pt'}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: train one with "
                               f"`python googlenet.py` or pass the path of a .pt file it wrote")
+    import zipfile
+    if not zipfile.is_zipfile(path):  # torch.save's format; anything else is not ours
+        raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file: an image, text, or "
+                              f"truncated): pass a last.pt or best.pt written by googlenet.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a PyTorch "
-                              f"file): {first_line[:200]}") from None
+        if "weights_only" in first_line or "Unsupported global" in first_line:
+            first_line = "it holds Python objects beyond weights and plain data, which are not loaded"
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
+                              f"googlenet.py): {first_line[:200]}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a last.pt or best.pt written by googlenet.py")
+    _check_checkpoint(path, checkpoint)
     return checkpoint
+
+
+def _check_checkpoint(path, checkpoint):
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
+    for key, types in _CONFIG_TYPES.items():
+        if not isinstance(config.get(key), types) or isinstance(config.get(key), bool):
+            raise CheckpointError(f"{path}: config field {key!r} is missing or not a "
+                                  f"{types.__name__ if isinstance(types, type) else 'list'}")
+    if config["arch"] not in ARCHS:
+        raise CheckpointError(f"{path}: unknown arch {config['arch']!r} (this file knows {', '.join(ARCHS)})")
+    if not (2 <= config["num_classes"] <= 100_000 and len(config["class_names"]) == config["num_classes"]):
+        raise CheckpointError(f"{path}: {config['num_classes']} classes but {len(config['class_names'])} "
+                              f"class names")
+    if not (8 <= config["image_size"] <= 2048 and 8 <= config["source_size"] <= 4096):
+        raise CheckpointError(f"{path}: image size {config['image_size']} / {config['source_size']} out of range")
+    weights = checkpoint.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} has no weights (a 'model' dict of tensors)")
+    try:
+        model = build_model(config["arch"], config["num_classes"], **dict(config.get("model_options") or {}))
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, ValueError) as e:
+        detail = str(e).strip().splitlines()
+        detail = (detail[1] if len(detail) > 1 else detail[0]).strip() if detail else type(e).__name__
+        raise CheckpointError(f"{path}: its weights do not fit its own config ({config['arch']}, "
+                              f"{config['num_classes']} classes): {detail[:160]}") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: weights are NaN or infinite ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); use an earlier checkpoint")
 
 
 def model_from_checkpoint(checkpoint):
@@ -1135,28 +1573,22 @@ def load_for_inference(path, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# CLI: flags -> the library calls above; one line and exit code 2 for every mistake
 # ---------------------------------------------------------------------------------------------
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def number(kind, minimum, inclusive=True):
+    """An argparse type: an int or float at least (or above) `minimum`, with a message that names
+    the rule (argparse adds the flag)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if value < minimum or (value == minimum and not inclusive) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum}, got {text}")
+        return value
+    return parse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1172,26 +1604,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    defaults = TrainConfig()
     p = _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, "
-                            "CIFAR-10 or an image folder, on CUDA, TPU (torch_xla) or CPU.",
+                            "CIFAR-10 or an image folder, on CUDA, TPU (torch_xla) or CPU. "
+                            "Several GPUs or hosts: launch it with torchrun.",
                 formatter_class=_HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="tiny", choices=DATASETS,
                    help="tiny = Tiny ImageNet 200; folder = DIR/train/<class>, DIR/val/<class>")
     d.add_argument("--data-dir", default="data",
-                   help="dataset root (holding tiny-imagenet-200/ or cifar-10-batches-py/, or the folder)")
+                   help="the folder holding tiny-imagenet-200/ or cifar-10-batches-py/, or that dataset "
+                        "folder itself; for --dataset folder, the folder with train/ and val/")
     d.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
-    d.add_argument("--image-size", type=positive_int, default=None,
+    d.add_argument("--image-size", type=number(int, 8), default=None,
                    help="network input size (default: 224 for original; 64 for tiny/folder, 32 for CIFAR-10)")
-    d.add_argument("--subset", type=non_negative_int, default=0,
-                   help="use only the first N training and N validation images (0 = all)")
+    d.add_argument("--subset", type=number(int, 0), default=0,
+                   help="about N training and N validation images, drawn evenly from every class "
+                        "(seeded by --seed; 0 = all)")
     d.add_argument("--loader", default="fast", choices=("fast", "torch"),
                    help="fast = decode once to uint8 in memory, augment on the device; "
-                        "torch = per-sample PIL DataLoader")
+                        "torch = per-sample PIL DataLoader (for data too big for memory)")
     d.add_argument("--crop", default=None, choices=("pad", "resized"),
                    help="train crop: pad = shifted crop with zero padding; resized = random-resized "
                         "crop (default: resized for folder, pad otherwise)")
-    d.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+    d.add_argument("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
                    help="decoding processes / DataLoader workers")
     d.add_argument("--cache", action="store_true",
                    help="keep the decoded uint8 store on disk (DATA/.googlenet-cache) for later runs")
@@ -1205,34 +1641,64 @@ def build_parser():
     m.add_argument("--batch-norm", default=None, action=argparse.BooleanOptionalAction,
                    help="BatchNorm after every conv (default: on for tiny, off for original)")
     m.add_argument("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
-    m.add_argument("--aux-weight", type=float, default=0.3, help="loss weight of each aux head")
+    m.add_argument("--aux-weight", type=number(float, 0), default=defaults.aux_weight,
+                   help="loss weight of each aux head")
 
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=positive_int, default=50, help="total epochs (a resumed run stops here too)")
-    t.add_argument("--batch-size", type=positive_int, default=128, help="per device/core")
-    t.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=2e-4, help="L2 weight decay")
-    t.add_argument("--lr-step-epochs", type=positive_int, default=8, help="StepLR period")
-    t.add_argument("--lr-gamma", type=positive_float, default=0.96, help="StepLR factor")
-    t.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    t.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation, init and dropout")
-    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="bf16 = autocast to bfloat16 (XLA, CUDA, CPU)")
-    t.add_argument("--log-interval", type=non_negative_int, default=50, help="steps between progress lines")
+    t = p.add_argument_group("training recipe")
+    t.add_argument("--epochs", type=number(int, 1), default=defaults.epochs,
+                   help="total epochs (a resumed run stops here too)")
+    t.add_argument("--batch-size", type=number(int, 1), default=defaults.batch_size,
+                   help="per device / process; the global batch is this x processes")
+    t.add_argument("--lr", type=number(float, 0, inclusive=False), default=defaults.lr,
+                   help="peak SGD learning rate per 256 images, scaled to the global batch")
+    t.add_argument("--schedule", default=defaults.schedule, choices=SCHEDULES,
+                   help="cosine = per-step linear warmup, then cosine decay to 0 at the last step; "
+                        "paper = warmup, then x0.96 every 8 epochs (Szegedy et al.)")
+    t.add_argument("--warmup-epochs", type=number(float, 0), default=defaults.warmup_epochs,
+                   help="linear warmup from 0 to the peak lr, per step")
+    t.add_argument("--momentum", type=number(float, 0), default=defaults.momentum, help="SGD momentum")
+    t.add_argument("--nesterov", default=defaults.nesterov, action=argparse.BooleanOptionalAction,
+                   help="Nesterov momentum (default: on)")
+    t.add_argument("--weight-decay", type=number(float, 0), default=defaults.weight_decay,
+                   help="L2 weight decay on conv and FC weights (never on BatchNorm or biases)")
+    t.add_argument("--label-smoothing", type=number(float, 0), default=defaults.label_smoothing,
+                   help="cross-entropy label smoothing")
+    t.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seeds data order, augmentation, init, dropout and --subset")
+    t.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
+                   help="auto = bf16 autocast on CUDA GPUs with bf16, TPUs and CPUs with native bf16 "
+                        "(avx512_bf16 / AMX), else fp32; weights and optimizer stay fp32")
+    t.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+                   help="channels_last memory format (default: on for CUDA and CPU, off on XLA)")
+    t.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (default: off; a one-off compile of minutes)")
+    t.add_argument("--log-interval", type=number(int, 0), default=defaults.log_interval,
+                   help="steps between progress lines (0 = epoch lines only)")
 
-    r = p.add_argument_group("device, checkpoints")
+    r = p.add_argument_group("device, scale-out, checkpoints")
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
                    help="auto = CUDA, else XLA (torch_xla with a TPU or PJRT_DEVICE), else CPU")
-    r.add_argument("--num-cores", type=positive_int, default=None,
-                   help="XLA processes, one per core (default: all TPU cores; 1 on CPU-XLA)")
-    r.add_argument("--checkpoint-dir", default=None, help="default: runs/<dataset>")
+    r.add_argument("--num-cores", type=number(int, 1), default=None,
+                   help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
+    r.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics over all processes (default: per process)")
+    r.add_argument("--checkpoint-dir", default=None,
+                   help="where last.pt, best.pt, metrics.jsonl go (default: runs/<dataset>; "
+                        "with --resume PATH, PATH's folder)")
     r.add_argument("--resume", nargs="?", const="last", default=None,
                    help="continue from a checkpoint (no value: <checkpoint-dir>/last.pt)")
     r.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
+    r.add_argument("--benchmark", action="store_true",
+                   help="time training steps of the default path against a naive loop on the same images, then exit")
+    r.add_argument("--benchmark-steps", type=number(int, 1), default=20, help="steps each path is timed for")
     r.add_argument("--benchmark-data", action="store_true",
                    help="measure images/s of the fast and torch data paths, then exit")
     return p
+
+
+# Flags that describe this invocation, not the run: never taken from a checkpoint on --resume.
+_NOT_RESUMED = ("resume", "evaluate", "benchmark", "benchmark_data", "benchmark_steps", "device",
+                "num_cores", "checkpoint_dir", "download")
 
 
 def parse_args(argv=None):
@@ -1246,11 +1712,13 @@ def parse_args(argv=None):
         if path == "last":
             path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / "last.pt"
         checkpoint = load_checkpoint(path)
-        saved = {k: v for k, v in checkpoint.get("args", {}).items()
-                 if k not in ("resume", "evaluate", "benchmark_data", "device", "num_cores")}
+        saved = {k: v for k, v in (checkpoint.get("args") or {}).items()
+                 if k not in _NOT_RESUMED and k in vars(args)}
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)
         args.resume = str(path)
+        if args.checkpoint_dir is None:
+            args.checkpoint_dir = str(Path(path).parent)
     if args.cache_dir:
         args.cache = True
     if args.crop is None:  # photos of any framing benefit from scale jitter; 32/64px sets from shifts
@@ -1262,45 +1730,69 @@ def parse_args(argv=None):
     return args, checkpoint
 
 
-def _log_master(device):
-    return print if device.is_master else (lambda *a, **k: None)
+def train_config_from(args):
+    """The TrainConfig the flags describe."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}).check()
+    except ValueError as e:
+        raise UserError(f"--{str(e).replace('_', '-')}") from None
 
 
-def _apply_changed_hyperparameters(optimizer, scheduler, saved, args, epoch, log):
-    # load_state_dict restores the old lr, momentum, decay and schedule; a flag given on the
-    # resume command line must win. Unchanged values are left alone so resume stays bit-exact.
-    changed = [k for k in ("lr", "momentum", "weight_decay", "lr_step_epochs", "lr_gamma")
-               if k in saved and saved[k] != getattr(args, k)]
-    if not changed:
+def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
+    """Refuse, before any data is decoded, to write where another run's checkpoints would be lost:
+    a new run into a folder with a last.pt; a resume into a folder holding a different run, or
+    whose last.pt is newer than the checkpoint resumed from."""
+    last = Path(out_dir) / "last.pt"
+    if not last.exists():
         return
-    scheduler.step_size, scheduler.gamma = args.lr_step_epochs, args.lr_gamma
-    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["momentum"], group["weight_decay"] = args.momentum, args.weight_decay
-        group["initial_lr"] = args.lr
-        group["lr"] = args.lr * args.lr_gamma ** (epoch // args.lr_step_epochs)
-    log(f"resume: using the new {', '.join(changed)} (lr now {optimizer.param_groups[0]['lr']:.5g})")
+    if resumed is None:
+        raise UserError(f"{last} exists: continue that run with --resume {last}, or pass another --checkpoint-dir")
+    if resume_path is not None and last.resolve() == Path(resume_path).resolve():
+        return
+    there = load_checkpoint(last)["config"]
+    mine = resumed["config"]
+    if there.get("run_id", "") != mine.get("run_id", ""):
+        raise UserError(f"{out_dir} holds a different run (its last.pt is not from the run of {resume_path}): "
+                        f"pass another --checkpoint-dir")
+    if there.get("epoch", 0) > mine.get("epoch", 0):
+        raise UserError(f"{last} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
+                        f"resume from {last}, or pass another --checkpoint-dir to branch off")
+
+
+def _log_master(device):
+    return functools.partial(print, flush=True) if device.is_master else (lambda *a, **k: None)
 
 
 def run(args, checkpoint=None):
-    """Train (or evaluate) as the parsed args say, on one device or one XLA core. Returns the last
-    epoch's metrics."""
-    if checkpoint is None and args.resume:  # each XLA process reads it itself
+    """Train (or evaluate) as the parsed args say, in this process (one of several under torchrun
+    or torch_xla's launcher). Returns the history (or the evaluation)."""
+    if checkpoint is None and args.resume:  # each launched process reads it itself
         checkpoint = load_checkpoint(args.resume)
+    config = train_config_from(args)
     device = make_device(args.device)
     log = _log_master(device)
-    torch.manual_seed(args.seed)
+    try:
+        return _run(args, checkpoint, config, device, log)
+    finally:
+        if device.distributed == "ddp":
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(args, checkpoint, config, device, log):
+    if args.evaluate and checkpoint is None:
+        raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
+    if not args.evaluate:
+        check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
+    if args.sync_bn and device.kind != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on GPUs)")
+    torch.manual_seed(config.seed)
     info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
     num_classes = len(info.class_names)
     options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
     if checkpoint is not None:  # the weights decide the model's shape, not today's flags
-        options = checkpoint["config"]["model_options"]
-    config = ModelConfig(arch=args.arch, num_classes=num_classes, class_names=info.class_names,
-                         image_size=args.image_size, source_size=info.source_size, mean=info.mean,
-                         std=info.std, dataset=info.name, data_dir=info.root, model_options=options,
-                         class_ids=info.class_ids)
-    model = build_model(args.arch, num_classes, **options)
-    if checkpoint is not None:
+        options = checkpoint["config"].get("model_options") or {}
         saved = checkpoint["config"]
         if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
             raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with {saved['num_classes']} "
@@ -1308,98 +1800,209 @@ def run(args, checkpoint=None):
         if saved.get("class_ids") and saved["class_ids"] != info.class_ids:
             raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
                                   f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
+    model_config = ModelConfig(arch=args.arch, num_classes=num_classes, class_names=info.class_names,
+                               image_size=args.image_size, source_size=info.source_size, mean=info.mean,
+                               std=info.std, dataset=info.name, model_options=options, class_ids=info.class_ids,
+                               run_id=checkpoint["config"].get("run_id", "") if checkpoint else "")
+    model = build_model(args.arch, num_classes, **options)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    model.to(device.torch_device)
-    log(f"device: {device.kind} ({device.torch_device}, {device.world_size} process"
-        f"{'es' if device.world_size > 1 else ''}); model {args.arch}: "
+    if args.sync_bn and device.distributed == "ddp":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    precision = resolve_precision(config.precision, device)
+    where = f"{device.kind} ({device.torch_device}{', ' + device.note if device.note else ''})"
+    if device.world_size > 1:
+        where += (f", {device.world_size} processes: global batch {config.batch_size * device.world_size}, "
+                  f"peak lr {peak_lr(config, device.world_size):.4g}")
+    log(f"device: {where}; precision {precision}; model {args.arch}: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
         f"{args.image_size}x{args.image_size} input")
+    if device.kind == "cuda" and device.world_size == 1 and torch.cuda.device_count() > 1:
+        log(f"note: this host has {torch.cuda.device_count()} GPUs and this run uses one; to use all: "
+            f"torchrun --standalone --nproc_per_node {torch.cuda.device_count()} googlenet.py ...")
 
-    train_loader, val_loader = make_loaders(info, args, device.rank, device.world_size, log,
-                                            need_train=not args.evaluate)
+    cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
+    train_loader, val_loader = make_loaders(
+        info, config.batch_size, args.image_size, args.loader, config.crop, args.workers, args.subset,
+        config.seed, cache_dir, args.skip_bad_images, device.rank, device.world_size, log,
+        need_train=not args.evaluate)
     if args.evaluate:
-        if checkpoint is None:
-            raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
-        result = evaluate(model, val_loader, device, config, args.precision)
+        model.to(device.torch_device)
+        result = evaluate(model, val_loader, device, model_config, config.precision)
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
             f"top5 {result['top5']:.4f} over {result['images']} images")
         return result
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step_epochs, args.lr_gamma)
-    start_epoch, best_top1 = 0, None
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        _apply_changed_hyperparameters(optimizer, scheduler, checkpoint.get("args", {}), args,
-                                       checkpoint["config"]["epoch"], log)
-        start_epoch, best_top1 = checkpoint["config"]["epoch"], checkpoint["config"]["best_top1"]
-        log(f"resumed from {args.resume} at epoch {start_epoch}")
+        log(f"resumed from {args.resume} at epoch {checkpoint['config']['epoch']}; writing to {args.checkpoint_dir}")
+    else:
+        log(f"writing checkpoints to {args.checkpoint_dir}")
+    examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
+    cli_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir,
+                 resume=checkpoint, examples=examples, cli_args=cli_args, log=log)
 
-    out_dir = Path(args.checkpoint_dir)
-    if checkpoint is None and (out_dir / "last.pt").exists():
-        # A new run must never overwrite another run's checkpoints.
-        raise UserError(f"{out_dir / 'last.pt'} exists: continue that run with --resume, or pass "
-                        f"another --checkpoint-dir")
-    if device.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if start_epoch >= args.epochs:
-        log(f"{args.resume} has already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) "
-            f"to train longer")
-    record = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed * 1000 + epoch, device)
-        if isinstance(train_loader, StoreLoader):
-            train_loader.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(args.seed * 1000 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, train_loader, optimizer, device, config, args, epoch, log)
-        val = evaluate(model, val_loader, device, config, args.precision)
-        scheduler.step()
-        improved = best_top1 is None or val["top1"] > best_top1
-        best_top1 = val["top1"] if improved else best_top1
-        record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
-                  "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                  "val_images": val["images"], "train_images": train["images"], "lr": lr,
-                  "epoch_seconds": train["seconds"],
-                  "train_images_per_second": train["images"] / max(train["seconds"], 1e-9)}
-        if device.world_size > 1:
-            record["replicas"] = device.world_size
-            record["replica_weight_checksums"] = replica_checksums(model, device)
-        compiles = xla_compile_count()
-        if compiles is not None:
-            record["xla_compiles"] = compiles
-        log(f"epoch {epoch + 1}/{args.epochs} train loss {train['loss']:.4f} top1 {train['top1']:.4f} | "
-            f"val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} | lr {lr:.5f} | "
-            f"{train['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s")
-        if device.is_master:
-            config.epoch, config.best_top1, config.val_top1 = epoch + 1, best_top1, val["top1"]
-            # best.pt first: a crash between the two writes then never loses the best epoch.
-            if improved:
-                save_checkpoint(out_dir / "best.pt", model, optimizer, scheduler, config, args, record)
-                atomic_copy(out_dir / "best.pt", out_dir / "last.pt")
+
+def _xla_worker(index, args):
+    # One process per TPU core, started by torch_xla.launch; only the master logs and saves.
+    run(args)
+
+
+def _one_line(error):
+    """The message of a UserError, also when a DataLoader worker raised it (PyTorch then wraps it
+    in a traceback text; its last line is ours)."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit code (2 with one line on bad input, 1 when the
+    loss diverged)."""
+    try:
+        args, checkpoint = parse_args(argv)
+        args.device = resolve_device_kind(args.device)
+        if args.benchmark_data:
+            benchmark_data(args)
+            return 0
+        if args.benchmark:
+            benchmark(args)
+            return 0
+        if args.device == "xla" and args.num_cores != 1:
+            if os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
+                if args.num_cores is not None:
+                    raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes train "
+                                    "with `torchrun --nproc_per_node N googlenet.py --device cpu`")
             else:
-                save_checkpoint(out_dir / "last.pt", model, optimizer, scheduler, config, args, record)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-    compiles = xla_compile_count()
-    if compiles is not None:
-        log(f"XLA compilations in this process: {compiles}")
-    return record
+                if args.num_cores is not None:
+                    raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                                    "--num-cores 1 or leave --num-cores out")
+                if args.download:  # once, here: processes downloading together would trample each other
+                    load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
+                    args.download = False
+                import torch_xla
+                torch_xla.launch(_xla_worker, args=(args,))
+                return 0
+        run(args, checkpoint)
+        return 0
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is in last.pt; continue with --resume",
+              file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks (CLI only): --benchmark and --benchmark-data
+# ---------------------------------------------------------------------------------------------
+
+class _NaiveDataset(torch.utils.data.Dataset):
+    """The notebook way: open each image with PIL per sample, resize, pad-crop, flip, ToTensor."""
+
+    def __init__(self, split, size, mean, std):
+        from torchvision import transforms as T
+        self.split = split
+        self.transform = T.Compose([T.Resize((size, size)), T.RandomCrop(size, padding=max(1, size // 8)),
+                                    T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        if self.split.files is not None:
+            with Image.open(self.split.files[i]) as img:
+                image = img.convert("RGB")
+        else:
+            image = Image.fromarray(self.split.arrays[i])
+        return self.transform(image), self.split.labels[i]
+
+
+def _peak_memory_mib(device):
+    if device.kind == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def benchmark(args):
+    """Time --benchmark-steps training steps of the default path (uint8 store, on-device
+    augmentation, auto precision, channels_last, foreach SGD, no per-step sync) and of a naive
+    loop (per-sample PIL DataLoader, fp32 NCHW, .item() every step) on the same images, same
+    model, batch and worker count; print both, their ratio and peak memory."""
+    device = make_device(args.device)
+    config = train_config_from(args)
+    config.log_interval = 0
+    steps, batch = args.benchmark_steps, config.batch_size
+    info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
+    images = (steps + 2) * batch
+    info.train = info.train.subset(images, config.seed)
+    num_classes = len(info.class_names)
+    model_config = ModelConfig(args.arch, num_classes, info.class_names, args.image_size, info.source_size,
+                               info.mean, info.std, info.name)
+    print(f"benchmark: {args.arch} at {args.image_size}x{args.image_size}, batch {batch}, {steps} steps, "
+          f"{args.workers} workers, device {device.kind}, precision {resolve_precision(config.precision, device)}",
+          flush=True)
+
+    def naive():
+        torch.manual_seed(config.seed)
+        model = build_model(args.arch, num_classes, aux_logits=args.aux).to(device.torch_device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loader = torch.utils.data.DataLoader(
+            _NaiveDataset(info.train, args.image_size, info.mean, info.std), batch_size=batch, shuffle=True,
+            drop_last=True, num_workers=args.workers, multiprocessing_context="spawn" if args.workers else None)
+        start, count = None, 0
+        for step, (x, y) in enumerate(loader):
+            if step == 2:
+                start = time.perf_counter()  # after warm-up: workers started, first steps done
+            x, y = x.to(device.torch_device), y.to(device.torch_device)
+            loss = googlenet_loss(model(x), y, config.aux_weight).total
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            count += batch if start else 0
+        return count / (time.perf_counter() - start)
+
+    def default():
+        torch.manual_seed(config.seed)
+        model = build_model(args.arch, num_classes, aux_logits=args.aux).to(device.torch_device)
+        if config.channels_last is not False and device.kind != "xla":
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, config, device.kind)
+        store = build_store(info.train, info.source_size, args.workers, log=lambda *a: None)
+        warm = StoreLoader(ImageStore(store.images[:2 * batch], store.labels[:2 * batch]), batch, True, config.seed)
+        timed = StoreLoader(ImageStore(store.images[2 * batch:], store.labels[2 * batch:]), batch, True, config.seed)
+        train_one_epoch(model, warm, optimizer, device, model_config, config, 0, lambda *a: None)
+        result = train_one_epoch(model, timed, optimizer, device, model_config, config, 0, lambda *a: None)
+        return result["images"] / result["seconds"]
+
+    rates = {}
+    for name, measure in (("naive", naive), ("default", default)):
+        rates[name] = measure()
+        print(f"{name:>8}: {rates[name]:7.1f} img/s, peak memory so far {_peak_memory_mib(device):.0f} MiB",
+              flush=True)
+    print(f"default / naive = {rates['default'] / rates['naive']:.2f}x")
+    return rates
 
 
 def benchmark_data(args, batches=60):
     """images/s of the fast path (uint8 store + on-device augmentation) and the per-sample PIL
     DataLoader, on the same training data, same batch size and worker count, in one run."""
     device = make_device(args.device)
+    config = train_config_from(args)
     info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
     results = {}
     for loader_kind in ("torch", "fast"):
-        args.loader = loader_kind
         start = time.perf_counter()
-        train_loader, _ = make_loaders(info, args)
+        train_loader, _ = make_loaders(info, config.batch_size, args.image_size, loader_kind, config.crop,
+                                       args.workers, args.subset, config.seed)
         setup = time.perf_counter() - start
         count, n = 0, min(batches, len(train_loader))
         iterator = device_batches(train_loader, device)
@@ -1408,12 +2011,12 @@ def benchmark_data(args, batches=60):
         for _ in range(n - 1):
             images, labels, params = next(iterator)
             if images.dtype == torch.uint8:
-                images = train_transform(images, params, args.image_size, info.mean, info.std, args.crop)
+                images = train_transform(images, params, args.image_size, info.mean, info.std, config.crop)
             count += images.shape[0]
         _sync(device, images)
         results[loader_kind] = count / (time.perf_counter() - start)
         print(f"{loader_kind:>5}: {results[loader_kind]:8.0f} images/s over {count} images "
-              f"(setup {setup:.1f}s), batch {args.batch_size}, workers {args.workers}", flush=True)
+              f"(setup {setup:.1f}s), batch {config.batch_size}, workers {args.workers}", flush=True)
         del iterator, train_loader
     ratio = results["fast"] / results["torch"]
     print(f"fast / torch = {ratio:.1f}x on {args.dataset} at {args.image_size}x{args.image_size}, device {device.kind}")
@@ -1427,81 +2030,6 @@ def _sync(device, tensor):
         import torch_xla
         torch_xla.sync()
         tensor.cpu()
-
-
-def _xla_worker(index, args):
-    # One process per TPU core, started by torch_xla.launch; only the master logs and saves.
-    run(args)
-
-
-def _gloo_worker(rank, args, world_size, port):
-    # One process per CPU-XLA device, joined by a gloo process group (see launch_replicas).
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
-    try:
-        run(args)
-    except UserError as e:  # one line from the master, not a traceback per process
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch_replicas(args):
-    """Train on several XLA cores, one process each. On a TPU, torch_xla's launcher starts one
-    process per core (it supports all cores or one). On CPU-XLA (PJRT_DEVICE=CPU) its collectives
-    cannot run between processes (torch_xla 2.9 keys the CPU all-reduce per compiled module, so
-    replicas wait for each other forever), so the replicas join a gloo process group instead:
-    the same sharding, gradient averaging, metric reduction and master-only saving."""
-    if os.environ.get("PJRT_DEVICE", "TPU").upper() == "CPU":
-        import socket
-        import torch.multiprocessing as mp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_gloo_worker, args=(args, args.num_cores, port), nprocs=args.num_cores)
-        return
-    import torch_xla
-    torch_xla.launch(_xla_worker, args=(args,))
-
-
-def main(argv=None):
-    """Command-line entry point; returns the exit code (2 with one line on bad input)."""
-    try:
-        args, checkpoint = parse_args(argv)
-        args.device = resolve_device_kind(args.device)
-        if args.benchmark_data:
-            benchmark_data(args)
-            return 0
-        if args.device == "xla" and args.num_cores != 1:
-            on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-            if on_cpu and args.num_cores is None:
-                args.num_cores = 1  # CPU-XLA: one process unless asked
-            elif not on_cpu and args.num_cores is not None:
-                raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
-                                "--num-cores 1 or leave --num-cores out")
-        if args.device == "xla" and args.num_cores != 1:
-            if args.download:  # once, here: replicas downloading together would trample each other
-                load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
-                args.download = False
-            try:
-                launch_replicas(args)
-            except Exception as e:  # a replica stopped on bad input; its master printed why
-                if type(e).__name__ == "ProcessExitedException" and getattr(e, "exit_code", None) == 2:
-                    return 2
-                raise
-            return 0
-        run(args, checkpoint)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in last.pt; continue with --resume",
-              file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
