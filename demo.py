@@ -4,10 +4,15 @@
     python demo.py                                         # newest runs/**/best.pt
     python demo.py --checkpoint runs/tiny/best.pt a.jpg b.png   # no browser: print top-5
 
-Everything about the model (architecture, classes, input size, normalisation) is
-read from the checkpoint through ``googlenet.load_for_inference``, and images go
-through ``googlenet.decode_image`` + ``googlenet.eval_transform``, the same steps
-validation uses, so the demo sees a photo exactly as the validation loop would.
+Everything about the model (architecture, classes, input size, normalisation) is read
+from the checkpoint through ``googlenet.load_checkpoint``, which loads weights and plain
+metadata only (``weights_only``) and checks that they agree. Nothing the checkpoint
+names is opened: example images travel inside the checkpoint as small uint8 arrays (or
+come from ``--examples DIR``). Images go through ``googlenet.decode_image`` +
+``googlenet.eval_transform``, the steps validation uses.
+
+The "Training" tab plots the run's curves from ``metrics.jsonl`` beside the checkpoint
+(or the history stored in the checkpoint), refreshed while the run is still training.
 
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
 """
@@ -15,8 +20,7 @@ Other code can use ``build_demo(model, config)`` and ``predict(image, model, con
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
+import json
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +33,16 @@ import googlenet
 
 TOP_K = 5
 # Requests waiting in the queue are handed to the model together, up to this many.
-MAX_BATCH_SIZE = 8
-# Beyond this many waiting requests new visitors are told the queue is full,
-# which keeps memory bounded when the demo is swamped.
-MAX_QUEUE_SIZE = 64
+MAX_BATCH_SIZE = 16
+# Waiting requests hold only a file path, so a deep queue costs little memory: a burst of
+# hundreds from one page or script is answered instead of refused.
+MAX_QUEUE_SIZE = 1024
+# Untrusted uploads: at most this many bytes, and this many pixels after JPEG's reduced-scale
+# decoding (a 13000x13000 PNG would otherwise take ~2 GiB and seconds of everyone's queue).
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
+REFRESH_SECONDS = 10
 RUNS_DIR = Path("runs")
 TRAIN_HINT = ("train one with `python googlenet.py --dataset tiny --data-dir data --download` "
               "(it writes runs/tiny/best.pt) or pass --checkpoint PATH")
@@ -56,11 +65,10 @@ def find_latest_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
 def load_image(image: Any, config: Any) -> torch.Tensor:
     """Decode one image (a path or a PIL image) to uint8 [3, S, S] the way validation does.
 
-    S is the checkpoint's ``source_size``: validation decodes its files with the same
-    ``googlenet.decode_image`` call before ``eval_transform`` runs on the device.
+    S is the checkpoint's ``source_size``. Images beyond ``MAX_UPLOAD_PIXELS`` are refused.
     Raises ``googlenet.ImageDecodeError`` when the input is not a readable image.
     """
-    return googlenet.decode_image(image, config.source_size)
+    return googlenet.decode_image(image, config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
 
 
 def decode_batch(images: Sequence[Any], config: Any) -> torch.Tensor:
@@ -105,87 +113,100 @@ def predict(image: Any, model: torch.nn.Module, config: Any, k: int = TOP_K) -> 
 # --------------------------------------------------------------------------- examples
 
 
-def _shared_photos_dir() -> Path:
-    """Where the project's sample photos live (the tests' GOOGLENET_SHARED_DATA applies)."""
-    root = os.environ.get("GOOGLENET_SHARED_DATA")
-    base = Path(root) if root else Path(__file__).resolve().parent.parent / "shared" / "data"
-    return base / "photos"
-
-
-def _first_of_each_class(labels: Sequence[int], limit: int) -> list[int]:
-    """Indices of the first image of each class, in order, so examples show different things."""
-    seen: set[int] = set()
-    picked: list[int] = []
-    for index, label in enumerate(labels):
-        if label not in seen:
-            seen.add(label)
-            picked.append(index)
-            if len(picked) == limit:
-                break
-    return picked
-
-
-def _cifar_examples(data_dir: Path, limit: int) -> list[Path]:
-    """CIFAR-10 keeps its test set in a pickled batch, so write a few of its images as PNGs.
-
-    Only test_batch is read (googlenet.load_dataset would also load 50,000 training
-    images), and the files go to one fixed folder, so restarts overwrite instead of
-    piling up.
-    """
+def example_images(checkpoint: dict | None = None, examples_dir: str | Path | None = None,
+                   limit: int = NUM_EXAMPLES) -> list[Path]:
+    """Example images for the page: the image files in ``examples_dir`` when given, else the
+    small validation images stored in the checkpoint (written as PNGs into a new private
+    temporary folder), else none. No path stored in the checkpoint is ever followed."""
+    if examples_dir is not None:
+        folder = Path(examples_dir)
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)[:limit]
+    stored = (checkpoint or {}).get("examples")
+    if not isinstance(stored, dict) or not isinstance(stored.get("images"), torch.Tensor):
+        return []
+    images = stored["images"]
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        return []
     from PIL import Image
 
-    batch_file = data_dir / "cifar-10-batches-py" / "test_batch"
-    if not batch_file.is_file():
-        return []
-    with batch_file.open("rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    out_dir = Path(tempfile.gettempdir()) / "googlenet-demo-examples"
-    out_dir.mkdir(exist_ok=True)
+    # mkdtemp: a new folder only we can write, so no file of someone else's (or symlink) is
+    # followed, whatever else lives in the shared temp folder.
+    out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
     paths = []
-    for index in _first_of_each_class(batch[b"labels"], limit):
-        path = out_dir / f"cifar10-test-{index}.png"
-        Image.fromarray(batch[b"data"][index].reshape(3, 32, 32).transpose(1, 2, 0)).save(path)
+    for index, image in enumerate(images[:limit]):
+        path = out_dir / f"example-{index}.png"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
     return paths
 
 
-def example_images(config: Any, limit: int = NUM_EXAMPLES) -> list[Path]:
-    """A few validation images of the checkpoint's dataset (one per class), if still on disk.
+# --------------------------------------------------------------------------- training curves
 
-    Falls back to the project's sample photos, and to none when neither is there.
-    """
-    paths: list[Path] = []
-    data_dir = Path(config.data_dir) if config.data_dir else None
-    if data_dir is not None and data_dir.is_dir():
-        if config.dataset == "cifar10":
-            paths = _cifar_examples(data_dir, limit)
-        elif config.dataset in ("tiny", "folder"):
-            # googlenet.py knows these layouts (Tiny ImageNet's val labels live in
-            # val_annotations.txt); listing files decodes nothing, so this is quick.
-            try:
-                val = googlenet.load_dataset(config.dataset, str(data_dir), config.source_size).val
-            except googlenet.UserError:
-                val = None
-            if val is not None and val.files:
-                paths = [Path(val.files[i]) for i in _first_of_each_class(val.labels, limit)]
-    if not paths:
-        photos = _shared_photos_dir()
-        if photos.is_dir():
-            paths = sorted(p for p in photos.iterdir() if p.is_file())[:limit]
-    return paths
+
+def read_history(checkpoint_path: str | Path | None, checkpoint: dict | None = None) -> list[dict]:
+    """The run's per-epoch metrics: ``metrics.jsonl`` beside the checkpoint (it grows while the
+    run trains), else the history stored in the checkpoint. Lines that are not JSON objects with
+    an epoch are skipped."""
+    records: list[dict] = []
+    if checkpoint_path is not None:
+        metrics = Path(checkpoint_path).parent / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                    records.append(record)
+    if not records and checkpoint is not None:
+        records = [h for h in checkpoint.get("history") or [] if isinstance(h, dict) and "epoch" in h]
+    return records
+
+
+def curves(history: Sequence[dict]):
+    """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
+    import pandas as pd
+
+    def table(columns: dict[str, str]):
+        rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": name}
+                for h in history for key, name in columns.items()
+                if isinstance(h.get(key), (int, float))]
+        return pd.DataFrame(rows, columns=["epoch", "value", "series"])
+
+    return (table({"train_loss": "train loss (main head)", "val_loss": "val loss"}),
+            table({"val_top1": "val top-1", "val_top5": "val top-5"}),
+            table({"lr": "learning rate"}))
+
+
+def describe_run(history: Sequence[dict], checkpoint: dict | None) -> str:
+    """Markdown: the run's settings and its best epoch."""
+    if not history:
+        return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
+                "the checkpoint stores no history.")
+    args = (checkpoint or {}).get("args") or {}
+    train = (checkpoint or {}).get("train_config") or {}
+    config = (checkpoint or {}).get("config") or {}
+    best = max(history, key=lambda h: h.get("val_top1", 0))
+    settings = [f"arch **{config.get('arch', '?')}**", f"dataset **{config.get('dataset', '?')}**",
+                f"epochs **{train.get('epochs', args.get('epochs', '?'))}**",
+                f"batch **{train.get('batch_size', args.get('batch_size', '?'))}** per device",
+                f"lr **{train.get('lr', args.get('lr', '?'))}** per 256 images ({train.get('schedule', '?')})",
+                f"precision **{train.get('precision', args.get('precision', '?'))}**",
+                f"device **{args.get('device', '?')}**"]
+    return (" · ".join(settings) + f"\n\n**Best epoch {best['epoch']}**: val top-1 "
+            f"{best.get('val_top1', 0):.2%}, top-5 {best.get('val_top5', 0):.2%} "
+            f"({len(history)} epoch{'s' * (len(history) != 1)} so far)")
 
 
 # --------------------------------------------------------------------------- web app
 
 
-def describe_checkpoint(config: Any, checkpoint: str | Path | None = None,
-                        device: str | None = None) -> str:
-    """One Markdown line about the model: dataset, arch, epochs and validation top-1."""
+def describe_checkpoint(config: Any, device: str | None = None) -> str:
+    """One Markdown line about the model: dataset, arch, epochs and validation top-1 (no local
+    paths: a --share link would publish them)."""
     top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
-    parts = []
-    if checkpoint is not None:
-        parts.append(f"checkpoint `{checkpoint}`")
-    parts += [
+    parts = [
         f"dataset **{config.dataset}** ({config.num_classes} classes)",
         f"arch **{config.arch}**",
         f"epoch **{config.epoch}**",
@@ -221,11 +242,22 @@ def classify_uploads(payloads: list[dict | None], model: torch.nn.Module,
             messages[slot] = NO_IMAGE_MESSAGE
             continue
         try:
+            if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
+                raise googlenet.ImageDecodeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
             decoded.append(load_image(payload["path"], config))
             decoded_slots.append(slot)
+        except googlenet.ImageDecodeError as err:
+            print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
+            if "megapixels" in str(err) or "MB" in str(err):
+                messages[slot] = (f"**`{_display_name(payload)}` is too large** "
+                                  f"({str(err).split(': ')[-1] if 'MB' in str(err) else 'too many pixels'}): "
+                                  f"please send an image under {MAX_UPLOAD_BYTES // 2**20} MB and "
+                                  f"{MAX_UPLOAD_PIXELS // 10**6} megapixels.")
+            else:
+                messages[slot] = (f"**Could not read `{_display_name(payload)}` as an image.** "
+                                  "Please upload a photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
         except Exception as err:  # any decoder failure is this upload's problem only
-            print(f"demo: could not read upload {payload.get('orig_name')!r}: {err}",
-                  file=sys.stderr)
+            print(f"demo: could not read upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
             messages[slot] = (f"**Could not read `{_display_name(payload)}` as an image.** "
                               "Please upload a photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
     if decoded:
@@ -235,19 +267,18 @@ def classify_uploads(payloads: list[dict | None], model: torch.nn.Module,
     return labels, messages
 
 
-def build_demo(model: torch.nn.Module, config: Any, checkpoint: str | Path | None = None,
-               examples: Sequence[str | Path] | None = None):
+def build_demo(model: torch.nn.Module, config: Any, examples: Sequence[str | Path] | None = None,
+               checkpoint_path: str | Path | None = None, checkpoint: dict | None = None):
     """Build (but do not launch) the Gradio app for a loaded model.
 
-    ``examples`` defaults to ``example_images(config)``. The returned ``gr.Blocks``
-    has its queue configured: requests are served one batch at a time, batched up
-    to ``MAX_BATCH_SIZE``. The prediction endpoint is ``/predict``: it takes an
-    image file and returns (top-5 label, message).
+    Two tabs: "Classify" (image in, top-5 out; endpoint ``/predict`` takes an image file and
+    returns (top-5 label, message)) and "Training" (the run's curves from
+    ``read_history(checkpoint_path, checkpoint)``, refreshed every ``REFRESH_SECONDS``).
+    The returned ``gr.Blocks`` has its queue configured: requests are served one batch at a
+    time, batched up to ``MAX_BATCH_SIZE``.
     """
     import gradio as gr
 
-    if examples is None:
-        examples = example_images(config)
     device = str(next(model.parameters()).device)
 
     # Every batch runs on this one thread. Gradio calls handlers from a pool of up to
@@ -260,17 +291,35 @@ def build_demo(model: torch.nn.Module, config: Any, checkpoint: str | Path | Non
         # Batched: `image` is a list of uploads, one per queued request.
         return inference_thread.submit(classify_uploads, image, model, config).result()
 
+    def training_view():
+        history = read_history(checkpoint_path, checkpoint)
+        loss, accuracy, lr = curves(history)
+        return describe_run(history, checkpoint), loss, accuracy, lr
+
     # delete_cache: uploads leave Gradio's temp folder after an hour instead of piling up.
     with gr.Blocks(title="GoogLeNet demo", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown("## What does this GoogLeNet see?\n" + describe_checkpoint(config, checkpoint, device))
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(label="Image", type="filepath",
-                                 sources=["upload", "clipboard", "webcam"], elem_id="image")
-                message = gr.Markdown(label="Message", elem_id="message")
-            label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
-        if examples:
-            gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
+        gr.Markdown("## What does this GoogLeNet see?\n" + describe_checkpoint(config, device))
+        with gr.Tab("Classify"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Image", type="filepath",
+                                     sources=["upload", "clipboard", "webcam"], elem_id="image")
+                    message = gr.Markdown(label="Message", elem_id="message")
+                label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
+            if examples:
+                gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
+        with gr.Tab("Training", elem_id="training-tab"):
+            summary = gr.Markdown(elem_id="run-summary")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss",
+                                        elem_id="loss-plot")
+                accuracy_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Validation accuracy",
+                                            elem_id="accuracy-plot")
+                lr_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Learning rate (epoch start)",
+                                      elem_id="lr-plot")
+        outputs = [summary, loss_plot, accuracy_plot, lr_plot]
+        demo.load(training_view, outputs=outputs, api_name=False, queue=False)
+        gr.Timer(REFRESH_SECONDS).tick(training_view, outputs=outputs, api_name=False, queue=False)
         # change (not upload) so that picking an example or clearing the image
         # also updates the prediction.
         image.change(classify, inputs=image, outputs=[label, message], api_name="predict",
@@ -288,7 +337,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"must be 1-65535, got {text}")
     return port
@@ -302,6 +354,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image files to classify on the command line (no web app)")
     parser.add_argument("--checkpoint", type=Path,
                         help="checkpoint to serve (default: the newest runs/**/best.pt)")
+    parser.add_argument("--examples", type=Path, default=None,
+                        help="folder of example images to offer (default: those stored in the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -328,21 +382,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo (see the module docstring); returns the process exit code."""
     try:
         args = _parse_args(argv)
-    except googlenet.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = find_latest_checkpoint()
-        if checkpoint is None:
-            print(f"error: no --checkpoint given and no best.pt under {RUNS_DIR}/: {TRAIN_HINT}",
-                  file=sys.stderr)
-            return 2
-        print(f"Using the newest checkpoint under {RUNS_DIR}/: {checkpoint}", file=sys.stderr)
-
-    device = default_device()
-    try:
-        model, config = googlenet.load_for_inference(checkpoint, device=device)
+        if args.examples is not None and not args.examples.is_dir():
+            raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
+        checkpoint_path = args.checkpoint
+        if checkpoint_path is None:
+            checkpoint_path = find_latest_checkpoint()
+            if checkpoint_path is None:
+                raise googlenet.UserError(f"no --checkpoint given and no best.pt under {RUNS_DIR}/: {TRAIN_HINT}")
+            print(f"Using the newest checkpoint under {RUNS_DIR}/: {checkpoint_path}", file=sys.stderr)
+        checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights and metadata
+        model, config = googlenet.model_from_checkpoint(checkpoint)
+        model = model.to(default_device()).eval()
     except googlenet.UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -350,9 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.images:
         return _print_predictions(args.images, model, config)
 
-    demo = build_demo(model, config, checkpoint=checkpoint)
+    demo = build_demo(model, config, example_images(checkpoint, args.examples),
+                      checkpoint_path=checkpoint_path, checkpoint=checkpoint)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                    max_file_size=MAX_UPLOAD_BYTES)
     except OSError:  # Gradio's message talks about its own parameters, not our flags
         print(f"error: cannot serve on {args.host}:{args.port}: the port is taken or the address "
               "is not this machine's; choose another with --port or --host", file=sys.stderr)

@@ -298,10 +298,12 @@ class DatasetInfo:
     root: str | None = None
 
 
-def decode_image(source, size):
+def decode_image(source, size, max_pixels=None):
     """Decode an image file (or PIL image) to a uint8 tensor [3, size, size]: EXIF rotation applied,
     any mode (grayscale, palette, RGBA, 16-bit, CMYK) made RGB (transparency over white), the
-    shorter side resized to `size` and the centre cropped. Raises ImageDecodeError naming the file."""
+    shorter side resized to `size` and the centre cropped. max_pixels: refuse images that would
+    still have more pixels than this after JPEG's reduced-scale decoding (a bound on memory and
+    time for untrusted input). Raises ImageDecodeError naming the file."""
     from PIL import Image, ImageOps
     name = getattr(source, "filename", None) or str(source)
     try:
@@ -309,6 +311,9 @@ def decode_image(source, size):
         with opened or contextlib.nullcontext():
             img = opened or source
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
+            if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                raise ImageDecodeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
+                                       f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
             img = ImageOps.exif_transpose(img)
             img = ImageOps.fit(_to_rgb(img), (size, size), Image.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
@@ -1116,8 +1121,9 @@ def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
         return peak * (progress + 1 / steps_per_epoch) / warmup
     if config.schedule == "paper":  # Szegedy et al.: -4% every 8 epochs
         return peak * 0.96 ** (epoch // 8)
-    span = max(config.epochs - warmup, 1e-9)
-    done = min((progress + 1 / steps_per_epoch - warmup) / span, 1.0)
+    # Measured at the step's start, so the last step's rate is small but never 0 (on XLA a 0 or 1
+    # becomes a constant in the graph and would compile one more graph).
+    done = min((progress - warmup) / max(config.epochs - warmup, 1e-9), 1.0)
     return peak * 0.5 * (1 + math.cos(math.pi * done))
 
 
