@@ -318,8 +318,8 @@ def build_demo(model: torch.nn.Module, config: Any, examples: Sequence[str | Pat
                 lr_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Learning rate (epoch start)",
                                       elem_id="lr-plot")
         outputs = [summary, loss_plot, accuracy_plot, lr_plot]
-        demo.load(training_view, outputs=outputs, api_name=False, queue=False)
-        gr.Timer(REFRESH_SECONDS).tick(training_view, outputs=outputs, api_name=False, queue=False)
+        demo.load(training_view, outputs=outputs, api_visibility="private", queue=False)
+        gr.Timer(REFRESH_SECONDS).tick(training_view, outputs=outputs, api_visibility="private", queue=False)
         # change (not upload) so that picking an example or clearing the image
         # also updates the prediction.
         image.change(classify, inputs=image, outputs=[label, message], api_name="predict",

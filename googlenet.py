@@ -8,18 +8,23 @@ Two architectures, one channel table (Szegedy et al. 2015, "Going deeper with co
 Run it:
   python googlenet.py --dataset tiny --data-dir data --download          # Tiny ImageNet, auto device
   python googlenet.py --dataset tiny --device xla                        # TPU (all cores)
+  torchrun --standalone --nproc_per_node 8 googlenet.py --dataset tiny   # 8 GPUs, DDP
   python googlenet.py --dataset cifar10 --arch original --image-size 224 # the paper's net on CIFAR-10
   python googlenet.py --dataset folder --data-dir my_photos             # DIR/train/<class>/*, DIR/val/<class>/*
   python googlenet.py --resume runs/tiny/last.pt                          # continue a run
   python googlenet.py --evaluate --resume runs/tiny/best.pt               # only evaluate
-  python googlenet.py --dataset tiny --benchmark-data                     # images/s of both data paths
+  python googlenet.py --dataset tiny --benchmark                          # default path vs a naive loop
 
-Use it from your own code:
+Use it from your own code (plain arguments, no argparse):
   import googlenet
-  model = googlenet.build_model("tiny", num_classes=200)
-  model, config = googlenet.load_for_inference("runs/tiny/best.pt")
+  info = googlenet.load_dataset("cifar10", "data")
+  model = googlenet.build_model("tiny", num_classes=10)
+  train_loader, val_loader = googlenet.make_loaders(info, batch_size=128, image_size=32)
+  history = googlenet.train(model, train_loader, val_loader, googlenet.model_config_for(info, "tiny", 32),
+                            googlenet.TrainConfig(epochs=15), checkpoint_dir="runs/mine")
+  model, config = googlenet.load_for_inference("runs/mine/best.pt")
 
-Sections: model, data, device, train/eval, checkpoint, CLI.
+Sections: model, data, device, train/evaluate, checkpoint, CLI (and the benchmarks it runs).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class ImageDecodeError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model
+# Model: the Inception block, the aux head and both nets, built from the paper's channel table
 # ---------------------------------------------------------------------------------------------
 
 # The paper's Table 1, one row per Inception block:
@@ -236,12 +241,19 @@ def init_weights(model):
 
 def build_model(arch, num_classes, **options):
     """Build a GoogLeNet. arch: "original" or "tiny". options: aux_logits (True), batch_norm
-    (None = the arch's default: on for tiny, off for original), dropout (0.4), aux_dropout (0.7)."""
+    (None = the arch's default: on for tiny, off for original), dropout (0.4), aux_dropout (0.7).
+    Raises ValueError on an unknown arch, option or a class count below 1."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
+    unknown = set(options) - {"aux_logits", "batch_norm", "dropout", "aux_dropout"}
+    if unknown:
+        raise ValueError(f"unknown model option {sorted(unknown)[0]!r}: use aux_logits, batch_norm, "
+                         f"dropout or aux_dropout")
     return GoogLeNet(arch=arch, num_classes=num_classes, **options)
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data: datasets listed from disk, decoded once into uint8 stores, augmented per batch on the device
 # ---------------------------------------------------------------------------------------------
 
 DATASETS = ("tiny", "cifar10", "folder", "synthetic")
@@ -506,6 +518,23 @@ def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, se
                        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), source_size=image_size)
 
 
+def store_bytes(info, subset=0):
+    """How much memory the uint8 stores of both splits will take, before decoding anything."""
+    count = min(len(info.train), subset or len(info.train)) + min(len(info.val), subset or len(info.val))
+    return count * 3 * info.source_size ** 2
+
+
+def available_memory_bytes():
+    """MemAvailable of this host (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def load_dataset(name, data_dir, image_size=64, download=False):
     """DatasetInfo for "tiny", "cifar10", "folder" or "synthetic" (no images decoded yet). data_dir
     may be the folder holding the dataset's folder or the dataset's folder itself."""
@@ -601,7 +630,11 @@ def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, d
     start = time.perf_counter()
     jobs = [(f, size) for f in split.files]
     if workers > 1 and len(jobs) > 2000:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        # fork on Linux: the workers only run PIL, and a script without an `if __name__ ==
+        # "__main__":` guard works (spawn would re-run that script in every worker and fail).
+        # Elsewhere spawn is the safe choice, and such a script needs the guard.
+        method = "fork" if sys.platform == "linux" else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             results = pool.map(_decode_for_store, jobs, chunksize=256)
     else:
         results = [_decode_for_store(job) for job in jobs]
@@ -835,24 +868,25 @@ class PILDataset(torch.utils.data.Dataset):
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
                  seed=0, cache_dir=None, skip_bad_images=False, rank=0, world_size=1, log=print,
-                 need_train=True):
+                 need_train=True, store_device=None):
     """(train_loader, val_loader) for a DatasetInfo, sharded for replica `rank` of `world_size`.
     loader="fast": decode once into a uint8 store, augment per batch on the training device
     (`train_transform`); loader="torch": a per-sample PIL DataLoader with `workers` processes.
     subset: about that many images of each split, from every class. train_loader is None when
-    need_train is False (evaluation only)."""
+    need_train is False (evaluation only). store_device: where the uint8 stores live (default:
+    host memory; a GPU when they fit there, so batches never cross the PCIe bus)."""
     train_split, val_split = info.train.subset(subset, seed), info.val.subset(subset, seed)
     if loader == "torch":
-        # Equal training shards, so every replica takes the same number of steps (collectives).
-        train_shard = list(range(rank, len(train_split) - len(train_split) % world_size, world_size))
         common = dict(batch_size=batch_size, num_workers=workers,
                       multiprocessing_context="spawn" if workers else None)
-        # Not persistent: workers restart each epoch and take their seeds from the generator,
-        # which the loop reseeds from (seed, epoch), so a resumed run draws the same batches.
-        train = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(train_split, info, image_size, True, crop, skip_bad_images),
-                                    train_shard),
-            shuffle=True, drop_last=True, generator=torch.Generator(), **common) if need_train else None
+        # DistributedSampler: equal shards (drop_last), reshuffled per epoch from (seed, epoch) by
+        # set_epoch. Workers are not persistent: they restart each epoch and take their seeds from
+        # the global RNG, which the loop reseeds from (seed, epoch), so a resume draws the same batches.
+        dataset = PILDataset(train_split, info, image_size, True, crop, skip_bad_images)
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
+                                                      drop_last=True)
+        train = torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **common) \
+            if need_train else None
         val = torch.utils.data.DataLoader(
             torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop, skip_bad_images),
                                     list(range(rank, len(val_split), world_size))),
@@ -863,14 +897,17 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
         return train, val
 
     def store(name, split):
-        return build_store(split, info.source_size, workers, cache_dir, skip_bad_images, info.name, name, log)
+        built = build_store(split, info.source_size, workers, cache_dir, skip_bad_images, info.name, name, log)
+        if store_device is not None:
+            built = ImageStore(built.images.to(store_device), built.labels.to(store_device))
+        return built
     train = (StoreLoader(store("train", train_split), batch_size, True, seed, rank, world_size, crop)
              if need_train else None)
     return train, StoreLoader(store("val", val_split), batch_size, False, seed, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------
-# Device
+# Device: where training runs (CUDA, XLA, CPU), precision, and how processes talk (DDP, XLA)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -1016,16 +1053,6 @@ def all_reduce_sum(tensor, device):
     return tensor
 
 
-def broadcast_object(obj, device):
-    """rank 0's value of a small Python object, on every rank."""
-    if device.distributed != "ddp":
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def optimizer_step(optimizer, device):
     """Step; on several TPU cores xm.optimizer_step all-reduces the gradients first (DDP has
     already averaged them during backward)."""
@@ -1058,7 +1085,7 @@ def xla_compile_count():
 
 
 # ---------------------------------------------------------------------------------------------
-# Train / evaluate
+# Train / evaluate: the recipe (TrainConfig), the step, the epoch loop, evaluation, prediction
 # ---------------------------------------------------------------------------------------------
 
 SCHEDULES = ("cosine", "paper")
@@ -1085,7 +1112,7 @@ class TrainConfig:
     crop: str = "pad"                 # "pad" (shift + flip) or "resized" (random-resized + flip)
     precision: str = "auto"           # "auto": bf16 where the hardware has it, else fp32
     channels_last: bool | None = None  # None: on CUDA and CPU, off on XLA
-    compile: bool = False             # torch.compile the training forward/backward
+    compile: bool | str = False       # torch.compile the training step (a string: its backend)
     seed: int = 0
     log_interval: int = 50            # steps between progress lines (0: only per epoch)
 
@@ -1180,19 +1207,23 @@ class TrainingDiverged(UserError):
 
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
-                    step_model=None):
+                    step_model=None, announce_first_step=False):
     """One pass over the training loader at the learning rates `learning_rate` gives. Metrics
     accumulate on the device and are read once per log interval (every step on the CPU, where a
-    read costs nothing), never forcing a sync per step on an accelerator. Raises TrainingDiverged
+    read costs nothing; once per epoch with log_interval 0), never a sync per step on an accelerator. Raises TrainingDiverged
     at the first non-finite loss found. step_model: what runs forward/backward (a DDP or compiled
-    wrapper of model); default model. Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
+    wrapper of model); default model. announce_first_step: say that the first step compiles (XLA,
+    torch.compile) and how long it took. Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
     step_model = step_model or model
     model.train()
     precision = resolve_precision(config.precision, device)
     channels_last = config.channels_last if config.channels_last is not None else device.kind != "xla"
     sums = zeros_on(device, 5)  # main loss x n, aux loss x n, correct, n, first bad step (0 = none)
     steps, start = len(loader), time.perf_counter()
-    check_every = 1 if device.kind == "cpu" else max(config.log_interval, 1)
+    check_every = 1 if device.kind == "cpu" else config.log_interval or steps
+    if announce_first_step:
+        log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; one-off, "
+            f"can take minutes)")
     for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         if images.dtype == torch.uint8:  # fast path: augment here, on the device
@@ -1210,6 +1241,9 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         bad = (~torch.isfinite(loss.total.detach())).float() * step * (sums[4] == 0)
         sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
                              labels.new_full((), n, dtype=torch.float32), bad])
+        if announce_first_step and step == 1:
+            sums.tolist()  # wait for the compiled step to finish, to time it
+            log(f"first step compiled and ran in {time.perf_counter() - start:.1f}s")
         if step % check_every == 0 or step == steps:
             values = sums.tolist()  # the one host read per interval
             if values[4]:
@@ -1239,15 +1273,21 @@ def _clock(seconds):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, model_config, precision="fp32"):
+def evaluate(model, loader, device, model_config, precision="fp32", log=None, log_interval=0):
     """Loss, top-1 and top-5 over the whole validation set (padded batches masked, processes
-    reduced): {"loss", "top1", "top5", "images"}."""
+    reduced): {"loss", "top1", "top5", "images"}. With log and log_interval, a progress line every
+    log_interval steps."""
     model.eval()
     precision = resolve_precision(precision, device)
     channels_last = device.kind != "xla" and next(model.parameters()).is_contiguous(
         memory_format=torch.channels_last) and next(model.parameters()).ndim == 4
     sums = zeros_on(device, 4)  # loss, top1, top5, n
-    for images, labels, mask in device_batches(loader, device):
+    start = time.perf_counter()
+    for step, (images, labels, mask) in enumerate(device_batches(loader, device), 1):
+        if log is not None and log_interval and step % log_interval == 0:
+            elapsed = time.perf_counter() - start
+            log(f"validation step {step}/{len(loader)} | {_clock(elapsed)} elapsed, ETA "
+                f"{_clock(elapsed / step * (len(loader) - step))}")
         if images.dtype == torch.uint8:
             images = eval_transform(images, model_config)
         if channels_last:
@@ -1291,8 +1331,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         from torch.nn.parallel import DistributedDataParallel
         step_model = DistributedDataParallel(model, device_ids=[device.torch_device.index]
                                              if device.kind == "cuda" else None)
-    if config.compile:
-        step_model = torch.compile(step_model)  # model keeps the weights: no _orig_mod. keys saved
+    if config.compile:  # model keeps the weights: no _orig_mod. keys in checkpoints
+        step_model = torch.compile(step_model, **({"backend": config.compile} if isinstance(config.compile, str) else {}))
     optimizer = make_optimizer(model, config, device.kind)
     start_epoch, history = 0, []
     if resume is not None:
@@ -1319,16 +1359,14 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train longer")
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed * 1000 + epoch, device)
-        if isinstance(train_loader, StoreLoader):
-            train_loader.set_epoch(epoch)
-        elif isinstance(getattr(train_loader, "generator", None), torch.Generator):
-            train_loader.generator.manual_seed(config.seed * 1000 + epoch)
-        if config.compile and epoch == start_epoch:
-            log("compiling the training step with torch.compile (one-off, before the first step)")
+        for has_epochs in (train_loader, getattr(train_loader, "sampler", None)):
+            if hasattr(has_epochs, "set_epoch"):  # StoreLoader, DistributedSampler
+                has_epochs.set_epoch(epoch)
         lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
         result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
-                                 step_model)
-        val = evaluate(model, val_loader, device, model_config, config.precision)
+                                 step_model, announce_first_step=epoch == start_epoch and (
+                                     bool(config.compile) or device.kind == "xla"))
+        val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval)
         record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
                   "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "val_images": val["images"], "train_images": result["images"],
@@ -1349,6 +1387,11 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
             f"| lr {lr:.4g} | {result['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s "
             f"| run ETA {_clock(left)}")
+        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
+            # The last step's update can break the weights after a finite loss: never save those.
+            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
+                                   f"{config.lr} per 256 images) or use --precision fp32; checkpoints of "
+                                   f"earlier epochs are kept")
         if out_dir is not None and device.is_master:
             model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
             model_config.best_top1, model_config.best_epoch = best["val_top1"], best["epoch"]
@@ -1386,7 +1429,7 @@ def predict_proba(model, config, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint
+# Checkpoint: atomic writes, self-describing files, and a whole check of every file read
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "googlenet-checkpoint-v1"
@@ -1418,6 +1461,15 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def model_config_for(info, arch="tiny", image_size=None, **model_options):
+    """The ModelConfig of a net of `arch` trained on DatasetInfo `info` at `image_size` (default:
+    the dataset's decoded size)."""
+    return ModelConfig(arch=arch, num_classes=len(info.class_names), class_names=list(info.class_names),
+                       image_size=image_size or info.source_size, source_size=info.source_size,
+                       mean=tuple(info.mean), std=tuple(info.std), dataset=info.name,
+                       model_options=model_options, class_ids=list(info.class_ids))
 
 
 def _atomic_write(path, write):
@@ -1767,7 +1819,18 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
 
 
 def _log_master(device):
-    return functools.partial(print, flush=True) if device.is_master else (lambda *a, **k: None)
+    """print for the master process, nothing for the others. On an interactive terminal, progress
+    lines overwrite each other in place (one live line per epoch); logs and CI get plain lines."""
+    if not device.is_master:
+        return lambda *a, **k: None
+    if not sys.stdout.isatty():
+        return functools.partial(print, flush=True)
+
+    def live(line):
+        progress = " step " in line and "/" in line.split(" step ", 1)[1][:12]
+        sys.stdout.write("\r\x1b[K" + line + ("" if progress else "\n"))
+        sys.stdout.flush()
+    return live
 
 
 def run(args, checkpoint=None):
@@ -1791,6 +1854,10 @@ def _run(args, checkpoint, config, device, log):
         raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
     if not args.evaluate:
         check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
+    if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
+        log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
+            f"(> {checkpoint['config']['epoch']}) to train longer")
+        return checkpoint.get("history") or []
     if args.sync_bn and device.kind != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on GPUs)")
     torch.manual_seed(config.seed)
@@ -1828,10 +1895,20 @@ def _run(args, checkpoint, config, device, log):
             f"torchrun --standalone --nproc_per_node {torch.cuda.device_count()} googlenet.py ...")
 
     cache_dir = args.cache_dir or (Path(info.root) / ".googlenet-cache" if args.cache and info.root else None)
+    loader, store_device = args.loader, None
+    if loader == "fast":
+        # Decide before decoding: a store that cannot fit would be killed for memory hours in.
+        needed, available = store_bytes(info, args.subset), available_memory_bytes()
+        if available is not None and needed > 0.7 * available:
+            loader = "torch"
+            log(f"the decoded uint8 store would take {needed / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB "
+                f"available: using --loader torch (per-sample decoding) instead")
+        elif device.kind == "cuda" and needed < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
+            store_device = device.torch_device  # fits on the GPU: keep it there
     train_loader, val_loader = make_loaders(
-        info, config.batch_size, args.image_size, args.loader, config.crop, args.workers, args.subset,
+        info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
         config.seed, cache_dir, args.skip_bad_images, device.rank, device.world_size, log,
-        need_train=not args.evaluate)
+        need_train=not args.evaluate, store_device=store_device)
     if args.evaluate:
         model.to(device.torch_device)
         result = evaluate(model, val_loader, device, model_config, config.precision)
@@ -1899,8 +1976,9 @@ def main(argv=None):
             print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in last.pt; continue with --resume",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("interrupted: the last completed epoch is in last.pt; continue with --resume",
+                  file=sys.stderr)
         return 130
 
 
