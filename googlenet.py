@@ -1217,8 +1217,9 @@ def _autocast(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _format_memory(device):
-    return torch.channels_last if device.kind != "xla" else torch.contiguous_format
+def uses_channels_last(config, device):
+    """config.channels_last, or by default: on for CUDA and CPU, off on XLA."""
+    return config.channels_last if config.channels_last is not None else device.kind != "xla"
 
 
 class TrainingDiverged(UserError):
@@ -1236,7 +1237,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     step_model = step_model or model
     model.train()
     precision = resolve_precision(config.precision, device)
-    channels_last = config.channels_last if config.channels_last is not None else device.kind != "xla"
+    channels_last = uses_channels_last(config, device)
     sums = zeros_on(device, 5)  # main loss x n, aux loss x n, correct, n, first bad step (0 = none)
     steps, start = len(loader), time.perf_counter()
     check_every = 1 if device.kind == "cpu" else config.log_interval or steps
@@ -1344,7 +1345,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     config.check()
     device = device or make_device(resolve_device_kind("auto"))
     run_start = time.perf_counter()
-    channels_last = config.channels_last if config.channels_last is not None else device.kind != "xla"
+    channels_last = uses_channels_last(config, device)
     model.to(device.torch_device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -2079,7 +2080,7 @@ def benchmark(args):
     def default():
         torch.manual_seed(config.seed)
         model = build_model(args.arch, num_classes, aux_logits=args.aux).to(device.torch_device)
-        if config.channels_last is not False and device.kind != "xla":
+        if uses_channels_last(config, device):
             model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, config, device.kind)
         store = build_store(info.train, info.source_size, args.workers, log=lambda *a: None)
