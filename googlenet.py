@@ -1132,6 +1132,7 @@ class TrainConfig:
     precision: str = "auto"           # "auto": bf16 where the hardware has it, else fp32
     channels_last: bool | None = None  # None: on CUDA and CPU, off on XLA
     compile: bool | str = False       # torch.compile the training step (a string: its backend)
+    tta: bool = False                 # validation: average the logits of each image and its mirror
     seed: int = 0
     log_interval: int = 50            # steps between progress lines (0: only per epoch)
 
@@ -1296,10 +1297,11 @@ def _clock(seconds):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, model_config, precision="fp32", log=None, log_interval=0):
+def evaluate(model, loader, device, model_config, precision="fp32", log=None, log_interval=0, tta=False):
     """Loss, top-1 and top-5 over the whole validation set (padded batches masked, processes
     reduced): {"loss", "top1", "top5", "images"}. With log and log_interval, a progress line every
-    log_interval steps."""
+    log_interval steps. tta: score each image by the mean logits of it and its left-right mirror
+    (training flips too, so both views are in-distribution; costs a second forward pass)."""
     model.eval()
     precision = resolve_precision(precision, device)
     channels_last = device.kind != "xla" and next(model.parameters()).is_contiguous(
@@ -1316,8 +1318,9 @@ def evaluate(model, loader, device, model_config, precision="fp32", log=None, lo
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
         loss = F.cross_entropy(logits, labels, reduction="none")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit5 = (top5 == labels[:, None]).any(1).float()
@@ -1389,7 +1392,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
                                  step_model, announce_first_step=epoch == start_epoch and (
                                      bool(config.compile) or device.kind == "xla"))
-        val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval)
+        val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval,
+                       config.tta)
         if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
             # The last step's update can break the weights after a finite loss: never save those.
             raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
@@ -1744,6 +1748,9 @@ def build_parser():
                    help="L2 weight decay on conv and FC weights (never on BatchNorm or biases)")
     t.add_argument("--label-smoothing", type=number(float, 0), default=defaults.label_smoothing,
                    help="cross-entropy label smoothing")
+    t.add_argument("--tta", default=defaults.tta, action=argparse.BooleanOptionalAction,
+                   help="validation scores each image by the mean logits of it and its mirror image "
+                        "(test-time augmentation; a second forward pass)")
     t.add_argument("--seed", type=int, default=defaults.seed,
                    help="seeds data order, augmentation, init, dropout and --subset")
     t.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
@@ -1934,7 +1941,7 @@ def _run(args, checkpoint, config, device, log):
         need_train=not args.evaluate, store_device=store_device)
     if args.evaluate:
         model.to(device.torch_device)
-        result = evaluate(model, val_loader, device, model_config, config.precision)
+        result = evaluate(model, val_loader, device, model_config, config.precision, tta=config.tta)
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
             f"top5 {result['top5']:.4f} over {result['images']} images")
         return result
