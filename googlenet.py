@@ -1235,7 +1235,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     at the first non-finite loss found. step_model: what runs forward/backward (a DDP or compiled
     wrapper of model); default model. announce_first_step: say that the first step compiles (XLA,
     torch.compile) and how long it took. Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
-    step_model = step_model or model
+    step_model = model if step_model is None else step_model  # a compiled module refuses bool()
     model.train()
     precision = resolve_precision(config.precision, device)
     channels_last = uses_channels_last(config, device)
