@@ -564,6 +564,27 @@ def test_val_loader_pads_and_masks_exactly():
     assert sorted(seen) == list(range(10))
 
 
+def test_tta_scores_the_mean_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = g.build_model("tiny", 5, aux_logits=False).eval()
+    torch.nn.init.normal_(model.fc.weight, 0, 1)  # logits large enough that a mirror changes them
+    info = g.make_synthetic(16, num_classes=5, train_size=10, val_size=37)
+    config = g.model_config_for(info, "tiny", 16)
+    store = g.build_store(info.val, 16)
+    loader = g.StoreLoader(store, 16, train=False)  # 37 images: the last batch is padded
+    device = g.make_device("cpu")
+    plain = g.evaluate(model, loader, device, config)
+    tta = g.evaluate(model, loader, device, config, tta=True)
+    with torch.no_grad():
+        images = g.eval_transform(store.images, config)
+        one_view, mirrored = model(images), model(images.flip(3))
+    both = (one_view + mirrored) / 2
+    assert tta["loss"] == pytest.approx(torch.nn.functional.cross_entropy(both, store.labels).item(), rel=1e-4)
+    assert tta["top1"] == pytest.approx((both.argmax(1) == store.labels).float().mean().item())
+    assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(one_view, store.labels).item(), rel=1e-4)
+    assert abs(plain["loss"] - tta["loss"]) > 1e-3 and tta["images"] == 37
+
+
 def test_train_loader_shards_disjoint_fixed_batches():
     store = g.ImageStore(torch.zeros(22, 3, 4, 4, dtype=torch.uint8), torch.arange(22))
     shards = []
@@ -739,6 +760,10 @@ def test_evaluate_only(tmp_path, capsys):
     assert code == 0, err
     assert "evaluate" in out and "over 96 images" in out
     assert (tmp_path / "last.pt").read_bytes() == before
+    code, tta_out, err = run_main(["--evaluate", "--tta", "--resume", tmp_path / "last.pt"], capsys)
+    assert code == 0, err
+    loss = lambda text: float(text.split("val loss ")[1].split()[0])  # noqa: E731
+    assert loss(tta_out) != loss(out)  # the flag reaches evaluation: the mirrored view is scored too
 
 
 def test_store_too_big_for_memory_switches_to_per_sample_loading(tmp_path, capsys, monkeypatch):
