@@ -195,8 +195,8 @@ def describe_run(history: Sequence[dict], checkpoint: dict | None) -> str:
                 f"precision **{train.get('precision', args.get('precision', '?'))}**",
                 f"device **{args.get('device', '?')}**"]
     return (" · ".join(settings) + f"\n\n**Best epoch {best['epoch']}**: val top-1 "
-            f"{best.get('val_top1', 0):.2%}, top-5 {best.get('val_top5', 0):.2%} "
-            f"({len(history)} epoch{'s' * (len(history) != 1)} so far)")
+            f"{best.get('val_top1', 0):.2%}, top-5 {best.get('val_top5', 0):.2%}"
+            f"{' with flip TTA' if best.get('val_tta') else ''} ({len(history)} epoch{'s' * (len(history) != 1)} so far)")
 
 
 # --------------------------------------------------------------------------- web app

@@ -1401,7 +1401,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                                    f"earlier epochs are kept")
         record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
                   "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                  "val_top5": val["top5"], "val_images": val["images"], "train_images": result["images"],
+                  "val_top5": val["top5"], "val_images": val["images"], "val_tta": config.tta,
+                  "train_images": result["images"],
                   "lr": lr, "epoch_seconds": result["seconds"],
                   "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
                   "elapsed_seconds": time.perf_counter() - run_start}
@@ -1417,8 +1418,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
         log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
             f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
-            f"| lr {lr:.4g} | {result['seconds']:.1f}s {record['train_images_per_second']:.0f} img/s "
-            f"| run ETA {_clock(left)}")
+            f"{'(flip TTA) ' if config.tta else ''}| lr {lr:.4g} | {result['seconds']:.1f}s "
+            f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
         if out_dir is not None and device.is_master:
             model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
             model_config.best_top1, model_config.best_epoch = best["val_top1"], best["epoch"]
@@ -1943,7 +1944,7 @@ def _run(args, checkpoint, config, device, log):
         model.to(device.torch_device)
         result = evaluate(model, val_loader, device, model_config, config.precision, tta=config.tta)
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
-            f"top5 {result['top5']:.4f} over {result['images']} images")
+            f"top5 {result['top5']:.4f} over {result['images']} images{' (flip TTA)' if config.tta else ''}")
         return result
     if checkpoint is not None:
         log(f"resumed from {args.resume} at epoch {checkpoint['config']['epoch']}; writing to {args.checkpoint_dir}")

@@ -647,6 +647,7 @@ def test_metrics_jsonl_and_checkpoint_contents(tmp_path, capsys):
                 "epoch_seconds", "train_images_per_second"):
         assert key in records[0]
     assert records[0]["val_images"] == 96  # whole val set, the last partial batch included
+    assert records[0]["val_tta"] is False and "(flip TTA)" not in out
     ckpt = g.load_checkpoint(tmp_path / "last.pt")
     cfg = ckpt["config"]
     assert cfg["arch"] == "tiny" and cfg["num_classes"] == 10 and cfg["epoch"] == 2
@@ -764,6 +765,7 @@ def test_evaluate_only(tmp_path, capsys):
     assert code == 0, err
     loss = lambda text: float(text.split("val loss ")[1].split()[0])  # noqa: E731
     assert loss(tta_out) != loss(out)  # the flag reaches evaluation: the mirrored view is scored too
+    assert "(flip TTA)" in tta_out and "(flip TTA)" not in out
 
 
 def test_store_too_big_for_memory_switches_to_per_sample_loading(tmp_path, capsys, monkeypatch):
