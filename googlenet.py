@@ -34,14 +34,17 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -801,16 +804,20 @@ def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale
 class StoreLoader:
     """Batches from an ImageStore, sharded over `world_size` replicas.
 
-    Training batches are (uint8 images, labels, crop params), shuffled by (seed, epoch), the last
-    partial batch dropped so every step has the same shape (no XLA recompiles). Validation
-    batches are (uint8 images, labels, mask): the last batch is padded to full size and the mask
-    marks the real images, so metrics count every image exactly once across replicas."""
+    Training batches are (uint8 images, labels, crop params), shuffled by (seed, epoch) into one
+    permutation that the replicas split, each drawing its own crops and flips; the last partial
+    batch is dropped so every step has the same shape (no XLA recompiles). Validation batches are
+    (uint8 images, labels, mask): the last batch is padded to full size and the mask marks the
+    real images, so metrics count every image exactly once across replicas. device: where the
+    training step runs (CUDA): the epoch's order and crop parameters go there once per epoch, so
+    no step waits on a host->device copy."""
 
     def __init__(self, store, batch_size, train, seed=0, rank=0, world_size=1, crop="pad",
-                 source_size=None):
+                 source_size=None, device=None):
         self.store, self.batch_size, self.train = store, batch_size, train
         self.seed, self.rank, self.world_size, self.crop = seed, rank, world_size, crop
         self.source_size = source_size or store.images.shape[-1]
+        self.device = device
         self.epoch = 0
         if train and len(store) // world_size < batch_size:
             raise UserError(f"{len(store)} training images make no full batch of {batch_size} per "
@@ -826,14 +833,19 @@ class StoreLoader:
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        images, labels = self.store.images, self.store.labels
         if self.train:
             order = torch.randperm(len(self.store), generator=g)
             per_replica = len(self.store) // self.world_size
             order = order[self.rank * per_replica:(self.rank + 1) * per_replica]
+            if self.rank:  # one permutation for all, but crops and flips of each replica's own
+                g.manual_seed(self.seed * 100_003 + self.epoch + 1_000_003 * self.rank)
+            params = torch.stack([random_crop_params(g, self.batch_size, self.source_size, self.crop)
+                                  for _ in range(len(self))])
+            order, params = _to(order, images.device), _to(params, self.device)
             for b in range(len(self)):
                 index = order[b * self.batch_size:(b + 1) * self.batch_size]
-                yield (self.store.images[index], self.store.labels[index],
-                       random_crop_params(g, len(index), self.source_size, self.crop))
+                yield _to(images[index], self.device), _to(labels[index], self.device), params[b]
         else:
             index = torch.arange(self.rank, len(self.store), self.world_size)
             for b in range(len(self)):
@@ -842,6 +854,15 @@ class StoreLoader:
                 mask[:len(chunk)] = 1
                 padded = torch.cat([chunk, chunk.new_zeros(self.batch_size - len(chunk))])
                 yield self.store.images[padded], self.store.labels[padded], mask
+
+
+def _to(tensor, device):
+    """tensor on `device` (None: where it is); host -> CUDA from pinned memory, asynchronously."""
+    if device is None or tensor.device == torch.device(device):
+        return tensor
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # --- Baseline path: per-sample PIL decoding and torchvision transforms in DataLoader workers --
@@ -887,13 +908,14 @@ class PILDataset(torch.utils.data.Dataset):
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
                  seed=0, cache_dir=None, skip_bad_images=False, rank=0, world_size=1, log=print,
-                 need_train=True, store_device=None):
+                 need_train=True, store_device=None, device=None):
     """(train_loader, val_loader) for a DatasetInfo, sharded for replica `rank` of `world_size`.
     loader="fast": decode once into a uint8 store, augment per batch on the training device
     (`train_transform`); loader="torch": a per-sample PIL DataLoader with `workers` processes.
     subset: about that many images of each split, from every class. train_loader is None when
     need_train is False (evaluation only). store_device: where the uint8 stores live (default:
-    host memory; a GPU when they fit there, so batches never cross the PCIe bus)."""
+    host memory; a GPU when they fit there, so batches never cross the PCIe bus). device: the
+    CUDA device the fast path's training batches go to."""
     train_split, val_split = info.train.subset(subset, seed), info.val.subset(subset, seed)
     if loader == "torch":
         common = dict(batch_size=batch_size, num_workers=workers,
@@ -920,8 +942,8 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
         if store_device is not None:
             built = ImageStore(built.images.to(store_device), built.labels.to(store_device))
         return built
-    train = (StoreLoader(store("train", train_split), batch_size, True, seed, rank, world_size, crop)
-             if need_train else None)
+    train = (StoreLoader(store("train", train_split), batch_size, True, seed, rank, world_size, crop,
+                         device=device) if need_train else None)
     return train, StoreLoader(store("val", val_split), batch_size, False, seed, rank, world_size)
 
 
@@ -993,6 +1015,9 @@ def make_device(kind):
         world = xr.world_size()
         return Device("xla", torch_xla.device(), xr.global_ordinal(), world,
                       "xla" if world > 1 else None, note)
+    if kind == "cuda":  # fastest convolution algorithms for the fixed shapes; TF32 for fp32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
         if kind == "cuda":
@@ -1018,11 +1043,13 @@ def cpu_has_native_bf16():
 
 
 def resolve_precision(precision, device):
-    """"auto" -> "bf16" on CUDA GPUs with bf16, TPUs and CPUs with native bf16, else "fp32"."""
+    """"auto" -> "bf16" where the hardware runs it natively (CUDA compute capability 8.0+, TPUs,
+    CPUs with avx512_bf16 or AMX), "fp16" on older CUDA GPUs (T4, V100: fp16 tensor cores; their
+    bf16 is emulated), else "fp32"."""
     if precision != "auto":
         return precision
     if device.kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.get_device_capability(device.torch_device) >= (8, 0) else "fp16"
     if device.kind == "xla":
         return "fp32" if device.note.startswith("on the CPU") else "bf16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -1072,14 +1099,25 @@ def all_reduce_sum(tensor, device):
     return tensor
 
 
-def optimizer_step(optimizer, device):
+def optimizer_step(optimizer, device, scaler):
     """Step; on several TPU cores xm.optimizer_step all-reduces the gradients first (DDP has
-    already averaged them during backward)."""
+    already averaged them during backward). The scaler (fp16 only; a no-op otherwise) unscales
+    the gradients and skips a step whose gradients overflowed."""
     if device.kind == "xla":
         import torch_xla.core.xla_model as xm
         xm.optimizer_step(optimizer)
         return
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def average_buffers(model, device):
+    """Average the BatchNorm running statistics over processes: each replica's drift apart by its
+    own last batches, and what is validated must be what rank 0 saves."""
+    if device.world_size > 1:
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(all_reduce_sum(buffer, device) / device.world_size)
 
 
 def replica_checksums(model, device):
@@ -1108,7 +1146,7 @@ def xla_compile_count():
 # ---------------------------------------------------------------------------------------------
 
 SCHEDULES = ("cosine", "paper")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -1129,12 +1167,13 @@ class TrainConfig:
     label_smoothing: float = 0.1
     aux_weight: float = 0.3           # loss = main + aux_weight x (aux1 + aux2)
     crop: str = "pad"                 # "pad" (shift + flip) or "resized" (random-resized + flip)
-    precision: str = "auto"           # "auto": bf16 where the hardware has it, else fp32
+    precision: str = "auto"           # "auto": bf16 where the hardware runs it, fp16 on older GPUs, else fp32
     channels_last: bool | None = None  # None: on CUDA and CPU, off on XLA
     compile: bool | str = False       # torch.compile the training step (a string: its backend)
     tta: bool = False                 # validation: average the logits of each image and its mirror
     seed: int = 0
-    log_interval: int = 50            # steps between progress lines (0: only per epoch)
+    log_interval: int = 50            # steps between progress lines, and every ~30 s (0: only per epoch)
+    save_every: float = 0.0           # minutes between mid-epoch checkpoints in last.pt (0: epoch ends only)
 
     def check(self):
         """Raise ValueError naming the first field that makes no sense."""
@@ -1144,6 +1183,7 @@ class TrainConfig:
                  ("weight_decay", self.weight_decay >= 0, "0 or more"),
                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
                  ("aux_weight", self.aux_weight >= 0, "0 or more"), ("log_interval", self.log_interval >= 0, "0 or more"),
+                 ("save_every", self.save_every >= 0, "0 or more"),
                  ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
                  ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
                  ("crop", self.crop in ("pad", "resized"), "pad or resized")]
@@ -1165,7 +1205,7 @@ def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
     peak = peak_lr(config, world_size)
     warmup = min(config.warmup_epochs, config.epochs / 4)  # a short run still gets to decay
     if warmup and progress < warmup:
-        return peak * (progress + 1 / steps_per_epoch) / warmup
+        return peak * min(1.0, (progress + 1 / steps_per_epoch) / warmup)
     if config.schedule == "paper":  # Szegedy et al.: -4% every 8 epochs
         return peak * 0.96 ** (epoch // 8)
     # Measured at the step's start, so the last step's rate is small but never 0 (on XLA a 0 or 1
@@ -1214,8 +1254,14 @@ def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
 
 
 def _autocast(device, precision):
-    device_type = {"cuda": "cuda", "xla": "xla", "cpu": "cpu"}[device.kind]
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.kind, dtype=dtype, enabled=precision != "fp32")
+
+
+def make_grad_scaler(precision, device):
+    """fp16 needs loss scaling (its gradients underflow); a step whose gradients overflow is
+    skipped and the scale lowered, which is how the scaler settles, not a divergence."""
+    return torch.amp.GradScaler(device.kind, enabled=precision == "fp16")
 
 
 def uses_channels_last(config, device):
@@ -1227,55 +1273,120 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
+def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
+               channels_last):
+    """One optimizer step on a batch (images, labels, crop params), adding (main loss x n, aux
+    loss x n, correct, n, first bad step) to the device tensor `sums`. Nothing here reads a value
+    back to the host, so on an accelerator the host runs ahead of the device."""
+    images, labels, crop_params = batch
+    if images.dtype == torch.uint8:  # fast path: augment here, on the device
+        images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
+                                 model_config.std, config.crop)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        outputs = step_model(images)
+        loss = googlenet_loss(outputs, labels, config.aux_weight, config.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss.total).backward()
+    optimizer_step(optimizer, device, scaler)
+    n = labels.shape[0]
+    # The step number from the device's own count (a Python `step` would be a new constant
+    # in XLA's graph at step 1 of every epoch: one more compilation in epoch 2).
+    bad = (~torch.isfinite(loss.total.detach())).float() * (sums[3] / n + 1) * (sums[4] == 0)
+    sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
+                         labels.new_full((), n, dtype=torch.float32), bad])
+
+
+class Stopped(UserError):
+    """SIGTERM or Ctrl-C: the run stopped after a step and saved where it was."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+STOP = {"signal": None}  # set by the SIGTERM / first Ctrl-C handler that train() installs
+
+
+@contextlib.contextmanager
+def _graceful_stop():
+    """SIGTERM (a preemption's warning) and a first Ctrl-C set STOP instead of killing the process:
+    the epoch loop then saves its position after the step in progress and raises Stopped."""
+    STOP["signal"] = None
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _crash_point(written, epoch):
+    # For the crash tests: GOOGLENET_KILL_AFTER=last.pt:3 kills the run right after epoch 3's last.pt.
+    if os.environ.get("GOOGLENET_KILL_AFTER") == f"{written}:{epoch + 1}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _request_stop(signum, frame):
+    if signum == signal.SIGINT and STOP["signal"] is not None:
+        raise KeyboardInterrupt  # a second Ctrl-C: quit now
+    STOP["signal"] = signum
+
+
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
-                    step_model=None, announce_first_step=False):
+                    step_model=None, announce_first_step=False, scaler=None, position=None,
+                    save_position=None, save_every=0.0):
     """One pass over the training loader at the learning rates `learning_rate` gives. Metrics
     accumulate on the device and are read once per log interval (every step on the CPU, where a
-    read costs nothing; once per epoch with log_interval 0), never a sync per step on an accelerator. Raises TrainingDiverged
-    at the first non-finite loss found. step_model: what runs forward/backward (a DDP or compiled
-    wrapper of model); default model. announce_first_step: say that the first step compiles (XLA,
-    torch.compile) and how long it took. Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
+    read costs nothing; once per epoch with log_interval 0). Raises TrainingDiverged at the first
+    non-finite loss found. step_model: what runs forward/backward (a DDP or compiled wrapper of
+    model); default model. announce_first_step: say that the first step compiles (XLA,
+    torch.compile) and how long it took. scaler: the fp16 GradScaler (make_grad_scaler).
+    position: where a stopped epoch was saved ({"step", "sums", "seconds", "rng"}): continue
+    from there. save_position(position): called after a step when a stop was requested (SIGTERM,
+    Ctrl-C: then Stopped is raised) or every save_every seconds (0: never).
+    Returns {"loss", "aux_loss", "top1", "images", "seconds"}."""
     step_model = model if step_model is None else step_model  # a compiled module refuses bool()
     model.train()
     precision = resolve_precision(config.precision, device)
+    scaler = scaler or make_grad_scaler(precision, device)
     channels_last = uses_channels_last(config, device)
     sums = zeros_on(device, 5)  # main loss x n, aux loss x n, correct, n, first bad step (0 = none)
-    steps, start = len(loader), time.perf_counter()
+    first = position["step"] if position else 0
+    if position:
+        sums += torch.tensor(position["sums"]).to(sums.device)
+    steps, start = len(loader), time.perf_counter() - (position["seconds"] if position else 0)
     check_every = 1 if device.kind == "cpu" else config.log_interval or steps
+    last_log = last_save = time.perf_counter() - 10  # the first progress line after ~20 s
     if announce_first_step:
         log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; one-off, "
             f"can take minutes)")
-    for step, (images, labels, crop_params) in enumerate(device_batches(loader, device), 1):
+    for step, batch in enumerate(itertools.islice(device_batches(loader, device), first, None), first + 1):
+        if position and step == first + 1:  # after the loader drew its seeds: dropout goes on as it was
+            torch.set_rng_state(position["rng"])
+            if position.get("cuda_rng") is not None and device.kind == "cuda":
+                torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
         if announce_first_step and step == 2:
             # The loader hands out batch 2 once step 1's graph is compiled and launched: no extra
             # sync (one here would cut the first epoch's graphs differently from the others').
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
-        if images.dtype == torch.uint8:  # fast path: augment here, on the device
-            images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
-                                     model_config.std, config.crop)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            outputs = step_model(images)
-            loss = googlenet_loss(outputs, labels, config.aux_weight, config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer_step(optimizer, device)
-        n = labels.shape[0]
-        # The step number from the device's own count (a Python `step` would be a new constant
-        # in XLA's graph at step 1 of every epoch: one more compilation in epoch 2).
-        bad = (~torch.isfinite(loss.total.detach())).float() * (sums[3] / n + 1) * (sums[4] == 0)
-        sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
-                             labels.new_full((), n, dtype=torch.float32), bad])
-        if step % check_every == 0 or step == steps:
+        train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
+                   channels_last)
+        now = time.perf_counter()
+        on_time = config.log_interval and now - last_log >= 30
+        if step % check_every == 0 or step == steps or on_time:
             values = sums.tolist()  # the one host read per interval
             if values[4]:
                 raise TrainingDiverged(
                     f"the loss became non-finite at step {int(values[4])} of epoch {epoch + 1}: "
                     f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
                     f"checkpoints of earlier epochs are kept")
-            if config.log_interval and step % config.log_interval == 0:
+            if config.log_interval and (step % config.log_interval == 0 or on_time):
+                last_log = now
                 main, aux, correct, count, _ = values
                 elapsed = time.perf_counter() - start
                 rate = count * device.world_size / elapsed
@@ -1283,6 +1394,19 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
                     f"top1 {correct / count:.4f} lr {optimizer.param_groups[0]['lr']:.4g} {rate:.0f} img/s "
                     f"| {_clock(elapsed)} elapsed, ETA epoch {_clock(elapsed / step * (steps - step))} "
                     f"run {_clock(elapsed / step * (steps - step + steps * (config.epochs - epoch - 1)))}")
+        if save_position is not None and step < steps:
+            stop, save = STOP["signal"] is not None, bool(save_every) and now - last_save >= save_every
+            if device.world_size > 1 and (step % check_every == 0):  # every replica stops at one step
+                stop, save = (bool(v) for v in all_reduce_sum(
+                    torch.tensor([float(stop), float(save)]).to(device.torch_device), device).tolist())
+            elif device.world_size > 1:
+                stop = save = False
+            if stop or save:
+                last_save = now
+                save_position({"step": step, "sums": sums.tolist(), "seconds": now - start,
+                               "rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state(device.torch_device)
+                               if device.kind == "cuda" else None}, stop)
     seconds = time.perf_counter() - start
     main, aux, correct, count, _ = all_reduce_sum(sums, device).tolist()
     count = max(count, 1)
@@ -1344,7 +1468,9 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     load_checkpoint whose weights `model` already holds; the run continues its epoch count,
     optimizer, schedule and history. examples: small uint8 images stored in the checkpoints for
     the demo (see pick_examples). Raises TrainingDiverged on a non-finite loss, before any
-    checkpoint of that epoch is written."""
+    checkpoint of that epoch is written. On SIGTERM or a first Ctrl-C the step in progress ends,
+    last.pt records the position in the epoch (a resume continues from that step) and Stopped is
+    raised."""
     config.check()
     device = device or make_device(resolve_device_kind("auto"))
     run_start = time.perf_counter()
@@ -1360,6 +1486,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     if config.compile:  # model keeps the weights: no _orig_mod. keys in checkpoints
         step_model = torch.compile(step_model, **({"backend": config.compile} if isinstance(config.compile, str) else {}))
     optimizer = make_optimizer(model, config, device.kind)
+    scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
     start_epoch, history = 0, []
     if resume is not None:
         try:
@@ -1371,8 +1498,12 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             # The restored state carries the old values; today's config wins (same values: no change).
             group.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
                          weight_decay=decay)
+        if resume.get("scaler") and scaler.is_enabled():  # fp16: continue the loss scale where it was
+            scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["config"]["epoch"]
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
+    position = (resume or {}).get("position")
+    position = position if position and position.get("epoch") == start_epoch else None
     model_config.run_id = model_config.run_id or os.urandom(8).hex()
     out_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if out_dir is not None and device.is_master:
@@ -1380,60 +1511,86 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         removed = remove_stale_temporaries(out_dir)
         if removed:
             log(f"removed {removed} temporary file{'s' * (removed > 1)} of interrupted saves in {out_dir}")
+        if history:  # a kill after last.pt but before metrics.jsonl: rewrite it from the checkpoint
+            write_metrics(out_dir / "metrics.jsonl", history)
     best = max(history, key=lambda h: h["val_top1"], default=None)
     if start_epoch >= config.epochs:
         log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train longer")
-    for epoch in range(start_epoch, config.epochs):
-        seed_everything(config.seed * 1000 + epoch, device)
-        for has_epochs in (train_loader, getattr(train_loader, "sampler", None)):
-            if hasattr(has_epochs, "set_epoch"):  # StoreLoader, DistributedSampler
-                has_epochs.set_epoch(epoch)
-        lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
-        result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
-                                 step_model, announce_first_step=epoch == start_epoch and (
-                                     bool(config.compile) or device.kind == "xla"))
-        val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval,
-                       config.tta)
-        if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
-            # The last step's update can break the weights after a finite loss: never save those.
-            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
-                                   f"{config.lr} per 256 images) or use --precision fp32; checkpoints of "
-                                   f"earlier epochs are kept")
-        record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
-                  "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                  "val_top5": val["top5"], "val_images": val["images"], "val_tta": config.tta,
-                  "train_images": result["images"],
-                  "lr": lr, "epoch_seconds": result["seconds"],
-                  "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
-                  "elapsed_seconds": time.perf_counter() - run_start}
-        if device.world_size > 1:
-            record["processes"] = device.world_size
-            record["replica_weight_checksums"] = replica_checksums(model, device)
-        compiles = xla_compile_count()
-        if compiles is not None:
-            record["xla_compiles"] = compiles
-        history.append(record)
-        improved = best is None or val["top1"] > best["val_top1"]
-        best = record if improved else best
-        left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
-        log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
-            f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
-            f"{'(flip TTA) ' if config.tta else ''}| lr {lr:.4g} | {result['seconds']:.1f}s "
-            f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
+
+    def save(path, **extra):
+        model_config.best_top1, model_config.best_epoch = (best["val_top1"], best["epoch"]) if best else (None, None)
+        save_checkpoint(path, model=model, optimizer=optimizer, config=model_config, train_config=config,
+                        history=history, examples=examples, cli_args=cli_args, scaler=scaler, **extra)
+
+    def save_position(where, stop):  # mid-epoch: last.pt with the position; history and best.pt as they are
         if out_dir is not None and device.is_master:
-            model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
-            model_config.best_top1, model_config.best_epoch = best["val_top1"], best["epoch"]
-            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, config=model_config,
-                                     train_config=config, history=history, examples=examples,
-                                     cli_args=cli_args)
-            # best.pt first: a crash between the two writes then never loses the best epoch;
-            # metrics.jsonl last, rewritten whole from the history, so it holds each epoch once.
-            if improved:
-                save(out_dir / "best.pt")
-                atomic_copy(out_dir / "best.pt", out_dir / "last.pt")
-            else:
-                save(out_dir / "last.pt")
-            write_metrics(out_dir / "metrics.jsonl", history)
+            model_config.epoch = epoch
+            save(out_dir / "last.pt", position={"epoch": epoch, **where})
+        if stop:
+            if device.distributed == "ddp":
+                import torch.distributed as dist
+                dist.barrier()  # the others wait until rank 0 has written last.pt
+            signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
+            raise Stopped(f"stopped by {signal.Signals(signum).name} after step {where['step']} of epoch "
+                          f"{epoch + 1}" + (f": saved in {out_dir / 'last.pt'}; continue with --resume"
+                                            if out_dir is not None else ""), signum)
+        log(f"saved the position (epoch {epoch + 1} step {where['step']}) in {out_dir / 'last.pt'}")
+
+    with _graceful_stop():
+        for epoch in range(start_epoch, config.epochs):
+            seed_everything(config.seed * 1000 + epoch, device)
+            for has_epochs in (train_loader, getattr(train_loader, "sampler", None)):
+                if hasattr(has_epochs, "set_epoch"):  # StoreLoader, DistributedSampler
+                    has_epochs.set_epoch(epoch)
+            lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
+            result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
+                                     step_model, announce_first_step=epoch == start_epoch and (
+                                         bool(config.compile) or device.kind == "xla"), scaler=scaler,
+                                     position=position if epoch == start_epoch else None,
+                                     save_position=save_position, save_every=config.save_every * 60)
+            average_buffers(model, device)  # validate the BatchNorm statistics that are saved
+            val = evaluate(model, val_loader, device, model_config, config.precision, log, config.log_interval,
+                           config.tta)
+            if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
+                # The last step's update can break the weights after a finite loss: never save those.
+                raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
+                                       f"{config.lr} per 256 images) or use --precision fp32; checkpoints of "
+                                       f"earlier epochs are kept")
+            record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
+                      "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
+                      "val_top5": val["top5"], "val_images": val["images"], "val_tta": config.tta,
+                      "train_images": result["images"],
+                      "lr": lr, "epoch_seconds": result["seconds"],
+                      "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
+                      "elapsed_seconds": time.perf_counter() - run_start}
+            if device.world_size > 1:
+                record["processes"] = device.world_size
+                record["replica_weight_checksums"] = replica_checksums(model, device)
+            compiles = xla_compile_count()
+            if compiles is not None:
+                record["xla_compiles"] = compiles
+            history.append(record)
+            improved = best is None or val["top1"] > best["val_top1"]
+            best = record if improved else best
+            left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+            log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
+                f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
+                f"{'(flip TTA) ' if config.tta else ''}| lr {lr:.4g} | {result['seconds']:.1f}s "
+                f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
+            if out_dir is not None and device.is_master:
+                model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
+                # best.pt first: a crash between the two writes then never loses the best epoch;
+                # metrics.jsonl last, rewritten whole from the history, so it holds each epoch once
+                # (and rewritten at the next start, should a kill land before it).
+                if improved:
+                    save(out_dir / "best.pt")
+                    _crash_point("best.pt", epoch)
+                    atomic_copy(out_dir / "best.pt", out_dir / "last.pt")
+                else:
+                    save(out_dir / "last.pt")
+                _crash_point("last.pt", epoch)
+                write_metrics(out_dir / "metrics.jsonl", history)
+                _crash_point("metrics.jsonl", epoch)
     if history and device.is_master:
         log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 {best['val_top1']:.4f} "
             f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
@@ -1554,7 +1711,7 @@ def _to_cpu(obj):
 
 
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None,
-                    cli_args=None):
+                    cli_args=None, scaler=None):
     """Write a self-describing checkpoint atomically (see atomic_torch_save): the ModelConfig, the
     weights, the optimizer state, the TrainConfig, the per-epoch metrics so far (`history`),
     a few small uint8 validation images for the demo (`examples`: {"images", "labels"}) and the
@@ -1569,6 +1726,7 @@ def save_checkpoint(path, model, optimizer, config, train_config=None, history=N
         "history": list(history or []),
         "examples": _to_cpu(examples) if examples is not None else None,
         "args": dict(cli_args or {}),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "torch_version": str(torch.__version__),
     }
     atomic_torch_save(checkpoint, path)
@@ -1755,14 +1913,18 @@ def build_parser():
     t.add_argument("--seed", type=int, default=defaults.seed,
                    help="seeds data order, augmentation, init, dropout and --subset")
     t.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
-                   help="auto = bf16 autocast on CUDA GPUs with bf16, TPUs and CPUs with native bf16 "
-                        "(avx512_bf16 / AMX), else fp32; weights and optimizer stay fp32")
+                   help="auto = bf16 autocast where the hardware runs it natively (CUDA compute capability "
+                        "8.0+, TPUs, CPUs with avx512_bf16 / AMX), fp16 autocast + GradScaler on older CUDA "
+                        "GPUs, else fp32; weights and optimizer stay fp32")
     t.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="channels_last memory format (default: on for CUDA and CPU, off on XLA)")
     t.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (default: off; a one-off compile of minutes)")
     t.add_argument("--log-interval", type=number(int, 0), default=defaults.log_interval,
-                   help="steps between progress lines (0 = epoch lines only)")
+                   help="steps between progress lines, and one at least every ~30 s (0 = epoch lines only)")
+    t.add_argument("--save-every", type=number(float, 0), default=defaults.save_every, metavar="MINUTES",
+                   help="also save the position within the epoch to last.pt this often (0 = at epoch ends; "
+                        "SIGTERM and Ctrl-C always save it)")
 
     r = p.add_argument_group("device, scale-out, checkpoints")
     r.add_argument("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
@@ -1888,9 +2050,13 @@ def _run(args, checkpoint, config, device, log):
     if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
         log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
             f"(> {checkpoint['config']['epoch']}) to train longer")
+        if device.is_master and checkpoint.get("history"):  # a kill after last.pt, before metrics.jsonl
+            write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint.get("history") or []
     if args.sync_bn and device.kind != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on GPUs)")
+    if config.precision == "fp16" and device.kind == "xla":
+        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 (--precision auto)")
     torch.manual_seed(config.seed)
     info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
     num_classes = len(info.class_names)
@@ -1918,7 +2084,8 @@ def _run(args, checkpoint, config, device, log):
     if device.world_size > 1:
         where += (f", {device.world_size} processes: global batch {config.batch_size * device.world_size}, "
                   f"peak lr {peak_lr(config, device.world_size):.4g}")
-    log(f"device: {where}; precision {precision}; model {args.arch}: "
+    log(f"device: {where}; precision {precision}{' (autocast + GradScaler)' if precision == 'fp16' else ''}; "
+        f"model {args.arch}: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
         f"{args.image_size}x{args.image_size} input")
     if device.kind == "cuda" and device.world_size == 1 and torch.cuda.device_count() > 1:
@@ -1939,7 +2106,8 @@ def _run(args, checkpoint, config, device, log):
     train_loader, val_loader = make_loaders(
         info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
         config.seed, cache_dir, args.skip_bad_images, device.rank, device.world_size, log,
-        need_train=not args.evaluate, store_device=store_device)
+        need_train=not args.evaluate, store_device=store_device,
+        device=device.torch_device if device.kind == "cuda" else None)
     if args.evaluate:
         model.to(device.torch_device)
         result = evaluate(model, val_loader, device, model_config, config.precision, tta=config.tta)
@@ -1973,6 +2141,7 @@ def _one_line(error):
 def main(argv=None):
     """Command-line entry point; returns the exit code (2 with one line on bad input, 1 when the
     loss diverged)."""
+    args = None
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
@@ -2002,14 +2171,19 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
             print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
         if int(os.environ.get("RANK", "0")) == 0:
-            print("interrupted: the last completed epoch is in last.pt; continue with --resume",
-                  file=sys.stderr)
+            print(f"interrupted: {last} holds the last saved epoch; continue with --resume" if last and last.exists()
+                  else "interrupted before any epoch was saved: nothing to resume", file=sys.stderr)
         return 130
 
 

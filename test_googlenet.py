@@ -179,6 +179,15 @@ def test_schedule_warms_up_then_decays_to_near_zero_per_step():
     assert g.learning_rate(paper, 17, 0, 10) == pytest.approx(0.1 * 0.96 ** 2)
 
 
+def test_warmup_never_exceeds_the_peak():
+    for epochs in range(1, 6):
+        for warmup in (0, 0.5, 1, 2, 3):
+            config = g.TrainConfig(epochs=epochs, warmup_epochs=warmup)
+            for steps in range(1, 13):
+                lrs = [g.learning_rate(config, e, s, steps) for e in range(epochs) for s in range(steps)]
+                assert max(lrs) <= g.peak_lr(config) * (1 + 1e-12), (epochs, warmup, steps)
+
+
 def test_no_weight_decay_on_batchnorm_and_biases():
     model = g.build_model("tiny", 10)
     optimizer = g.make_optimizer(model, g.TrainConfig(weight_decay=5e-4))
@@ -200,6 +209,48 @@ def test_precision_selection():
     assert g.resolve_precision("fp32", cpu) == "fp32" and g.resolve_precision("bf16", cpu) == "bf16"
     assert g.resolve_precision("auto", g.Device("xla", torch.device("cpu"))) == "bf16"  # a TPU
     assert g.resolve_precision("auto", g.Device("xla", torch.device("cpu"), note="on the CPU: PJRT_DEVICE=CPU")) == "fp32"
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_follows_the_compute_capability(capability, expected, monkeypatch):
+    # P100 / V100 / T4 emulate bf16 (is_bf16_supported() says True there): fp16 + GradScaler instead.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert g.resolve_precision("auto", g.Device("cuda", torch.device("cuda"))) == expected
+
+
+def _fp16_batches(n=16, size=16):
+    torch.manual_seed(0)
+    store = g.ImageStore(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.arange(n) % 4)
+    return store, g.ModelConfig("tiny", 4, list("abcd"), size, size, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_fp16_overflowing_steps_are_skipped_not_a_divergence():
+    store, mc = _fp16_batches()
+    model = g.build_model("tiny", 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = g.TrainConfig(epochs=1, batch_size=8, precision="fp16", log_interval=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # every fp16 gradient overflows
+    result = g.train_one_epoch(model, g.StoreLoader(store, 8, True), g.make_optimizer(model, config),
+                               g.Device("cpu", torch.device("cpu")), mc, config, 0, log=lambda *a: None,
+                               scaler=scaler)
+    assert math.isfinite(result["loss"]) and scaler.get_scale() == 2.0 ** 38  # two steps, both skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tmp_path, capsys):
+    # CPU fp16 kernels are slow (no fp16 convolutions here): 2 steps an epoch.
+    run = ["--dataset", "synthetic", "--image-size", 16, "--subset", 16, "--batch-size", 8, "--device", "cpu",
+           "--precision", "fp16", "--log-interval", 0, "--workers", 0]
+    code, out, _ = run_main(run + ["--epochs", 2, "--checkpoint-dir", tmp_path / "straight"], capsys)
+    assert code == 0 and "precision fp16 (autocast + GradScaler)" in out
+    assert run_main(run + ["--epochs", 1, "--checkpoint-dir", tmp_path / "split"], capsys)[0] == 0
+    assert run_main(["--resume", tmp_path / "split" / "last.pt", "--epochs", 2], capsys)[0] == 0
+    a, b = (g.load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "split"))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 4  # 4 steps, none skipped
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def _one_step_probe(precision, channels_last):
@@ -596,6 +647,77 @@ def test_train_loader_shards_disjoint_fixed_batches():
     assert not shards[0] & shards[1]
 
 
+@pytest.mark.parametrize("crop", ["pad", "resized"])
+def test_one_process_batches_are_the_shuffle_and_crops_of_seed_and_epoch(crop):
+    # The order and augmentation a single process has always drawn (resumed runs depend on it):
+    # one generator from (seed, epoch), the permutation first, then each batch's crop parameters.
+    store = g.ImageStore(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
+    loader = g.StoreLoader(store, 8, train=True, seed=3, crop=crop)
+    loader.set_epoch(2)
+    generator = torch.Generator().manual_seed(3 * 100_003 + 2)
+    order = torch.randperm(40, generator=generator)
+    for b, (images, labels, params) in enumerate(loader):
+        index = order[b * 8:(b + 1) * 8]
+        assert torch.equal(labels, index) and torch.equal(images, store.images[index])
+        assert torch.equal(params, g.random_crop_params(generator, 8, 8, crop))
+    assert b == 4
+
+
+CROPS_PER_RANK = """
+import json, sys, torch, googlenet as g
+device = g.make_device("cpu")
+store = g.ImageStore(torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64))
+loader = g.StoreLoader(store, 8, True, seed=0, rank=device.rank, world_size=device.world_size)
+loader.set_epoch(1)
+batches = list(loader)
+json.dump({"images": [i for b in batches for i in b[1].tolist()], "params": [b[2].tolist() for b in batches]},
+          open(sys.argv[1] + f"/rank{device.rank}.json", "w"))
+"""
+
+
+def test_torchrun_ranks_draw_their_own_crops_from_one_shuffle(tmp_path):
+    script = tmp_path / "crops.py"
+    script.write_text(CROPS_PER_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]["images"] + ranks[1]["images"]) == list(range(64))  # every image once
+    assert ranks[0]["params"] != ranks[1]["params"]
+    # Rank 0 draws what a single process draws.
+    single = g.StoreLoader(g.ImageStore(torch.zeros(64, 3, 8, 8, dtype=torch.uint8), torch.arange(64)), 8, True)
+    single.set_epoch(1)
+    assert [b[2].tolist() for b in single][:4] == ranks[0]["params"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_steps_never_wait_for_the_device():
+    import itertools
+    device = g.make_device("cuda")
+    store = g.ImageStore(torch.randint(0, 256, (256, 3, 64, 64), dtype=torch.uint8).cuda(),
+                         (torch.arange(256) % 10).cuda())
+    mc = g.ModelConfig("tiny", 10, list("abcdefghij"), 64, 64, (0.5,) * 3, (0.25,) * 3)
+    config = g.TrainConfig(epochs=1, batch_size=32, log_interval=0)
+    model = g.build_model("tiny", 10).cuda().to(memory_format=torch.channels_last).train()
+    optimizer = g.make_optimizer(model, config, "cuda")
+    precision = g.resolve_precision("auto", device)
+    scaler, sums = g.make_grad_scaler(precision, device), g.zeros_on(device, 5)
+    batches = g.device_batches(g.StoreLoader(store, 32, True, device=device.torch_device), device)
+    step = lambda batch: g.train_step(model, optimizer, scaler, batch, sums, mc, config, device,  # noqa: E731
+                                      precision, True)
+    step(next(batches))  # warm-up: cudnn.benchmark picks its algorithms
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, batch in enumerate(itertools.islice(batches, 4)):
+            g.set_lr(optimizer, g.learning_rate(config, 0, i + 1, 8))
+            step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sums[3].item() == 5 * 32 and sums[4].item() == 0
+
+
 # --- data: image folder ---------------------------------------------------------------------------
 
 def _write_folder(root, classes=("cat", "dog"), per_class=12, split_names=("train", "val")):
@@ -968,7 +1090,7 @@ def test_several_cpu_xla_processes_point_to_torchrun(tmp_path):
 # --- scale-out: torchrun + DistributedDataParallel (2 real gloo processes on the CPU) --------------
 
 DDP_RUN = ["--device", "cpu", "--dataset", "synthetic", "--image-size", 16, "--subset", 128,
-           "--batch-size", 16, "--log-interval", 0, "--workers", 0]
+           "--batch-size", 16, "--log-interval", 0, "--workers", 0, "--precision", "fp32"]
 
 
 @pytest.mark.slow
@@ -990,6 +1112,14 @@ def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path):
     # (channels_last on the ranks, contiguous here: another summation order, 1e-8 apart)
     assert sum(p.detach().abs().sum().double() for p in model.parameters()).item() == pytest.approx(a, rel=1e-7)
     assert not list(tmp_path.glob(".*.tmp"))
+    # What the 2 processes logged as validation is the saved model's (BatchNorm statistics included).
+    best = max(records, key=lambda r: r["val_top1"])
+    check = subprocess.run([sys.executable, str(HERE / "googlenet.py"), "--resume", str(tmp_path / "best.pt"),
+                            "--evaluate", "--device", "cpu", "--workers", "0"],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert check.returncode == 0, check.stderr[-2000:]
+    loss, top1 = (float(check.stdout.split(f"{name} ")[1].split()[0]) for name in ("val loss", "top1"))
+    assert abs(loss - best["val_loss"]) <= 1.5e-4 and abs(top1 - best["val_top1"]) <= 1e-4
     # 2 -> 1 process: the epoch count and the schedule continue (at the new global batch)
     code = subprocess.run([sys.executable, str(HERE / "googlenet.py"), "--resume", str(tmp_path / "last.pt"),
                            "--epochs", "3", "--device", "cpu", "--workers", "0"],
@@ -1055,6 +1185,72 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert not list(crashed.glob(".*.tmp"))  # stale temporaries removed at start, none left
+
+
+def _run_records(folder):
+    timing = ("epoch_seconds", "train_images_per_second", "elapsed_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a, b):
+    a, b = g.load_checkpoint(a), g.load_checkpoint(b)
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_kill_9_inside_each_write_window_then_resume_is_consistent(tmp_path):
+    run = [sys.executable, str(HERE / "googlenet.py")] + [str(a) for a in CRASH_RUN[:-1]] + ["3"]
+    straight = tmp_path / "straight"
+    subprocess.run(run + ["--checkpoint-dir", str(straight)], env=CRASH_ENV, check=True, capture_output=True,
+                   timeout=300, cwd=HERE)
+    for window in ("best.pt:1", "last.pt:3", "metrics.jsonl:3"):  # epoch 1 always improves: best.pt
+        folder = tmp_path / window.replace(":", "-")
+        killed = subprocess.run(run + ["--checkpoint-dir", str(folder)], env={**CRASH_ENV, "GOOGLENET_KILL_AFTER": window},
+                                capture_output=True, timeout=300, cwd=HERE)
+        assert killed.returncode == -9, window
+        newest = folder / "last.pt" if (folder / "last.pt").exists() else folder / "best.pt"  # epoch 1: best.pt only
+        resumed = subprocess.run(run + ["--checkpoint-dir", str(folder), "--resume", str(newest)],
+                                 env=CRASH_ENV, capture_output=True, text=True, timeout=300, cwd=HERE)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert _run_records(folder) == _run_records(straight), window
+        assert _same_weights(folder / "last.pt", straight / "last.pt")
+        assert _same_weights(folder / "best.pt", straight / "best.pt")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_resume_ends_bit_identical(tmp_path):
+    import signal
+    run = [sys.executable, str(HERE / "googlenet.py")] + [str(a) for a in CRASH_RUN] + ["--log-interval", "1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    subprocess.run(run + ["--checkpoint-dir", str(straight)], env=CRASH_ENV, check=True, capture_output=True,
+                   timeout=300, cwd=HERE)
+    process = subprocess.Popen(run + ["--checkpoint-dir", str(stopped)], env=CRASH_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in process.stdout:  # 4 steps an epoch: now in the middle of epoch 2, 4 epochs to go
+        if line.startswith("epoch 2 step 2/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "stopped by SIGTERM after step" in err and "--resume" in err
+    position = g.load_checkpoint(stopped / "last.pt")["position"]
+    assert position["epoch"] in (1, 2) and 1 <= position["step"] < 4
+    assert [r["epoch"] for r in _run_records(stopped)] == list(range(1, position["epoch"] + 1))
+    resumed = subprocess.run(run + ["--checkpoint-dir", str(stopped), "--resume", str(stopped / "last.pt")],
+                             env=CRASH_ENV, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"epoch {position['epoch'] + 1} step {position['step']}/" not in resumed.stdout  # not trained again
+    assert _run_records(stopped) == _run_records(straight)
+    assert _same_weights(stopped / "last.pt", straight / "last.pt")
+
+
+def test_ctrl_c_before_any_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(g, "load_dataset", interrupted)  # Ctrl-C while the data is being read
+    code, _, err = run_main(["--dataset", "synthetic", "--device", "cpu", "--checkpoint-dir", tmp_path / "run"], capsys)
+    assert code == 130 and "nothing to resume" in err and "last.pt" not in err
 
 
 # --- torch.compile --------------------------------------------------------------------------------
