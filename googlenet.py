@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem with the user's input; `str(error)` is one line that says what to do."""
+    everywhere = False  # raised by every process at once, from a decision they took together
 
 
 class CheckpointError(UserError):
@@ -397,29 +398,23 @@ def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD
     """Fetch the official zip, check its md5, extract it under a temporary name, then rename, so an
     interrupted download or extraction never leaves a folder that looks complete. A no-op when
     the data is already there."""
-    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+    from torchvision.datasets.utils import download_and_extract_archive
     data_dir = Path(data_dir)
+    target, partial = data_dir / "tiny-imagenet-200", data_dir / ".tiny-imagenet-200.partial"
     if find_tiny_imagenet(data_dir):
         return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    archive = data_dir / "tiny-imagenet-200.zip"
-    print(f"downloading {url} to {data_dir}", flush=True)
-    try:
-        download_url(url, str(data_dir), filename=archive.name)  # md5 checked below, with a clear message
-    except Exception as e:  # network errors come in many types; the message is what matters
-        raise UserError(f"downloading Tiny ImageNet failed ({e}); check the connection and retry") from None
-    if not check_integrity(str(archive), md5):
-        archive.unlink(missing_ok=True)
-        raise UserError(f"{url} gave a file whose md5 is not {md5}; removed it, retry the download")
-    partial = data_dir / ".tiny-imagenet-200.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    extract_archive(str(archive), str(partial))
-    target = data_dir / "tiny-imagenet-200"
     if target.exists():
         raise UserError(f"{target} exists but is incomplete (no wnids.txt): remove it and run again")
-    os.replace(partial / "tiny-imagenet-200", target)
     shutil.rmtree(partial, ignore_errors=True)
-    archive.unlink()
+    try:
+        download_and_extract_archive(url, str(data_dir), str(partial), target.name + ".zip", md5,
+                                     remove_finished=True)
+    except Exception as e:  # network errors come in many types; the message is what matters
+        (data_dir / (target.name + ".zip")).unlink(missing_ok=True)  # partial, or not the md5's file
+        raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection, and "
+                        f"that the zip's md5 is {md5}, and retry") from None
+    os.replace(partial / target.name, target)
+    shutil.rmtree(partial)
 
 
 def load_tiny_imagenet(data_dir, download=False):
@@ -1070,6 +1065,26 @@ def all_reduce_sum(tensor, device):
     tensor = tensor.clone()
     dist.all_reduce(tensor)
     return tensor
+
+
+def first_on_each_node(device, fn):
+    """fn(True) on this node's first process, then fn(False) on the others once it has finished: a
+    download into files that every process would otherwise write and delete at once. A UserError
+    there stops every process, not only the first."""
+    if device.distributed != "ddp":
+        return fn(True)
+    first, error, result = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    if first:
+        try:
+            result = fn(True)
+        except UserError as e:
+            error = e
+    # An all_reduce, not a barrier: it also tells the waiting processes whether the first succeeded.
+    if all_reduce_sum(zeros_on(device, 1) + (error is not None), device).item():
+        error = error or UserError("the first process of a node failed to prepare the data: see its message")
+        error.everywhere = True
+        raise error
+    return result if first else fn(False)
 
 
 def optimizer_step(optimizer, device):
@@ -1871,13 +1886,7 @@ def run(args, checkpoint=None):
         checkpoint = load_checkpoint(args.resume)
     config = train_config_from(args)
     device = make_device(args.device)
-    log = _log_master(device)
-    try:
-        return _run(args, checkpoint, config, device, log)
-    finally:
-        if device.distributed == "ddp":
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    return _run(args, checkpoint, config, device, _log_master(device))  # main() closes the process group
 
 
 def _run(args, checkpoint, config, device, log):
@@ -1892,7 +1901,8 @@ def _run(args, checkpoint, config, device, log):
     if args.sync_bn and device.kind != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on GPUs)")
     torch.manual_seed(config.seed)
-    info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
+    info = first_on_each_node(device, lambda first: load_dataset(args.dataset, args.data_dir, args.image_size,
+                                                                 args.download and first))
     num_classes = len(info.class_names)
     options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
     if checkpoint is not None:  # the weights decide the model's shape, not today's flags
@@ -1929,12 +1939,13 @@ def _run(args, checkpoint, config, device, log):
     loader, store_device = args.loader, None
     if loader == "fast":
         # Decide before decoding: a store that cannot fit would be killed for memory hours in.
-        needed, available = store_bytes(info, args.subset), available_memory_bytes()
+        one, available = store_bytes(info, args.subset), available_memory_bytes()
+        needed = one * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process on this host decodes its own
         if available is not None and needed > 0.7 * available:
             loader = "torch"
-            log(f"the decoded uint8 store would take {needed / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB "
-                f"available: using --loader torch (per-sample decoding) instead")
-        elif device.kind == "cuda" and needed < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
+            log(f"the decoded uint8 stores (one per process on this host) would take {needed / 2**30:.1f} GiB "
+                f"of the {available / 2**30:.1f} GiB available: using --loader torch (per-sample decoding) instead")
+        elif device.kind == "cuda" and one < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
             store_device = device.torch_device  # fits on the GPU: keep it there
     train_loader, val_loader = make_loaders(
         info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
@@ -1973,6 +1984,7 @@ def _one_line(error):
 def main(argv=None):
     """Command-line entry point; returns the exit code (2 with one line on bad input, 1 when the
     loss diverged)."""
+    import torch.distributed as dist
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
@@ -2004,13 +2016,18 @@ def main(argv=None):
         return 1
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
+            dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 2
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
             print("interrupted: the last completed epoch is in last.pt; continue with --resume",
                   file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Real data comes from ../shared/data (or $GOOGLENET_SHARED_DATA); tests that need it skip
 cleanly without it. Everything else writes fixtures in the real on-disk formats."""
 
+import contextlib
 import json
 import math
 import os
@@ -413,8 +414,9 @@ def test_tiny_imagenet_fixture_val_labels_match_train(tmp_path):
     assert store.images.shape == (6, 3, 64, 64)  # grayscale val JPEGs became RGB
 
 
-def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
-    """The real download code against a local HTTP server serving a zip in the official layout."""
+@contextlib.contextmanager
+def _serve_tiny_imagenet(tmp_path):
+    """A local HTTP server serving a zip in the official layout: (url, md5, requests it answered)."""
     import hashlib
     import http.server
     import threading
@@ -425,12 +427,28 @@ def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
     with zipfile.ZipFile(served / "tiny-imagenet-200.zip", "w") as z:
         for f in sorted(source.rglob("*")):
             z.write(f, f.relative_to(source.parent))
-    md5 = hashlib.md5((served / "tiny-imagenet-200.zip").read_bytes()).hexdigest()
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *a):
+            requests.append(a)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip"
     try:
+        yield (f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip",
+               hashlib.md5((served / "tiny-imagenet-200.zip").read_bytes()).hexdigest(), requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
+    """The real download code against a local HTTP server."""
+    with _serve_tiny_imagenet(tmp_path) as (url, md5, requests):
         data = tmp_path / "data"
         with pytest.raises(g.UserError, match="md5"):
             g.download_tiny_imagenet(data, url=url, md5="0" * 32)
@@ -439,10 +457,44 @@ def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
         info = g.load_tiny_imagenet(data)
         assert info.class_ids == ["n01", "n02", "n03"] and len(info.val) == 6
         assert [p.name for p in data.iterdir()] == ["tiny-imagenet-200"]  # zip and temp folder gone
-        server.shutdown()
+        answered = len(requests)
         g.download_tiny_imagenet(data, url=url, md5=md5)  # already there: no request made
-    finally:
-        server.server_close()
+        assert len(requests) == answered
+
+
+def _torchrun(argv, setup="", env=None, timeout=300, launcher=()):
+    """Two processes of googlenet.main(argv) under torchrun (gloo on the CPU), each running `setup`
+    first (with `g` the module)."""
+    script = Path(argv[argv.index("--checkpoint-dir") + 1]).parent / "launch.py"
+    script.write_text(f"import sys\nimport googlenet as g\n{setup}\nsys.exit(g.main(sys.argv[1:]))\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *launcher, script, *argv]
+    return subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **(env or {})})
+
+
+def test_torchrun_downloads_once_per_node_and_counts_every_process_for_memory(tmp_path):
+    with _serve_tiny_imagenet(tmp_path) as (url, md5, requests):
+        g.download_tiny_imagenet(tmp_path / "alone", url=url, md5=md5)
+        one_download = len(requests)
+        data = tmp_path / "data"
+        argv = ["--dataset", "tiny", "--data-dir", data, "--download", "--device", "cpu", "--image-size", 16,
+                "--epochs", 1, "--batch-size", 4, "--workers", 0, "--log-interval", 0,
+                "--checkpoint-dir", tmp_path / "run"]
+        # One store (18 images of 64x64x3) fits in 70% of this, two do not.
+        setup = ("import functools\ng.available_memory_bytes = lambda: 500_000\n"
+                 "g.download_tiny_imagenet = functools.partial(g.download_tiny_imagenet, url={!r}, md5={!r})")
+        result = _torchrun(argv, setup.format(url, "0" * 32))  # a failed download on local rank 0
+        assert result.returncode != 0 and len(requests) == 2 * one_download, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "md5" in errors[0], result.stderr[-3000:]
+        assert g.find_tiny_imagenet(data) is None
+        result = _torchrun(argv, setup.format(url, md5))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert len(requests) == 3 * one_download  # local rank 0 downloaded, the other waited
+    assert g.load_tiny_imagenet(data).class_ids == ["n01", "n02", "n03"]
+    assert "(one per process on this host) would take" in result.stdout and "using --loader torch" in result.stdout
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 @needs_tiny
