@@ -622,17 +622,46 @@ def _store_cache_path(cache_dir, dataset, split_name, split, size):
     return Path(cache_dir) / f"{dataset}-{split_name}-{size}px-{h.hexdigest()[:16]}.pt"
 
 
+def _decode_split(split, size, workers, skip_bad_images, split_name, log, out=None):
+    """Decode every image of a Split at size x size, each into the next row of `out` (uint8
+    [N, 3, size, size]) when given: no list of decoded images beside it, so a store is never held
+    twice. Returns the indices of the images that decoded; a bad one is an error, or with
+    skip_bad_images left out, with one warning for all of them."""
+    jobs = ((source, size) for source in (split.files if split.files is not None else map(_pil, split.arrays)))
+    pool = None
+    if workers > 1 and len(split) > 2000 and split.files is not None:
+        # fork on Linux: the workers only run PIL, and a script without an `if __name__ ==
+        # "__main__":` guard works (spawn would re-run that script in every worker and fail).
+        # Elsewhere spawn is the safe choice, and such a script needs the guard.
+        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    results = pool.imap(_decode_for_store, jobs, chunksize=256) if pool else map(_decode_for_store, jobs)
+    keep, errors = [], []
+    with pool or contextlib.nullcontext():
+        for i, (array, error) in enumerate(results):
+            if error is not None:
+                errors.append(error)
+                continue
+            if out is not None:
+                out[len(keep)] = array
+            keep.append(i)
+    if errors and not skip_bad_images:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
+    if errors:
+        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
+    return keep
+
+
 def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, dataset="data",
                 split_name="train", log=print):
     """Decode a Split once into an ImageStore (uint8, size x size). With cache_dir, the store is
     saved there (atomically) and reused while the source files are unchanged."""
-    if split.arrays is not None:
-        images = torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous()
-        if images.shape[-1] != size:
-            images = torch.stack([decode_image(_pil(a), size) for a in split.arrays])
-        return ImageStore(images, torch.tensor(split.labels, dtype=torch.int64))
-
-    cache_path = _store_cache_path(cache_dir, dataset, split_name, split, size) if cache_dir else None
+    labels = torch.tensor(split.labels, dtype=torch.int64)
+    if split.arrays is not None and split.arrays.shape[1] == size:
+        return ImageStore(torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous(),
+                          labels)
+    cache_path = _store_cache_path(cache_dir, dataset, split_name, split, size) \
+        if cache_dir and split.files is not None else None
     if cache_path is not None and cache_path.is_file():
         try:
             cached = torch.load(cache_path, weights_only=True)
@@ -642,31 +671,9 @@ def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, d
             log(f"warning: ignoring unreadable cache {cache_path} ({e})")
 
     start = time.perf_counter()
-    jobs = [(f, size) for f in split.files]
-    if workers > 1 and len(jobs) > 2000:
-        # fork on Linux: the workers only run PIL, and a script without an `if __name__ ==
-        # "__main__":` guard works (spawn would re-run that script in every worker and fail).
-        # Elsewhere spawn is the safe choice, and such a script needs the guard.
-        method = "fork" if sys.platform == "linux" else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            results = pool.map(_decode_for_store, jobs, chunksize=256)
-    else:
-        results = [_decode_for_store(job) for job in jobs]
-    images = np.empty((len(jobs), 3, size, size), dtype=np.uint8)
-    keep, errors = [], []
-    for i, (array, error) in enumerate(results):
-        if error is not None:
-            errors.append(error)
-            continue
-        images[len(keep)] = array
-        keep.append(i)
-    if errors and not skip_bad_images:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
-    if errors:
-        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
-    store = ImageStore(torch.from_numpy(images[:len(keep)]),
-                       torch.tensor([split.labels[i] for i in keep], dtype=torch.int64))
+    images = np.empty((len(split), 3, size, size), dtype=np.uint8)
+    keep = _decode_split(split, size, workers, skip_bad_images, split_name, log, out=images)
+    store = ImageStore(torch.from_numpy(images[:len(keep)]), labels[keep])
     seconds = time.perf_counter() - start
     log(f"{split_name}: decoded {len(store)} images to {size}x{size} in {seconds:.1f}s "
         f"({store.images.numel() / 2**20:.0f} MiB uint8)")

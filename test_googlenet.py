@@ -570,6 +570,26 @@ def test_bad_image_named_or_skipped(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_build_store_holds_one_copy_while_decoding(tmp_path):
+    """The peak memory of decoding 400 images is one store's, not a list of images plus the store."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    script = tmp_path / "peak.py"
+    script.write_text(
+        "import re, sys, googlenet as g\n"
+        "def kib(field):\n"
+        "    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "split = g.Split([0] * 400, files=[sys.argv[1]] * 400)\n"
+        "g.build_store(g.Split([0] * 8, files=split.files[:8]), 128, log=print)  # warm up\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # restart the peak (VmHWM) from here\n"
+        "before = kib('VmRSS')\n"
+        "store = g.build_store(split, 128, log=print)\n"
+        "print('ratio', (kib('VmHWM') - before) * 1024 / store.images.numel())\n")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "a.png")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("ratio")[1]) < 1.5, result.stdout
+
+
 @needs_tiny
 def test_build_store_with_workers_from_a_script_without_a_main_guard(tmp_path):
     script = tmp_path / "decode.py"
