@@ -310,7 +310,9 @@ class Split:
             members = np.flatnonzero(labels == c)
             take = min(len(members), per_class + (k < extra))
             picked.append(rng.choice(members, take, replace=False))
-        index = np.sort(np.concatenate(picked))
+        return self.take(np.sort(np.concatenate(picked)))
+
+    def take(self, index):
         return Split([self.labels[i] for i in index],
                      [self.files[i] for i in index] if self.files is not None else None,
                      self.arrays[index] if self.arrays is not None else None)
@@ -854,10 +856,9 @@ class PILDataset(torch.utils.data.Dataset):
     resizes are torchvision's transforms on uint8 tensors without antialiasing, the same
     bilinear resampling the fast path and evaluation use."""
 
-    def __init__(self, split, info, image_size, train, crop="pad", skip_bad_images=False):
+    def __init__(self, split, info, image_size, train, crop="pad"):
         from torchvision.transforms import v2 as T
         self.split, self.info, self.train, self.image_size = split, info, train, image_size
-        self.skip_bad_images = skip_bad_images
         s = info.source_size
         if crop == "pad":
             steps = [T.RandomCrop(s, padding=max(1, s // 8)), T.Resize(image_size, antialias=False)]
@@ -870,21 +871,16 @@ class PILDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         source = self.split.files[i] if self.split.files is not None else _pil(self.split.arrays[i])
-        label = self.split.labels[i]
         try:
             image = decode_image(source, self.info.source_size)
-        except ImageDecodeError as e:
-            if not self.skip_bad_images:
-                raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
-            # A fixed-size batch needs something here: a black image, counted as skipped.
-            return (torch.zeros(3, self.image_size, self.image_size), label,
-                    torch.zeros(4) if self.train else torch.tensor(0.0))
+        except ImageDecodeError as e:  # --skip-bad-images has dropped them from the split already
+            raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
         if self.train:
             image = self.augment(image)
         else:
             image = _resize(image[None], self.image_size)[0]
         x = _normalize(image[None].float(), self.info.mean, self.info.std)[0]
-        return x, label, torch.zeros(4) if self.train else torch.tensor(1.0)
+        return x, self.split.labels[i], torch.zeros(4) if self.train else torch.tensor(1.0)
 
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
@@ -898,18 +894,24 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
     host memory; a GPU when they fit there, so batches never cross the PCIe bus)."""
     train_split, val_split = info.train.subset(subset, seed), info.val.subset(subset, seed)
     if loader == "torch":
+        if skip_bad_images and info.train.files is not None:
+            # Dropped before training, as a batch has no place for a missing image. Checked at a
+            # small size: JPEGs then decode at a reduced scale, which still reads every byte.
+            if need_train:
+                train_split = train_split.take(_decode_split(train_split, 16, workers, True, "train", log))
+            val_split = val_split.take(_decode_split(val_split, 16, workers, True, "val", log))
         common = dict(batch_size=batch_size, num_workers=workers,
                       multiprocessing_context="spawn" if workers else None)
         # DistributedSampler: equal shards (drop_last), reshuffled per epoch from (seed, epoch) by
         # set_epoch. Workers are not persistent: they restart each epoch and take their seeds from
         # the global RNG, which the loop reseeds from (seed, epoch), so a resume draws the same batches.
-        dataset = PILDataset(train_split, info, image_size, True, crop, skip_bad_images)
+        dataset = PILDataset(train_split, info, image_size, True, crop)
         sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
                                                       drop_last=True)
         train = torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **common) \
             if need_train else None
         val = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop, skip_bad_images),
+            torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop),
                                     list(range(rank, len(val_split), world_size))),
             shuffle=False, persistent_workers=workers > 0, **common)
         if need_train and len(train) == 0:
@@ -1094,6 +1096,14 @@ def first_on_each_node(device, fn):
     return result if first else fn(False)
 
 
+def everyones(value, device):
+    """Every process's value of a scalar tensor, as a list on every process."""
+    if device.world_size == 1:
+        return [value.item()]
+    mine = F.one_hot(torch.tensor(device.rank), device.world_size).to(value.dtype).to(device.torch_device)
+    return all_reduce_sum(mine * value, device).tolist()
+
+
 def optimizer_step(optimizer, device):
     """Step; on several TPU cores xm.optimizer_step all-reduces the gradients first (DDP has
     already averaged them during backward)."""
@@ -1107,13 +1117,7 @@ def optimizer_step(optimizer, device):
 def replica_checksums(model, device):
     """Every process's sum of |weights| (a list on all ranks): equal values show the processes
     train one model."""
-    mine = torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum()
-    if device.world_size == 1:
-        return [mine.item()]
-    everyone = zeros_on(device, device.world_size).double()
-    everyone = everyone + F.one_hot(torch.tensor(device.rank), device.world_size).double().to(
-        device.torch_device) * mine
-    return all_reduce_sum(everyone, device).tolist()
+    return everyones(torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum(), device)
 
 
 def xla_compile_count():
@@ -1247,6 +1251,7 @@ def uses_channels_last(config, device):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
+    everywhere = True  # the processes decide together (train_one_epoch), or share the weights (train)
 
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
@@ -1292,6 +1297,8 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
                              labels.new_full((), n, dtype=torch.float32), bad])
         if step % check_every == 0 or step == steps:
             values = sums.tolist()  # the one host read per interval
+            if device.world_size > 1:  # stop together: one that went on would wait forever in a collective
+                values[4] = min((s for s in everyones(sums[4], device) if s), default=0)
             if values[4]:
                 raise TrainingDiverged(
                     f"the loss became non-finite at step {int(values[4])} of epoch {epoch + 1}: "
@@ -2018,15 +2025,12 @@ def main(argv=None):
                 return 0
         run(args, checkpoint)
         return 0
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
             print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
-        return 2
+        return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
             print("interrupted: the last completed epoch is in last.pt; continue with --resume",

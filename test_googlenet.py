@@ -566,8 +566,13 @@ def test_bad_image_named_or_skipped(tmp_path, capsys):
     code, out, err = run_main(torch_argv + ["--checkpoint-dir", tmp_path / "c"], capsys)
     assert code == 2 and "n01_broken.JPEG" in err and "--skip-bad-images" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    code, out, err = run_main(torch_argv + ["--skip-bad-images", "--checkpoint-dir", tmp_path / "d"], capsys)
+    code, out, err = run_main(argv + ["--loader", "torch", "--skip-bad-images", "--checkpoint-dir", tmp_path / "d"],
+                              capsys)
     assert code == 0, err
+    assert out.count("skipped 1 undecodable images in train") == 1
+    train, val = g.make_loaders(g.load_tiny_imagenet(tmp_path), 4, 32, loader="torch", skip_bad_images=True,
+                                log=lambda *a: None)
+    assert len(train.dataset) == 12 and str(bad) not in train.dataset.split.files  # dropped, not replaced
 
 
 def test_build_store_holds_one_copy_while_decoding(tmp_path):
@@ -1070,6 +1075,25 @@ def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and "processes" not in records[2]
     assert records[2]["lr"] == pytest.approx(g.learning_rate(g.TrainConfig(epochs=3, batch_size=16), 2, 0, 8))
+
+
+def test_torchrun_loss_non_finite_on_one_rank_stops_both_with_one_line_from_rank_0(tmp_path):
+    # Rank 1's third loss is infinite, rank 0's finite: they must still stop at the same step.
+    setup = ("import os\nloss, calls = g.googlenet_loss, []\n"
+             "def third_inf(*a, **k):\n"
+             "    calls.append(1)\n"
+             "    out = loss(*a, **k)\n"
+             "    return out._replace(total=out.total * float('inf')) if len(calls) == 3 else out\n"
+             "if os.environ['RANK'] == '1':\n"
+             "    g.googlenet_loss = third_inf\n")
+    logs = tmp_path / "logs"
+    result = _torchrun(DDP_RUN + ["--epochs", 1, "--checkpoint-dir", tmp_path / "run"], setup,
+                       launcher=["--redirects", "3", "--log-dir", logs])
+    assert result.returncode != 0
+    stderr = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert stderr.keys() == {"0", "1"}, result.stderr[-3000:]
+    assert stderr["0"].count("error:") == 1 and "non-finite at step 3 of epoch 1" in stderr["0"], stderr
+    assert "error:" not in stderr["1"] and "Traceback" not in stderr["0"] + stderr["1"], stderr
 
 
 # --- crashes: kill -9 at random moments, resume, and end bit-identical ----------------------------
