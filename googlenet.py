@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem with the user's input; `str(error)` is one line that says what to do."""
+    everywhere = False  # raised by every process at once, from a decision they took together
 
 
 class CheckpointError(UserError):
@@ -312,7 +313,9 @@ class Split:
             members = np.flatnonzero(labels == c)
             take = min(len(members), per_class + (k < extra))
             picked.append(rng.choice(members, take, replace=False))
-        index = np.sort(np.concatenate(picked))
+        return self.take(np.sort(np.concatenate(picked)))
+
+    def take(self, index):
         return Split([self.labels[i] for i in index],
                      [self.files[i] for i in index] if self.files is not None else None,
                      self.arrays[index] if self.arrays is not None else None)
@@ -400,29 +403,23 @@ def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD
     """Fetch the official zip, check its md5, extract it under a temporary name, then rename, so an
     interrupted download or extraction never leaves a folder that looks complete. A no-op when
     the data is already there."""
-    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+    from torchvision.datasets.utils import download_and_extract_archive
     data_dir = Path(data_dir)
+    target, partial = data_dir / "tiny-imagenet-200", data_dir / ".tiny-imagenet-200.partial"
     if find_tiny_imagenet(data_dir):
         return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    archive = data_dir / "tiny-imagenet-200.zip"
-    print(f"downloading {url} to {data_dir}", flush=True)
-    try:
-        download_url(url, str(data_dir), filename=archive.name)  # md5 checked below, with a clear message
-    except Exception as e:  # network errors come in many types; the message is what matters
-        raise UserError(f"downloading Tiny ImageNet failed ({e}); check the connection and retry") from None
-    if not check_integrity(str(archive), md5):
-        archive.unlink(missing_ok=True)
-        raise UserError(f"{url} gave a file whose md5 is not {md5}; removed it, retry the download")
-    partial = data_dir / ".tiny-imagenet-200.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    extract_archive(str(archive), str(partial))
-    target = data_dir / "tiny-imagenet-200"
     if target.exists():
         raise UserError(f"{target} exists but is incomplete (no wnids.txt): remove it and run again")
-    os.replace(partial / "tiny-imagenet-200", target)
     shutil.rmtree(partial, ignore_errors=True)
-    archive.unlink()
+    try:
+        download_and_extract_archive(url, str(data_dir), str(partial), target.name + ".zip", md5,
+                                     remove_finished=True)
+    except Exception as e:  # network errors come in many types; the message is what matters
+        (data_dir / (target.name + ".zip")).unlink(missing_ok=True)  # partial, or not the md5's file
+        raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection, and "
+                        f"that the zip's md5 is {md5}, and retry") from None
+    os.replace(partial / target.name, target)
+    shutil.rmtree(partial)
 
 
 def load_tiny_imagenet(data_dir, download=False):
@@ -630,17 +627,46 @@ def _store_cache_path(cache_dir, dataset, split_name, split, size):
     return Path(cache_dir) / f"{dataset}-{split_name}-{size}px-{h.hexdigest()[:16]}.pt"
 
 
+def _decode_split(split, size, workers, skip_bad_images, split_name, log, out=None):
+    """Decode every image of a Split at size x size, each into the next row of `out` (uint8
+    [N, 3, size, size]) when given: no list of decoded images beside it, so a store is never held
+    twice. Returns the indices of the images that decoded; a bad one is an error, or with
+    skip_bad_images left out, with one warning for all of them."""
+    jobs = ((source, size) for source in (split.files if split.files is not None else map(_pil, split.arrays)))
+    pool = None
+    if workers > 1 and len(split) > 2000 and split.files is not None:
+        # fork on Linux: the workers only run PIL, and a script without an `if __name__ ==
+        # "__main__":` guard works (spawn would re-run that script in every worker and fail).
+        # Elsewhere spawn is the safe choice, and such a script needs the guard.
+        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    results = pool.imap(_decode_for_store, jobs, chunksize=256) if pool else map(_decode_for_store, jobs)
+    keep, errors = [], []
+    with pool or contextlib.nullcontext():
+        for i, (array, error) in enumerate(results):
+            if error is not None:
+                errors.append(error)
+                continue
+            if out is not None:
+                out[len(keep)] = array
+            keep.append(i)
+    if errors and not skip_bad_images:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
+    if errors:
+        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
+    return keep
+
+
 def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, dataset="data",
                 split_name="train", log=print):
     """Decode a Split once into an ImageStore (uint8, size x size). With cache_dir, the store is
     saved there (atomically) and reused while the source files are unchanged."""
-    if split.arrays is not None:
-        images = torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous()
-        if images.shape[-1] != size:
-            images = torch.stack([decode_image(_pil(a), size) for a in split.arrays])
-        return ImageStore(images, torch.tensor(split.labels, dtype=torch.int64))
-
-    cache_path = _store_cache_path(cache_dir, dataset, split_name, split, size) if cache_dir else None
+    labels = torch.tensor(split.labels, dtype=torch.int64)
+    if split.arrays is not None and split.arrays.shape[1] == size:
+        return ImageStore(torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous(),
+                          labels)
+    cache_path = _store_cache_path(cache_dir, dataset, split_name, split, size) \
+        if cache_dir and split.files is not None else None
     if cache_path is not None and cache_path.is_file():
         try:
             cached = torch.load(cache_path, weights_only=True)
@@ -650,31 +676,9 @@ def build_store(split, size, workers=0, cache_dir=None, skip_bad_images=False, d
             log(f"warning: ignoring unreadable cache {cache_path} ({e})")
 
     start = time.perf_counter()
-    jobs = [(f, size) for f in split.files]
-    if workers > 1 and len(jobs) > 2000:
-        # fork on Linux: the workers only run PIL, and a script without an `if __name__ ==
-        # "__main__":` guard works (spawn would re-run that script in every worker and fail).
-        # Elsewhere spawn is the safe choice, and such a script needs the guard.
-        method = "fork" if sys.platform == "linux" else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            results = pool.map(_decode_for_store, jobs, chunksize=256)
-    else:
-        results = [_decode_for_store(job) for job in jobs]
-    images = np.empty((len(jobs), 3, size, size), dtype=np.uint8)
-    keep, errors = [], []
-    for i, (array, error) in enumerate(results):
-        if error is not None:
-            errors.append(error)
-            continue
-        images[len(keep)] = array
-        keep.append(i)
-    if errors and not skip_bad_images:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
-    if errors:
-        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
-    store = ImageStore(torch.from_numpy(images[:len(keep)]),
-                       torch.tensor([split.labels[i] for i in keep], dtype=torch.int64))
+    images = np.empty((len(split), 3, size, size), dtype=np.uint8)
+    keep = _decode_split(split, size, workers, skip_bad_images, split_name, log, out=images)
+    store = ImageStore(torch.from_numpy(images[:len(keep)]), labels[keep])
     seconds = time.perf_counter() - start
     log(f"{split_name}: decoded {len(store)} images to {size}x{size} in {seconds:.1f}s "
         f"({store.images.numel() / 2**20:.0f} MiB uint8)")
@@ -873,10 +877,9 @@ class PILDataset(torch.utils.data.Dataset):
     resizes are torchvision's transforms on uint8 tensors without antialiasing, the same
     bilinear resampling the fast path and evaluation use."""
 
-    def __init__(self, split, info, image_size, train, crop="pad", skip_bad_images=False):
+    def __init__(self, split, info, image_size, train, crop="pad"):
         from torchvision.transforms import v2 as T
         self.split, self.info, self.train, self.image_size = split, info, train, image_size
-        self.skip_bad_images = skip_bad_images
         s = info.source_size
         if crop == "pad":
             steps = [T.RandomCrop(s, padding=max(1, s // 8)), T.Resize(image_size, antialias=False)]
@@ -889,21 +892,16 @@ class PILDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         source = self.split.files[i] if self.split.files is not None else _pil(self.split.arrays[i])
-        label = self.split.labels[i]
         try:
             image = decode_image(source, self.info.source_size)
-        except ImageDecodeError as e:
-            if not self.skip_bad_images:
-                raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
-            # A fixed-size batch needs something here: a black image, counted as skipped.
-            return (torch.zeros(3, self.image_size, self.image_size), label,
-                    torch.zeros(4) if self.train else torch.tensor(0.0))
+        except ImageDecodeError as e:  # --skip-bad-images has dropped them from the split already
+            raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
         if self.train:
             image = self.augment(image)
         else:
             image = _resize(image[None], self.image_size)[0]
         x = _normalize(image[None].float(), self.info.mean, self.info.std)[0]
-        return x, label, torch.zeros(4) if self.train else torch.tensor(1.0)
+        return x, self.split.labels[i], torch.zeros(4) if self.train else torch.tensor(1.0)
 
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
@@ -918,18 +916,24 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
     CUDA device the fast path's training batches go to."""
     train_split, val_split = info.train.subset(subset, seed), info.val.subset(subset, seed)
     if loader == "torch":
+        if skip_bad_images and info.train.files is not None:
+            # Dropped before training, as a batch has no place for a missing image. Checked at a
+            # small size: JPEGs then decode at a reduced scale, which still reads every byte.
+            if need_train:
+                train_split = train_split.take(_decode_split(train_split, 16, workers, True, "train", log))
+            val_split = val_split.take(_decode_split(val_split, 16, workers, True, "val", log))
         common = dict(batch_size=batch_size, num_workers=workers,
                       multiprocessing_context="spawn" if workers else None)
         # DistributedSampler: equal shards (drop_last), reshuffled per epoch from (seed, epoch) by
         # set_epoch. Workers are not persistent: they restart each epoch and take their seeds from
         # the global RNG, which the loop reseeds from (seed, epoch), so a resume draws the same batches.
-        dataset = PILDataset(train_split, info, image_size, True, crop, skip_bad_images)
+        dataset = PILDataset(train_split, info, image_size, True, crop)
         sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
                                                       drop_last=True)
         train = torch.utils.data.DataLoader(dataset, sampler=sampler, drop_last=True, **common) \
             if need_train else None
         val = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop, skip_bad_images),
+            torch.utils.data.Subset(PILDataset(val_split, info, image_size, False, crop),
                                     list(range(rank, len(val_split), world_size))),
             shuffle=False, persistent_workers=workers > 0, **common)
         if need_train and len(train) == 0:
@@ -1099,6 +1103,34 @@ def all_reduce_sum(tensor, device):
     return tensor
 
 
+def first_on_each_node(device, fn):
+    """fn(True) on this node's first process, then fn(False) on the others once it has finished: a
+    download into files that every process would otherwise write and delete at once. A UserError
+    there stops every process, not only the first."""
+    if device.distributed != "ddp":
+        return fn(True)
+    first, error, result = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    if first:
+        try:
+            result = fn(True)
+        except UserError as e:
+            error = e
+    # An all_reduce, not a barrier: it also tells the waiting processes whether the first succeeded.
+    if all_reduce_sum(zeros_on(device, 1) + (error is not None), device).item():
+        error = error or UserError("the first process of a node failed to prepare the data: see its message")
+        error.everywhere = True
+        raise error
+    return result if first else fn(False)
+
+
+def everyones(value, device):
+    """Every process's value of a scalar tensor, as a list on every process."""
+    if device.world_size == 1:
+        return [value.item()]
+    mine = F.one_hot(torch.tensor(device.rank), device.world_size).to(value.dtype).to(device.torch_device)
+    return all_reduce_sum(mine * value, device).tolist()
+
+
 def optimizer_step(optimizer, device, scaler):
     """Step; on several TPU cores xm.optimizer_step all-reduces the gradients first (DDP has
     already averaged them during backward). The scaler (fp16 only; a no-op otherwise) unscales
@@ -1123,13 +1155,7 @@ def average_buffers(model, device):
 def replica_checksums(model, device):
     """Every process's sum of |weights| (a list on all ranks): equal values show the processes
     train one model."""
-    mine = torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum()
-    if device.world_size == 1:
-        return [mine.item()]
-    everyone = zeros_on(device, device.world_size).double()
-    everyone = everyone + F.one_hot(torch.tensor(device.rank), device.world_size).double().to(
-        device.torch_device) * mine
-    return all_reduce_sum(everyone, device).tolist()
+    return everyones(torch.stack([p.detach().abs().sum().double() for p in model.parameters()]).sum(), device)
 
 
 def xla_compile_count():
@@ -1271,6 +1297,7 @@ def uses_channels_last(config, device):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
+    everywhere = True  # the processes decide together (train_one_epoch), or share the weights (train)
 
 
 def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
@@ -1376,10 +1403,12 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
                    channels_last)
-        now = time.perf_counter()
-        on_time = config.log_interval and now - last_log >= 30
-        if step % check_every == 0 or step == steps or on_time:
+        now, check = time.perf_counter(), step % check_every == 0 or step == steps
+        on_time = config.log_interval and now - last_log >= 30 and (check or device.world_size == 1)
+        if check or on_time:
             values = sums.tolist()  # the one host read per interval
+            if device.world_size > 1:  # stop together: one that went on would wait forever in a collective
+                values[4] = min((s for s in everyones(sums[4], device) if s), default=0)
             if values[4]:
                 raise TrainingDiverged(
                     f"the loss became non-finite at step {int(values[4])} of epoch {epoch + 1}: "
@@ -1396,7 +1425,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
                     f"run {_clock(elapsed / step * (steps - step + steps * (config.epochs - epoch - 1)))}")
         if save_position is not None and step < steps:
             stop, save = STOP["signal"] is not None, bool(save_every) and now - last_save >= save_every
-            if device.world_size > 1 and (step % check_every == 0):  # every replica stops at one step
+            if device.world_size > 1 and check:  # every replica stops at the same step
                 stop, save = (bool(v) for v in all_reduce_sum(
                     torch.tensor([float(stop), float(save)]).to(device.torch_device), device).tolist())
             elif device.world_size > 1:
@@ -2033,13 +2062,7 @@ def run(args, checkpoint=None):
         checkpoint = load_checkpoint(args.resume)
     config = train_config_from(args)
     device = make_device(args.device)
-    log = _log_master(device)
-    try:
-        return _run(args, checkpoint, config, device, log)
-    finally:
-        if device.distributed == "ddp":
-            import torch.distributed as dist
-            dist.destroy_process_group()
+    return _run(args, checkpoint, config, device, _log_master(device))  # main() closes the process group
 
 
 def _run(args, checkpoint, config, device, log):
@@ -2058,7 +2081,8 @@ def _run(args, checkpoint, config, device, log):
     if config.precision == "fp16" and device.kind == "xla":
         raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 (--precision auto)")
     torch.manual_seed(config.seed)
-    info = load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
+    info = first_on_each_node(device, lambda first: load_dataset(args.dataset, args.data_dir, args.image_size,
+                                                                 args.download and first))
     num_classes = len(info.class_names)
     options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
     if checkpoint is not None:  # the weights decide the model's shape, not today's flags
@@ -2096,12 +2120,13 @@ def _run(args, checkpoint, config, device, log):
     loader, store_device = args.loader, None
     if loader == "fast":
         # Decide before decoding: a store that cannot fit would be killed for memory hours in.
-        needed, available = store_bytes(info, args.subset), available_memory_bytes()
+        one, available = store_bytes(info, args.subset), available_memory_bytes()
+        needed = one * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process on this host decodes its own
         if available is not None and needed > 0.7 * available:
             loader = "torch"
-            log(f"the decoded uint8 store would take {needed / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB "
-                f"available: using --loader torch (per-sample decoding) instead")
-        elif device.kind == "cuda" and needed < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
+            log(f"the decoded uint8 stores (one per process on this host) would take {needed / 2**30:.1f} GiB "
+                f"of the {available / 2**30:.1f} GiB available: using --loader torch (per-sample decoding) instead")
+        elif device.kind == "cuda" and one < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
             store_device = device.torch_device  # fits on the GPU: keep it there
     train_loader, val_loader = make_loaders(
         info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
@@ -2141,6 +2166,7 @@ def _one_line(error):
 def main(argv=None):
     """Command-line entry point; returns the exit code (2 with one line on bad input, 1 when the
     loss diverged)."""
+    import torch.distributed as dist
     args = None
     try:
         args, checkpoint = parse_args(argv)
@@ -2168,23 +2194,25 @@ def main(argv=None):
                 return 0
         run(args, checkpoint)
         return 0
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Stopped as e:
+    except Stopped as e:  # saved where it stopped: not an error
         if int(os.environ.get("RANK", "0")) == 0:
             print(e, file=sys.stderr)
         return e.exit_code
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
+            dist.barrier()  # as torchrun stops the other processes at the first one's exit
+        return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted: {last} holds the last saved epoch; continue with --resume" if last and last.exists()
                   else "interrupted before any epoch was saved: nothing to resume", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

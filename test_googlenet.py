@@ -3,6 +3,7 @@
 Real data comes from ../shared/data (or $GOOGLENET_SHARED_DATA); tests that need it skip
 cleanly without it. Everything else writes fixtures in the real on-disk formats."""
 
+import contextlib
 import json
 import math
 import os
@@ -464,8 +465,9 @@ def test_tiny_imagenet_fixture_val_labels_match_train(tmp_path):
     assert store.images.shape == (6, 3, 64, 64)  # grayscale val JPEGs became RGB
 
 
-def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
-    """The real download code against a local HTTP server serving a zip in the official layout."""
+@contextlib.contextmanager
+def _serve_tiny_imagenet(tmp_path):
+    """A local HTTP server serving a zip in the official layout: (url, md5, requests it answered)."""
     import hashlib
     import http.server
     import threading
@@ -476,12 +478,28 @@ def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
     with zipfile.ZipFile(served / "tiny-imagenet-200.zip", "w") as z:
         for f in sorted(source.rglob("*")):
             z.write(f, f.relative_to(source.parent))
-    md5 = hashlib.md5((served / "tiny-imagenet-200.zip").read_bytes()).hexdigest()
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *a):
+            requests.append(a)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip"
     try:
+        yield (f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip",
+               hashlib.md5((served / "tiny-imagenet-200.zip").read_bytes()).hexdigest(), requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
+    """The real download code against a local HTTP server."""
+    with _serve_tiny_imagenet(tmp_path) as (url, md5, requests):
         data = tmp_path / "data"
         with pytest.raises(g.UserError, match="md5"):
             g.download_tiny_imagenet(data, url=url, md5="0" * 32)
@@ -490,10 +508,44 @@ def test_tiny_imagenet_download_verifies_extracts_and_is_idempotent(tmp_path):
         info = g.load_tiny_imagenet(data)
         assert info.class_ids == ["n01", "n02", "n03"] and len(info.val) == 6
         assert [p.name for p in data.iterdir()] == ["tiny-imagenet-200"]  # zip and temp folder gone
-        server.shutdown()
+        answered = len(requests)
         g.download_tiny_imagenet(data, url=url, md5=md5)  # already there: no request made
-    finally:
-        server.server_close()
+        assert len(requests) == answered
+
+
+def _torchrun(argv, setup="", env=None, timeout=300, launcher=()):
+    """Two processes of googlenet.main(argv) under torchrun (gloo on the CPU), each running `setup`
+    first (with `g` the module)."""
+    script = Path(argv[argv.index("--checkpoint-dir") + 1]).parent / "launch.py"
+    script.write_text(f"import sys\nimport googlenet as g\n{setup}\nsys.exit(g.main(sys.argv[1:]))\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *launcher, script, *argv]
+    return subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **(env or {})})
+
+
+def test_torchrun_downloads_once_per_node_and_counts_every_process_for_memory(tmp_path):
+    with _serve_tiny_imagenet(tmp_path) as (url, md5, requests):
+        g.download_tiny_imagenet(tmp_path / "alone", url=url, md5=md5)
+        one_download = len(requests)
+        data = tmp_path / "data"
+        argv = ["--dataset", "tiny", "--data-dir", data, "--download", "--device", "cpu", "--image-size", 16,
+                "--epochs", 1, "--batch-size", 4, "--workers", 0, "--log-interval", 0,
+                "--checkpoint-dir", tmp_path / "run"]
+        # One store (18 images of 64x64x3) fits in 70% of this, two do not.
+        setup = ("import functools\ng.available_memory_bytes = lambda: 500_000\n"
+                 "g.download_tiny_imagenet = functools.partial(g.download_tiny_imagenet, url={!r}, md5={!r})")
+        result = _torchrun(argv, setup.format(url, "0" * 32))  # a failed download on local rank 0
+        assert result.returncode != 0 and len(requests) == 2 * one_download, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "md5" in errors[0], result.stderr[-3000:]
+        assert g.find_tiny_imagenet(data) is None
+        result = _torchrun(argv, setup.format(url, md5))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert len(requests) == 3 * one_download  # local rank 0 downloaded, the other waited
+    assert g.load_tiny_imagenet(data).class_ids == ["n01", "n02", "n03"]
+    assert "(one per process on this host) would take" in result.stdout and "using --loader torch" in result.stdout
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 @needs_tiny
@@ -565,8 +617,33 @@ def test_bad_image_named_or_skipped(tmp_path, capsys):
     code, out, err = run_main(torch_argv + ["--checkpoint-dir", tmp_path / "c"], capsys)
     assert code == 2 and "n01_broken.JPEG" in err and "--skip-bad-images" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    code, out, err = run_main(torch_argv + ["--skip-bad-images", "--checkpoint-dir", tmp_path / "d"], capsys)
+    code, out, err = run_main(argv + ["--loader", "torch", "--skip-bad-images", "--checkpoint-dir", tmp_path / "d"],
+                              capsys)
     assert code == 0, err
+    assert out.count("skipped 1 undecodable images in train") == 1
+    train, val = g.make_loaders(g.load_tiny_imagenet(tmp_path), 4, 32, loader="torch", skip_bad_images=True,
+                                log=lambda *a: None)
+    assert len(train.dataset) == 12 and str(bad) not in train.dataset.split.files  # dropped, not replaced
+
+
+def test_build_store_holds_one_copy_while_decoding(tmp_path):
+    """The peak memory of decoding 400 images is one store's, not a list of images plus the store."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    script = tmp_path / "peak.py"
+    script.write_text(
+        "import re, sys, googlenet as g\n"
+        "def kib(field):\n"
+        "    return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "split = g.Split([0] * 400, files=[sys.argv[1]] * 400)\n"
+        "g.build_store(g.Split([0] * 8, files=split.files[:8]), 128, log=print)  # warm up\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # restart the peak (VmHWM) from here\n"
+        "before = kib('VmRSS')\n"
+        "store = g.build_store(split, 128, log=print)\n"
+        "print('ratio', (kib('VmHWM') - before) * 1024 / store.images.numel())\n")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "a.png")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("ratio")[1]) < 1.5, result.stdout
 
 
 @needs_tiny
@@ -1128,6 +1205,25 @@ def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and "processes" not in records[2]
     assert records[2]["lr"] == pytest.approx(g.learning_rate(g.TrainConfig(epochs=3, batch_size=16), 2, 0, 8))
+
+
+def test_torchrun_loss_non_finite_on_one_rank_stops_both_with_one_line_from_rank_0(tmp_path):
+    # Rank 1's third loss is infinite, rank 0's finite: they must still stop at the same step.
+    setup = ("import os\nloss, calls = g.googlenet_loss, []\n"
+             "def third_inf(*a, **k):\n"
+             "    calls.append(1)\n"
+             "    out = loss(*a, **k)\n"
+             "    return out._replace(total=out.total * float('inf')) if len(calls) == 3 else out\n"
+             "if os.environ['RANK'] == '1':\n"
+             "    g.googlenet_loss = third_inf\n")
+    logs = tmp_path / "logs"
+    result = _torchrun(DDP_RUN + ["--epochs", 1, "--checkpoint-dir", tmp_path / "run"], setup,
+                       launcher=["--redirects", "3", "--log-dir", logs])
+    assert result.returncode != 0
+    stderr = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert stderr.keys() == {"0", "1"}, result.stderr[-3000:]
+    assert stderr["0"].count("error:") == 1 and "non-finite at step 3 of epoch 1" in stderr["0"], stderr
+    assert "error:" not in stderr["1"] and "Traceback" not in stderr["0"] + stderr["1"], stderr
 
 
 # --- crashes: kill -9 at random moments, resume, and end bit-identical ----------------------------
