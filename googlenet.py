@@ -1740,7 +1740,7 @@ def _to_cpu(obj):
 
 
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None,
-                    cli_args=None, scaler=None):
+                    cli_args=None, scaler=None, position=None):
     """Write a self-describing checkpoint atomically (see atomic_torch_save): the ModelConfig, the
     weights, the optimizer state, the TrainConfig, the per-epoch metrics so far (`history`),
     a few small uint8 validation images for the demo (`examples`: {"images", "labels"}) and the
@@ -1756,6 +1756,7 @@ def save_checkpoint(path, model, optimizer, config, train_config=None, history=N
         "examples": _to_cpu(examples) if examples is not None else None,
         "args": dict(cli_args or {}),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "position": position,  # where in an epoch a stopped run was (SIGTERM, Ctrl-C, --save-every)
         "torch_version": str(torch.__version__),
     }
     atomic_torch_save(checkpoint, path)
