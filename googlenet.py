@@ -1574,15 +1574,68 @@ def save_checkpoint(path, model, optimizer, config, train_config=None, history=N
     atomic_torch_save(checkpoint, path)
 
 
-_CONFIG_TYPES = {"arch": str, "num_classes": int, "class_names": list, "image_size": int,
-                 "source_size": int, "mean": (list, tuple), "std": (list, tuple)}
+MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
+MAX_METADATA_BYTES = 16 * 2**20  # a checkpoint's pickle (everything but tensors): bounds unpickling memory
+MAX_EXAMPLES = 16
+CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "train_config", "history", "examples", "args",
+                   "torch_version")
+
+
+def _number(value, low=-math.inf, high=math.inf):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
+
+
+def _whole(value, low, high=math.inf):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _plain(value):
+    return value is None or isinstance(value, (str, bool)) or _number(value)
+
+
+def _flags(value):
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
+def _three(value, low):
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_number(v) and v > low for v in value)
+
+
+# Every config field: (check, what it must be). The first seven are required; unknown ones are ignored.
+_CONFIG_RULES = {
+    "arch": (lambda v: isinstance(v, str) and v in ARCHS, f"one of {', '.join(ARCHS)}"),
+    "num_classes": (lambda v: _whole(v, 2, 100_000), "a whole number 2-100000"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    "image_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
+    "source_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
+    "mean": (lambda v: _three(v, -math.inf), "three finite numbers"),
+    "std": (lambda v: _three(v, 0), "three finite numbers above 0"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "model_options": (_flags, "a dict of flags"),
+    "class_ids": (lambda v: isinstance(v, list) and all(isinstance(c, (str, int)) for c in v), "a list of strings"),
+    "epoch": (lambda v: _whole(v, 0), "a whole number"),
+    "best_epoch": (lambda v: v is None or _whole(v, 0), "a whole number or null"),
+    "best_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
+    "val_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def is_epoch_record(record):
+    """Whether `record` is a per-epoch metrics line as train() writes them (history, metrics.jsonl):
+    a whole epoch, val_top1 in [0, 1] and otherwise plain values, numbers finite."""
+    return (isinstance(record, dict) and _whole(record.get("epoch"), 1) and _number(record.get("val_top1"), 0, 1)
+            and all(_number(record[k], 0, 1) for k in ("val_top5", "train_top1") if k in record)
+            and all(isinstance(k, str) and (_plain(v) or isinstance(v, list) and all(map(_number, v)))
+                    for k, v in record.items()))
 
 
 def load_checkpoint(path):
     """Read and check a checkpoint written by save_checkpoint (on the CPU, weights_only: no code
     from the file runs). Raises CheckpointError with one line saying what is wrong: a missing
-    file, a folder, a file that is not a checkpoint, one of another program, or one whose
-    config, classes and weights disagree, or whose weights are not finite."""
+    file, a folder, a file that is not a checkpoint, one of another program, or one that
+    check_checkpoint refuses. Tensors are memory-mapped, so an oversized file is refused without
+    being read."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. "
@@ -1591,11 +1644,19 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} does not exist: train one with "
                               f"`python googlenet.py` or pass the path of a .pt file it wrote")
     import zipfile
-    if not zipfile.is_zipfile(path):  # torch.save's format; anything else is not ours
+    try:  # torch.save's format; anything else is not ours
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
         raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file: an image, text, or "
-                              f"truncated): pass a last.pt or best.pt written by googlenet.py")
+                              f"truncated): pass a last.pt or best.pt written by googlenet.py") from None
+    # torch.save stores entries uncompressed; a compressed one could unpack to any size.
+    if any(e.compress_type != zipfile.ZIP_STORED or e.filename.endswith("data.pkl") and e.file_size > MAX_METADATA_BYTES
+           for e in entries):
+        raise CheckpointError(f"{path} is compressed or holds over {MAX_METADATA_BYTES >> 20} MiB of metadata, "
+                              f"which googlenet.py never writes: pass a last.pt or best.pt written by googlenet.py")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in first_line or "Unsupported global" in first_line:
@@ -1605,36 +1666,71 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a last.pt or best.pt written by googlenet.py")
-    _check_checkpoint(path, checkpoint)
+    check_checkpoint(path, checkpoint)
     return checkpoint
 
 
-def _check_checkpoint(path, checkpoint):
+def check_checkpoint(path, checkpoint):
+    """Check every entry of a checkpoint dict before anything uses it: known keys only, each
+    config field's type and range, the history, flags and example images, weights with exactly
+    the keys, shapes and dtypes of the net its config describes (and finite), and no more tensor
+    bytes than that net's weights and optimizer state take. Raises CheckpointError (one line)."""
+    def refuse(problem):
+        raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
+
+    unknown = sorted(map(str, set(checkpoint) - set(CHECKPOINT_KEYS)))
+    if unknown:
+        refuse(f"unknown entry {unknown[0]!r} (a checkpoint holds {', '.join(CHECKPOINT_KEYS)})")
     config = checkpoint.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    for key, types in _CONFIG_TYPES.items():
-        if not isinstance(config.get(key), types) or isinstance(config.get(key), bool):
-            raise CheckpointError(f"{path}: config field {key!r} is missing or not a "
-                                  f"{types.__name__ if isinstance(types, type) else 'list'}")
-    if config["arch"] not in ARCHS:
-        raise CheckpointError(f"{path}: unknown arch {config['arch']!r} (this file knows {', '.join(ARCHS)})")
-    if not (2 <= config["num_classes"] <= 100_000 and len(config["class_names"]) == config["num_classes"]):
-        raise CheckpointError(f"{path}: {config['num_classes']} classes but {len(config['class_names'])} "
-                              f"class names")
-    if not (8 <= config["image_size"] <= 2048 and 8 <= config["source_size"] <= 4096):
-        raise CheckpointError(f"{path}: image size {config['image_size']} / {config['source_size']} out of range")
+    for index, (key, (ok, what)) in enumerate(_CONFIG_RULES.items()):
+        if (index < 7 or key in config) and not ok(config.get(key)):
+            refuse(f"config field {key!r} must be {what}, not {config.get(key)!r:.60}")
+    if len(config["class_names"]) != config["num_classes"]:
+        refuse(f"{config['num_classes']} classes but {len(config['class_names'])} class names")
+    size, examples = config["source_size"], checkpoint.get("examples")
+    sections = {
+        "history": (lambda v: isinstance(v, list) and all(map(is_epoch_record, v)), "a list of per-epoch records"),
+        "args": (_flags, "a dict of flags"), "train_config": (_flags, "a dict of settings"),
+        "torch_version": (lambda v: isinstance(v, str), "a string"),
+        "examples": (lambda v: isinstance(v, dict) and set(v) == {"images", "labels"}
+                     and isinstance(v["images"], torch.Tensor) and v["images"].dtype == torch.uint8
+                     and v["images"].shape[1:] == (3, size, size) and 1 <= len(v["images"]) <= MAX_EXAMPLES
+                     and isinstance(v["labels"], list) and len(v["labels"]) == len(v["images"])
+                     and all(_whole(label, 0, config["num_classes"] - 1) for label in v["labels"]),
+                     f"1-{MAX_EXAMPLES} uint8 images [3, {size}, {size}] with their labels"),
+        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+                      and isinstance(v.get("state"), dict) and all(
+                          isinstance(s, dict) and all(isinstance(x, torch.Tensor) or _plain(x) for x in s.values())
+                          for s in v["state"].values()), "an SGD optimizer state"),
+    }
+    for key, (ok, what) in sections.items():
+        if checkpoint.get(key) is not None and not ok(checkpoint[key]):
+            refuse(f"{key!r} must be {what}")
     weights = checkpoint.get("model")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+    if not isinstance(weights, dict):
         raise CheckpointError(f"{path} has no weights (a 'model' dict of tensors)")
     try:
-        model = build_model(config["arch"], config["num_classes"], **dict(config.get("model_options") or {}))
-        model.load_state_dict(weights)
+        expected = build_model(config["arch"], config["num_classes"], **config.get("model_options", {})).state_dict()
     except (RuntimeError, TypeError, ValueError) as e:
-        detail = str(e).strip().splitlines()
-        detail = (detail[1] if len(detail) > 1 else detail[0]).strip() if detail else type(e).__name__
+        refuse(f"config field 'model_options' does not build a net ({str(e).strip()[:120]})")
+    misfit = sorted(map(str, set(weights) ^ set(expected))) + [
+        k for k, e in expected.items() if k in weights and not (
+            isinstance(weights[k], torch.Tensor) and weights[k].shape == e.shape and weights[k].dtype == e.dtype)]
+    if misfit:
         raise CheckpointError(f"{path}: its weights do not fit its own config ({config['arch']}, "
-                              f"{config['num_classes']} classes): {detail[:160]}") from None
+                              f"{config['num_classes']} classes): {misfit[0]}"
+                              f"{f' and {len(misfit) - 1} more' if len(misfit) > 1 else ''}")
+    # Storage bytes, not view bytes: a small view can pin a huge storage. Mapped, not yet read.
+    moments = (checkpoint.get("optimizer") or {}).get("state", {}).values()
+    tensors = [*weights.values(), *(x for s in moments for x in s.values() if isinstance(x, torch.Tensor)),
+               *([examples["images"]] if examples is not None else [])]
+    held = sum(t.untyped_storage().nbytes() for t in tensors)
+    allowed = 4 * sum(e.nbytes for e in expected.values()) + MAX_EXAMPLES * 3 * size * size
+    if held > allowed:
+        refuse(f"it holds {held / 2**20:.0f} MiB of tensors, more than a {config['arch']} net with "
+               f"{config['num_classes']} classes and its optimizer state take ({allowed / 2**20:.0f} MiB)")
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: weights are NaN or infinite ({bad[0]}"

@@ -856,6 +856,20 @@ def _checkpoint_dict(num_classes=3):
     return {"format": g.CHECKPOINT_FORMAT, "config": g.dataclasses.asdict(config), "model": model.state_dict()}
 
 
+# Odd metadata: each of these crashed googlenet.py or demo.py, or was served as if fine.
+_BAD_METADATA = {
+    "mean of 7": ("config", "mean", [0.5] * 7), "mean a string": ("config", "mean", "0.5"),
+    "nan mean": ("config", "mean", [float("nan"), 0.5, 0.5]), "zero std": ("config", "std", [0.2, 0.0, 0.2]),
+    "class names lists": ("config", "class_names", [["a"], ["b"], ["c"]]),
+    "model options a list": ("config", "model_options", ["aux_logits"]),
+    "val_top1 a string": ("config", "val_top1", "90%"), "image size 2048": ("config", "image_size", 2048),
+    "source size 4096": ("config", "source_size", 4096),
+    "empty examples": (None, "examples", {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}),
+    "history a string": (None, "history", "epoch 1"), "history null val_top1": (None, "history", [{"epoch": 1, "val_top1": None}]),
+    "args a list": (None, "args", ["--epochs", "3"]),
+}
+
+
 @pytest.mark.parametrize("problem,fragment", [
     ("no config", "no model config"),
     ("arch disagrees", "do not fit"),
@@ -863,6 +877,10 @@ def _checkpoint_dict(num_classes=3):
     ("names missing", "class names"),
     ("nan weights", "NaN"),
     ("python object", "Python objects"),
+    ("unknown entry", "unknown entry 'payload'"),
+    ("oversized optimizer state", "MiB of tensors"),
+    ("deflated", "compressed"),
+    *[(problem, f"'{key}' must be") for problem, (_, key, _) in _BAD_METADATA.items()],
 ])
 def test_inconsistent_checkpoints_get_one_line(problem, fragment, tmp_path, capsys):
     checkpoint = _checkpoint_dict()
@@ -878,8 +896,23 @@ def test_inconsistent_checkpoints_get_one_line(problem, fragment, tmp_path, caps
         checkpoint["model"]["fc.weight"][0, 0] = float("nan")
     elif problem == "python object":
         checkpoint["config"]["mean"] = _Sneaky(tmp_path / "pwned")  # a pickled object: never loaded, let alone run
+    elif problem == "unknown entry":
+        checkpoint["payload"] = torch.zeros(10)
+    elif problem == "oversized optimizer state":  # more than 4x the weights' bytes
+        weight_bytes = sum(t.nbytes for t in checkpoint["model"].values())
+        checkpoint["optimizer"] = {"state": {0: {"momentum_buffer": torch.empty(4 * weight_bytes + 2**20, dtype=torch.uint8)}},
+                                   "param_groups": []}
+    elif problem in _BAD_METADATA:
+        section, key, value = _BAD_METADATA[problem]
+        (checkpoint[section] if section else checkpoint)[key] = value
     path = tmp_path / "bad.pt"
     torch.save(checkpoint, path)
+    if problem == "deflated":  # a few MB on disk that torch.load would unpack to any size
+        import zipfile
+        with zipfile.ZipFile(path) as stored, zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as out:
+            for entry in stored.infolist():
+                out.writestr(entry.filename, stored.read(entry.filename))
+        path = tmp_path / "deflated.pt"
     with pytest.raises(g.CheckpointError, match=fragment) as error:
         g.load_checkpoint(path)
     assert "\n" not in str(error.value)
