@@ -1925,24 +1925,26 @@ def train_config_from(args):
 
 
 def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
-    """Refuse, before any data is decoded, to write where another run's checkpoints would be lost:
-    a new run into a folder with a last.pt; a resume into a folder holding a different run, or
-    whose last.pt is newer than the checkpoint resumed from."""
-    last = Path(out_dir) / "last.pt"
-    if not last.exists():
-        return
-    if resumed is None:
-        raise UserError(f"{last} exists: continue that run with --resume {last}, or pass another --checkpoint-dir")
-    if resume_path is not None and last.resolve() == Path(resume_path).resolve():
-        return
-    there = load_checkpoint(last)["config"]
-    mine = resumed["config"]
-    if there.get("run_id", "") != mine.get("run_id", ""):
-        raise UserError(f"{out_dir} holds a different run (its last.pt is not from the run of {resume_path}): "
+    """Refuse, before any data is decoded, to write where another run's files would be lost: a new
+    run into a folder with a last.pt, best.pt or metrics.jsonl; a resume into a folder whose
+    checkpoints are of a different run, or whose last.pt is newer than the checkpoint resumed from."""
+    out_dir = Path(out_dir)
+    found = [out_dir / name for name in ("last.pt", "best.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    checkpoints = [p for p in found if p.suffix == ".pt"]
+    if found and (resumed is None or not checkpoints):
+        advice = f"continue that run with --resume {checkpoints[0]}, or " if checkpoints and resumed is None else ""
+        raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: {advice}"
                         f"pass another --checkpoint-dir")
-    if there.get("epoch", 0) > mine.get("epoch", 0):
-        raise UserError(f"{last} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
-                        f"resume from {last}, or pass another --checkpoint-dir to branch off")
+    for path in checkpoints:
+        if resume_path is not None and path.resolve() == Path(resume_path).resolve():
+            continue
+        there, mine = load_checkpoint(path)["config"], resumed["config"]
+        if there.get("run_id", "") != mine.get("run_id", ""):
+            raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the run of "
+                            f"{resume_path}): pass another --checkpoint-dir")
+        if path.name == "last.pt" and there.get("epoch", 0) > mine.get("epoch", 0):
+            raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
+                            f"resume from {path}, or pass another --checkpoint-dir to branch off")
 
 
 def _log_master(device):

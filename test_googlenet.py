@@ -706,6 +706,21 @@ def test_new_run_never_overwrites_a_checkpoint(tmp_path, capsys):
     assert code == 0 and "already trained 1 epochs" in out
 
 
+@pytest.mark.parametrize("left", [("best.pt", "metrics.jsonl"), ("best.pt",), ("metrics.jsonl",)])
+def test_new_run_refuses_a_folder_with_another_runs_best_pt_or_metrics(left, tmp_path, capsys):
+    model = g.build_model("tiny", 10)
+    config = g.ModelConfig("tiny", 10, [f"c{i}" for i in range(10)], 16, 16, (0.5,) * 3, (0.2,) * 3)
+    if "best.pt" in left:
+        g.save_checkpoint(tmp_path / "best.pt", model, None, config)
+    if "metrics.jsonl" in left:
+        (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_top1": 0.5}\n')
+    before = {name: (tmp_path / name).read_bytes() for name in left}
+    code, out, err = run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path, "--image-size", 16], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--checkpoint-dir" in err, err
+    assert all(name in err for name in left) and out == ""
+    assert {name: (tmp_path / name).read_bytes() for name in left} == before
+
+
 def test_flags_given_on_resume_override_the_checkpoint(tmp_path, capsys):
     assert run_main(SYNTH + ["--epochs", 1, "--image-size", 16, "--checkpoint-dir", tmp_path], capsys)[0] == 0
     code, out, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", 2, "--lr", 0.4,
