@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -1504,18 +1505,26 @@ def _atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync, then rename over `path`: a
     crash or error midway leaves the previous file intact and no partial file behind (a kill -9
     can leave the temporary, which remove_stale_temporaries clears at the next start). The file
-    gets the permissions the umask gives, like any file the user writes."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    gets the permissions the umask gives, like any file the user writes. A full, read-only or
+    forbidden folder raises UserError naming it."""
+    path, tmp = Path(path), None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        disk = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
+        full = (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(disk, OSError) and disk.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "free some space there" if disk.errno in full else "make it writable"
+            raise UserError(f"cannot write {path.name} in {path.parent} ({disk.strerror or disk}): {fix}, or "
+                            f"pass another --checkpoint-dir; the files already there are intact") from None
         raise
 
 
@@ -1947,6 +1956,24 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
                             f"resume from {path}, or pass another --checkpoint-dir to branch off")
 
 
+def check_room_for_checkpoints(out_dir, model):
+    """Refuse, before any data is decoded, a checkpoint folder that cannot be written or has no
+    room for two checkpoints of `model` (weights and optimizer state: about twice its state)."""
+    out_dir = Path(out_dir)
+    needed = 2 * 2 * sum(t.nbytes for t in model.state_dict().values())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+        free = shutil.disk_usage(out_dir).free
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a --checkpoint-dir "
+                        f"you can write to") from None
+    if free < needed:
+        raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the {needed / 2**20:.0f} MiB two "
+                        f"checkpoints of this model take: free some space or pass another --checkpoint-dir")
+
+
 def _log_master(device):
     """print for the master process, nothing for the others. On an interactive terminal, progress
     lines overwrite each other in place (one live line per epoch); logs and CI get plain lines."""
@@ -2009,6 +2036,8 @@ def _run(args, checkpoint, config, device, log):
     model = build_model(args.arch, num_classes, **options)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    if not args.evaluate and device.is_master:
+        check_room_for_checkpoints(args.checkpoint_dir, model)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     precision = resolve_precision(config.precision, device)

@@ -721,6 +721,51 @@ def test_new_run_refuses_a_folder_with_another_runs_best_pt_or_metrics(left, tmp
     assert {name: (tmp_path / name).read_bytes() for name in left} == before
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, *options): a fresh tmpfs of `size` bytes (root only: skips elsewhere)."""
+    mounted = []
+
+    def mount(size, *options):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                                     str(folder)], capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command to make a small file system with")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_folder_without_room_or_write_access_is_refused_before_training(tmp_path, capsys, small_disk):
+    (tmp_path / "a-file").write_text("not a folder")
+    for folder, fragment in [(small_disk(2**21), "MiB free"), (small_disk(2**21, "ro"), "Read-only file system"),
+                             (tmp_path / "a-file" / "run", "cannot write checkpoints to")]:
+        code, out, err = run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", folder, "--image-size", 16], capsys)
+        assert code == 2 and fragment in err and str(folder) in err and len(err.strip().splitlines()) == 1, err
+        assert out == ""  # before any data was decoded
+
+
+def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_keeps_the_last_checkpoints(capsys, small_disk):
+    # Room for the pre-check's two checkpoints and a bit: epoch 1's best.pt and last.pt fit, epoch 2's don't.
+    state = sum(t.nbytes for t in g.build_model("tiny", 10, aux_logits=False).state_dict().values())
+    folder = small_disk(5 * state)
+    code, out, err = run_main(SYNTH + ["--no-aux", "--subset", 32, "--precision", "fp32", "--epochs", 2,
+                                       "--image-size", 16, "--checkpoint-dir", folder], capsys)
+    assert code == 2 and "epoch 1/2" in out and "epoch 2/2" in out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err and str(folder) in err and "--checkpoint-dir" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no temporary
+    assert g.load_checkpoint(folder / "last.pt")["config"]["epoch"] == 1
+    assert g.load_checkpoint(folder / "best.pt")["config"]["epoch"] == 1
+
+
 def test_flags_given_on_resume_override_the_checkpoint(tmp_path, capsys):
     assert run_main(SYNTH + ["--epochs", 1, "--image-size", 16, "--checkpoint-dir", tmp_path], capsys)[0] == 0
     code, out, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", 2, "--lr", 0.4,
