@@ -1551,14 +1551,15 @@ def remove_stale_temporaries(folder):
     return removed
 
 
-def _to_cpu(obj):
-    """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere."""
+def _to_cpu(obj, copy=False):
+    """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere (copy: CPU
+    tensors too)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return obj.detach().cpu().clone() if copy else obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, copy) for v in obj)
     return obj
 
 
@@ -1643,8 +1644,8 @@ def load_checkpoint(path):
     """Read and check a checkpoint written by save_checkpoint (on the CPU, weights_only: no code
     from the file runs). Raises CheckpointError with one line saying what is wrong: a missing
     file, a folder, a file that is not a checkpoint, one of another program, or one that
-    check_checkpoint refuses. Tensors are memory-mapped, so an oversized file is refused without
-    being read."""
+    check_checkpoint refuses. Tensors are memory-mapped until checked, so an oversized file is
+    refused without being read."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. "
@@ -1676,7 +1677,9 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a last.pt or best.pt written by googlenet.py")
     check_checkpoint(path, checkpoint)
-    return checkpoint
+    # Checked, so bounded: now copy the tensors into memory. Mapped ones would fault (SIGBUS) once
+    # the file is rewritten in place, e.g. by torch.save(checkpoint, path) after a change.
+    return _to_cpu(checkpoint, copy=True)
 
 
 def check_checkpoint(path, checkpoint):

@@ -856,6 +856,15 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     g.load_checkpoint(path)
 
 
+def test_a_loaded_checkpoint_can_be_saved_over_its_own_file(tmp_path):
+    path = tmp_path / "best.pt"
+    torch.save(_checkpoint_dict(), path)
+    checkpoint = g.load_checkpoint(path)
+    checkpoint["config"]["dataset"] = "renamed"
+    torch.save(checkpoint, path)  # truncates the file: tensors still mapped from it would fault (SIGBUS)
+    assert g.load_checkpoint(path)["config"]["dataset"] == "renamed"
+
+
 def test_load_for_inference_matches_trained_model(tmp_path, capsys):
     assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)[0] == 0
     model, config = g.load_for_inference(tmp_path / "best.pt")
