@@ -66,6 +66,10 @@ class ImageDecodeError(UserError):
     """A file that cannot be decoded as an image."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than the caller allows (or than PIL decodes at all)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Model: the Inception block, the aux head and both nets, built from the paper's channel table
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +339,8 @@ def decode_image(source, size, max_pixels=None):
     any mode (grayscale, palette, RGBA, 16-bit, CMYK) made RGB (transparency over white), the
     shorter side resized to `size` and the centre cropped. max_pixels: refuse images that would
     still have more pixels than this after JPEG's reduced-scale decoding (a bound on memory and
-    time for untrusted input). Raises ImageDecodeError naming the file."""
+    time for untrusted input). Raises ImageDecodeError naming the file (ImageTooLargeError when it
+    has too many pixels)."""
     from PIL import Image, ImageOps
     name = getattr(source, "filename", None) or str(source)
     try:
@@ -344,12 +349,14 @@ def decode_image(source, size, max_pixels=None):
             img = opened or source
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
             if max_pixels and img.size[0] * img.size[1] > max_pixels:
-                raise ImageDecodeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
-                                       f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
+                raise ImageTooLargeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
+                                         f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
             img = ImageOps.exif_transpose(img)
             img = ImageOps.fit(_to_rgb(img), (size, size), Image.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit, checked at open before ours
+        raise ImageTooLargeError(f"image {Path(name).name} is too large: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
