@@ -157,22 +157,18 @@ def example_images(checkpoint: dict | None = None, examples_dir: str | Path | No
 
 def read_history(checkpoint_path: str | Path | None, checkpoint: dict | None = None) -> list[dict]:
     """The run's per-epoch metrics: ``metrics.jsonl`` beside the checkpoint (it grows while the
-    run trains), else the history stored in the checkpoint. Lines that are not JSON objects with
-    an epoch are skipped."""
-    records: list[dict] = []
-    if checkpoint_path is not None:
-        metrics = Path(checkpoint_path).parent / "metrics.jsonl"
-        if metrics.is_file():
-            for line in metrics.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                    records.append(record)
-    if not records and checkpoint is not None:
-        records = [h for h in checkpoint.get("history") or [] if isinstance(h, dict) and "epoch" in h]
-    return records
+    run trains), else the history stored in the checkpoint. Lines that are not per-epoch records
+    (``googlenet.is_epoch_record``: wrong types, nulls, NaN, not JSON) are skipped."""
+    records: list[Any] = []
+    metrics = Path(checkpoint_path).parent / "metrics.jsonl" if checkpoint_path is not None else None
+    if metrics is not None and metrics.is_file():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except (ValueError, RecursionError):
+                continue
+    records = [r for r in records if googlenet.is_epoch_record(r)]
+    return records or [h for h in (checkpoint or {}).get("history") or [] if googlenet.is_epoch_record(h)]
 
 
 def curves(history: Sequence[dict]):
@@ -199,13 +195,13 @@ def describe_run(history: Sequence[dict], checkpoint: dict | None) -> str:
     run = {k: v for part in ("args", "train_config", "config") for k, v in ((checkpoint or {}).get(part) or {}).items()}
     shown = {key: plain(run.get(key, "?")) for key in
              ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
-    best = max(history, key=lambda h: h.get("val_top1", 0))
+    best = max(history, key=lambda h: h["val_top1"])
     settings = [f"arch **{shown['arch']}**", f"dataset **{shown['dataset']}**", f"epochs **{shown['epochs']}**",
                 f"batch **{shown['batch_size']}** per device",
                 f"lr **{shown['lr']}** per 256 images ({shown['schedule']})",
                 f"precision **{shown['precision']}**", f"device **{shown['device']}**"]
     return (" · ".join(settings) + f"\n\n**Best epoch {best['epoch']}**: val top-1 "
-            f"{best.get('val_top1', 0):.2%}, top-5 {best.get('val_top5', 0):.2%}"
+            f"{best['val_top1']:.2%}, top-5 {best.get('val_top5', 0):.2%}"
             f"{' with flip TTA' if best.get('val_tta') else ''} ({len(history)} epoch{'s' * (len(history) != 1)} so far)")
 
 

@@ -563,6 +563,38 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
     assert line.startswith("error:") and str(path) in line and "weights_only" not in line
 
 
+@pytest.mark.parametrize("field,value", [("mean", "0.5"), ("mean", (0.5,) * 7), ("std", (0.2, 0.0, 0.2)),
+                                         ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
+                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none")])
+def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value, odd_images, tmp_path, capsys):
+    path = small_checkpoint(tmp_path / "best.pt")
+    checkpoint = googlenet.load_checkpoint(path)
+    if field == "examples":
+        checkpoint["examples"] = {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}
+    else:
+        checkpoint["config"][field] = value
+    torch.save(checkpoint, path)
+    assert demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and f"{field!r}" in err, err
+
+
+def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
+    path = small_checkpoint(tmp_path / "best.pt")
+    rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
+            '{"epoch": 2, "train_loss": 1.5, "val_top1": null, "val_top5": 0.6}',  # an epoch not validated
+            '{"epoch": "3", "val_top1": 0.9}', '{"epoch": 4, "val_top1": "0.9"}', '{"epoch": 5, "val_top1": NaN}',
+            '{"epoch": 6, "val_top1": 0.95, "train_loss": [1, {"a": 2}]}', '[1, 2]', 'not json', '[' * 100_000,
+            '{"epoch": 7, "train_loss": 1.0, "val_top1": 0.5, "val_top5": 0.75, "lr": 0.05}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    history = demo.read_history(path, googlenet.load_checkpoint(path))
+    assert [h["epoch"] for h in history] == [1, 7]
+    summary = demo.describe_run(history, googlenet.load_checkpoint(path))
+    assert "Best epoch 7" in summary and "val top-1 50.00%" in summary
+    loss, accuracy, lr = demo.curves(history)
+    assert list(loss["epoch"]) == [1, 7] and list(lr["value"]) == [0.1, 0.05]
+
+
 @pytest.mark.parametrize("args", [["--port", "99999"], ["--no-such-flag"]])
 def test_cli_bad_flags_give_one_line_and_exit_2(args):
     line = assert_one_line_error(run_cli(*args))
