@@ -21,8 +21,11 @@ Other code can use ``build_demo(model, config)`` and ``predict(image, model, con
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
+import shutil
+import signal
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -127,25 +130,24 @@ def predict(image: Any, model: torch.nn.Module, config: Any, k: int = TOP_K) -> 
 def example_images(checkpoint: dict | None = None, examples_dir: str | Path | None = None,
                    limit: int = NUM_EXAMPLES) -> list[Path]:
     """Example images for the page: the image files in ``examples_dir`` when given, else the
-    small validation images stored in the checkpoint (written as PNGs into a new private
-    temporary folder), else none. No path stored in the checkpoint is ever followed."""
+    small validation images stored in the checkpoint (from ``googlenet.load_checkpoint``, which
+    checked them), written as PNGs into a new private temporary folder that is removed at exit,
+    else none. No path stored in the checkpoint is ever followed."""
     if examples_dir is not None:
         folder = Path(examples_dir)
         return sorted(p for p in folder.iterdir()
                       if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)[:limit]
     stored = (checkpoint or {}).get("examples")
-    if not isinstance(stored, dict) or not isinstance(stored.get("images"), torch.Tensor):
-        return []
-    images = stored["images"]
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+    if not stored:
         return []
     from PIL import Image
 
     # mkdtemp: a new folder only we can write, so no file of someone else's (or symlink) is
     # followed, whatever else lives in the shared temp folder.
     out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     paths = []
-    for index, image in enumerate(images[:limit]):
+    for index, image in enumerate(stored["images"][:limit]):
         path = out_dir / f"example-{index}.png"
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
@@ -396,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)
+    # SIGTERM (kill, systemd) stops the server like Ctrl-C, so that atexit removes the example folder.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                     max_file_size=MAX_UPLOAD_BYTES)

@@ -434,6 +434,23 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
     assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
 
 
+def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
+    """The examples' temporary folder goes at exit: a script's normal exit, and the server's SIGTERM."""
+    checkpoint = small_checkpoint(tmp_path / "best.pt")
+    env = {**ENV, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    script = f"import demo, googlenet; print(demo.example_images(googlenet.load_checkpoint({str(checkpoint)!r}))[0])"
+    made = Path(subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert made.name == "example-0.png" and made.parent.parent == tmp_path / "tmp" and not made.parent.exists()
+    server = Server(checkpoint, tmp_path / "server.log", env=env)
+    try:
+        assert len(list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))) == 1  # there while serving
+    finally:
+        server.stop()
+    assert server.process.returncode == 0 and not list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))
+
+
 def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_flat(client, server, odd_images):
     """200 requests at once from one client: every one answered (none refused as "queue full").
     Three bursts: the server's memory after the third is within 5% of after the first (the
