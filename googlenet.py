@@ -1618,7 +1618,7 @@ def _three(value, low):
     return isinstance(value, (list, tuple)) and len(value) == 3 and all(_number(v) and v > low for v in value)
 
 
-# Every config field: (check, what it must be). The first seven are required; unknown ones are ignored.
+# Every config field: (check, what it must be). The first seven are required.
 _CONFIG_RULES = {
     "arch": (lambda v: isinstance(v, str) and v in ARCHS, f"one of {', '.join(ARCHS)}"),
     "num_classes": (lambda v: _whole(v, 2, 100_000), "a whole number 2-100000"),
@@ -1706,6 +1706,9 @@ def check_checkpoint(path, checkpoint):
     for index, (key, (ok, what)) in enumerate(_CONFIG_RULES.items()):
         if (index < 7 or key in config) and not ok(config.get(key)):
             refuse(f"config field {key!r} must be {what}, not {config.get(key)!r:.60}")
+    odd = sorted(str(k) for k, v in config.items() if k not in _CONFIG_RULES and not _plain(v))
+    if odd:  # unknown plain fields are ignored; anything bigger (a tensor, a list) is refused
+        refuse(f"unknown config field {odd[0]!r} holds more than a plain value")
     if len(config["class_names"]) != config["num_classes"]:
         refuse(f"{config['num_classes']} classes but {len(config['class_names'])} class names")
     size, examples = config["source_size"], checkpoint.get("examples")
@@ -1720,6 +1723,8 @@ def check_checkpoint(path, checkpoint):
                      and all(_whole(label, 0, config["num_classes"] - 1) for label in v["labels"]),
                      f"1-{MAX_EXAMPLES} uint8 images [3, {size}, {size}] with their labels"),
         "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+                      and all(isinstance(g, dict) and all(_plain(x) or isinstance(x, list) and all(map(_plain, x))
+                                                          for x in g.values()) for g in v["param_groups"])
                       and isinstance(v.get("state"), dict) and all(
                           isinstance(s, dict) and all(isinstance(x, torch.Tensor) or _plain(x) for x in s.values())
                           for s in v["state"].values()), "an SGD optimizer state"),

@@ -947,6 +947,8 @@ _BAD_METADATA = {
     ("nan weights", "NaN"),
     ("python object", "Python objects"),
     ("unknown entry", "unknown entry 'payload'"),
+    ("tensor in an unknown config field", "unknown config field 'data'"),
+    ("tensor in a param group", "'optimizer' must be"),
     ("oversized optimizer state", "MiB of tensors"),
     ("deflated", "compressed"),
     *[(problem, f"'{key}' must be") for problem, (_, key, _) in _BAD_METADATA.items()],
@@ -967,6 +969,10 @@ def test_inconsistent_checkpoints_get_one_line(problem, fragment, tmp_path, caps
         checkpoint["config"]["mean"] = _Sneaky(tmp_path / "pwned")  # a pickled object: never loaded, let alone run
     elif problem == "unknown entry":
         checkpoint["payload"] = torch.zeros(10)
+    elif problem == "tensor in an unknown config field":  # would be copied into memory, unbounded
+        checkpoint["config"]["data"] = torch.zeros(10)
+    elif problem == "tensor in a param group":
+        checkpoint["optimizer"] = {"state": {}, "param_groups": [{"params": [0], "lr": torch.zeros(10)}]}
     elif problem == "oversized optimizer state":  # more than 4x the weights' bytes
         weight_bytes = sum(t.nbytes for t in checkpoint["model"].values())
         checkpoint["optimizer"] = {"state": {0: {"momentum_buffer": torch.empty(4 * weight_bytes + 2**20, dtype=torch.uint8)}},
