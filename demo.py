@@ -9,7 +9,8 @@ from the checkpoint through ``googlenet.load_checkpoint``, which loads weights a
 metadata only (``weights_only``) and checks that they agree. Nothing the checkpoint
 names is opened: example images travel inside the checkpoint as small uint8 arrays (or
 come from ``--examples DIR``). Images go through ``googlenet.decode_image`` +
-``googlenet.eval_transform``, the steps validation uses.
+``googlenet.eval_transform``, the steps validation uses. Every string from the checkpoint,
+metrics.jsonl or an upload's name reaches the page as text (``plain``), never as markup.
 
 The "Training" tab plots the run's curves from ``metrics.jsonl`` beside the checkpoint
 (or the history stored in the checkpoint), refreshed while the run is still training.
@@ -20,7 +21,11 @@ Other code can use ``build_demo(model, config)`` and ``predict(image, model, con
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import re
+import shutil
+import signal
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +81,15 @@ def decode_batch(images: Sequence[Any], config: Any) -> torch.Tensor:
     return torch.stack([load_image(image, config) for image in images])
 
 
+def plain(text: Any) -> str:
+    """`text` from a checkpoint, metrics.jsonl or an upload's name, made literal in gr.Markdown.
+    Gradio renders Markdown with raw HTML, GFM autolinks and $$ LaTeX (its sanitizer keeps <img>,
+    <a> and <form>), so html.escape is not enough: every ASCII punctuation mark is
+    backslash-escaped and whitespace runs become one space, so that nothing in it can open a tag,
+    link, image, formula or block."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).split()))
+
+
 def top_k(probs: torch.Tensor, class_names: Sequence[str], k: int = TOP_K) -> dict[str, float]:
     """Map one row of class probabilities to ``{class name: probability}`` for the k best.
 
@@ -116,25 +130,24 @@ def predict(image: Any, model: torch.nn.Module, config: Any, k: int = TOP_K) -> 
 def example_images(checkpoint: dict | None = None, examples_dir: str | Path | None = None,
                    limit: int = NUM_EXAMPLES) -> list[Path]:
     """Example images for the page: the image files in ``examples_dir`` when given, else the
-    small validation images stored in the checkpoint (written as PNGs into a new private
-    temporary folder), else none. No path stored in the checkpoint is ever followed."""
+    small validation images stored in the checkpoint (from ``googlenet.load_checkpoint``, which
+    checked them), written as PNGs into a new private temporary folder that is removed at exit,
+    else none. No path stored in the checkpoint is ever followed."""
     if examples_dir is not None:
         folder = Path(examples_dir)
         return sorted(p for p in folder.iterdir()
                       if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)[:limit]
     stored = (checkpoint or {}).get("examples")
-    if not isinstance(stored, dict) or not isinstance(stored.get("images"), torch.Tensor):
-        return []
-    images = stored["images"]
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+    if not stored:
         return []
     from PIL import Image
 
     # mkdtemp: a new folder only we can write, so no file of someone else's (or symlink) is
     # followed, whatever else lives in the shared temp folder.
     out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     paths = []
-    for index, image in enumerate(images[:limit]):
+    for index, image in enumerate(stored["images"][:limit]):
         path = out_dir / f"example-{index}.png"
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
@@ -146,22 +159,18 @@ def example_images(checkpoint: dict | None = None, examples_dir: str | Path | No
 
 def read_history(checkpoint_path: str | Path | None, checkpoint: dict | None = None) -> list[dict]:
     """The run's per-epoch metrics: ``metrics.jsonl`` beside the checkpoint (it grows while the
-    run trains), else the history stored in the checkpoint. Lines that are not JSON objects with
-    an epoch are skipped."""
-    records: list[dict] = []
-    if checkpoint_path is not None:
-        metrics = Path(checkpoint_path).parent / "metrics.jsonl"
-        if metrics.is_file():
-            for line in metrics.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-                    records.append(record)
-    if not records and checkpoint is not None:
-        records = [h for h in checkpoint.get("history") or [] if isinstance(h, dict) and "epoch" in h]
-    return records
+    run trains), else the history stored in the checkpoint. Lines that are not per-epoch records
+    (``googlenet.is_epoch_record``: wrong types, nulls, NaN, not JSON) are skipped."""
+    records: list[Any] = []
+    metrics = Path(checkpoint_path).parent / "metrics.jsonl" if checkpoint_path is not None else None
+    if metrics is not None and metrics.is_file():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except (ValueError, RecursionError):
+                continue
+    records = [r for r in records if googlenet.is_epoch_record(r)]
+    return records or [h for h in (checkpoint or {}).get("history") or [] if googlenet.is_epoch_record(h)]
 
 
 def curves(history: Sequence[dict]):
@@ -184,18 +193,17 @@ def describe_run(history: Sequence[dict], checkpoint: dict | None) -> str:
     if not history:
         return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
                 "the checkpoint stores no history.")
-    args = (checkpoint or {}).get("args") or {}
-    train = (checkpoint or {}).get("train_config") or {}
-    config = (checkpoint or {}).get("config") or {}
-    best = max(history, key=lambda h: h.get("val_top1", 0))
-    settings = [f"arch **{config.get('arch', '?')}**", f"dataset **{config.get('dataset', '?')}**",
-                f"epochs **{train.get('epochs', args.get('epochs', '?'))}**",
-                f"batch **{train.get('batch_size', args.get('batch_size', '?'))}** per device",
-                f"lr **{train.get('lr', args.get('lr', '?'))}** per 256 images ({train.get('schedule', '?')})",
-                f"precision **{train.get('precision', args.get('precision', '?'))}**",
-                f"device **{args.get('device', '?')}**"]
+    # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
+    run = {k: v for part in ("args", "train_config", "config") for k, v in ((checkpoint or {}).get(part) or {}).items()}
+    shown = {key: plain(run.get(key, "?")) for key in
+             ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
+    best = max(history, key=lambda h: h["val_top1"])
+    settings = [f"arch **{shown['arch']}**", f"dataset **{shown['dataset']}**", f"epochs **{shown['epochs']}**",
+                f"batch **{shown['batch_size']}** per device",
+                f"lr **{shown['lr']}** per 256 images ({shown['schedule']})",
+                f"precision **{shown['precision']}**", f"device **{shown['device']}**"]
     return (" · ".join(settings) + f"\n\n**Best epoch {best['epoch']}**: val top-1 "
-            f"{best.get('val_top1', 0):.2%}, top-5 {best.get('val_top5', 0):.2%}"
+            f"{best['val_top1']:.2%}, top-5 {best.get('val_top5', 0):.2%}"
             f"{' with flip TTA' if best.get('val_tta') else ''} ({len(history)} epoch{'s' * (len(history) != 1)} so far)")
 
 
@@ -207,7 +215,7 @@ def describe_checkpoint(config: Any, device: str | None = None) -> str:
     paths: a --share link would publish them)."""
     top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
     parts = [
-        f"dataset **{config.dataset}** ({config.num_classes} classes)",
+        f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
         f"arch **{config.arch}**",
         f"epoch **{config.epoch}**",
         "validation top-1 " + (f"**{top1:.1%}**" if top1 is not None else "**not measured**"),
@@ -215,12 +223,6 @@ def describe_checkpoint(config: Any, device: str | None = None) -> str:
     if device is not None:
         parts.append(f"running on {device}")
     return " · ".join(parts)
-
-
-def _display_name(payload: dict) -> str:
-    """The uploaded file's own name, safe to put inside Markdown backticks."""
-    name = payload.get("orig_name") or Path(payload.get("path") or "upload").name
-    return name.replace("`", "'")
 
 
 def classify_uploads(payloads: list[dict | None], model: torch.nn.Module,
@@ -243,23 +245,17 @@ def classify_uploads(payloads: list[dict | None], model: torch.nn.Module,
             continue
         try:
             if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
-                raise googlenet.ImageDecodeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
             decoded.append(load_image(payload["path"], config))
             decoded_slots.append(slot)
-        except googlenet.ImageDecodeError as err:
-            print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
-            if "megapixels" in str(err) or "MB" in str(err):
-                messages[slot] = (f"**`{_display_name(payload)}` is too large** "
-                                  f"({str(err).split(': ')[-1] if 'MB' in str(err) else 'too many pixels'}): "
-                                  f"please send an image under {MAX_UPLOAD_BYTES // 2**20} MB and "
-                                  f"{MAX_UPLOAD_PIXELS // 10**6} megapixels.")
-            else:
-                messages[slot] = (f"**Could not read `{_display_name(payload)}` as an image.** "
-                                  "Please upload a photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
         except Exception as err:  # any decoder failure is this upload's problem only
-            print(f"demo: could not read upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
-            messages[slot] = (f"**Could not read `{_display_name(payload)}` as an image.** "
-                              "Please upload a photo (JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
+            print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
+            name = plain(payload.get("orig_name") or Path(payload["path"]).name)
+            messages[slot] = (f"**{name} is too large**: please send an image under {MAX_UPLOAD_BYTES // 2**20} "
+                              f"MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels."
+                              if isinstance(err, googlenet.ImageTooLargeError) else
+                              f"**Could not read {name} as an image.** Please upload a photo (JPEG, PNG, "
+                              "WebP, GIF, BMP, TIFF, ...).")
     if decoded:
         probs = googlenet.predict_proba(model, config, torch.stack(decoded))
         for slot, row in zip(decoded_slots, probs):
@@ -402,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)
+    # SIGTERM (kill, systemd) stops the server like Ctrl-C, so that atexit removes the example folder.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                     max_file_size=MAX_UPLOAD_BYTES)

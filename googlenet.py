@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -67,6 +68,10 @@ class CheckpointError(UserError):
 
 class ImageDecodeError(UserError):
     """A file that cannot be decoded as an image."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than the caller allows (or than PIL decodes at all)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +345,8 @@ def decode_image(source, size, max_pixels=None):
     any mode (grayscale, palette, RGBA, 16-bit, CMYK) made RGB (transparency over white), the
     shorter side resized to `size` and the centre cropped. max_pixels: refuse images that would
     still have more pixels than this after JPEG's reduced-scale decoding (a bound on memory and
-    time for untrusted input). Raises ImageDecodeError naming the file."""
+    time for untrusted input). Raises ImageDecodeError naming the file (ImageTooLargeError when it
+    has too many pixels)."""
     from PIL import Image, ImageOps
     name = getattr(source, "filename", None) or str(source)
     try:
@@ -349,12 +355,14 @@ def decode_image(source, size, max_pixels=None):
             img = opened or source
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
             if max_pixels and img.size[0] * img.size[1] > max_pixels:
-                raise ImageDecodeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
-                                       f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
+                raise ImageTooLargeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
+                                         f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
             img = ImageOps.exif_transpose(img)
             img = ImageOps.fit(_to_rgb(img), (size, size), Image.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit, checked at open before ours
+        raise ImageTooLargeError(f"image {Path(name).name} is too large: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -1690,18 +1698,26 @@ def _atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync, then rename over `path`: a
     crash or error midway leaves the previous file intact and no partial file behind (a kill -9
     can leave the temporary, which remove_stale_temporaries clears at the next start). The file
-    gets the permissions the umask gives, like any file the user writes."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    gets the permissions the umask gives, like any file the user writes. A full, read-only or
+    forbidden folder raises UserError naming it."""
+    path, tmp = Path(path), None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        disk = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
+        full = (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(disk, OSError) and disk.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "free some space there" if disk.errno in full else "make it writable"
+            raise UserError(f"cannot write {path.name} in {path.parent} ({disk.strerror or disk}): {fix}, or "
+                            f"pass another --checkpoint-dir; the files already there are intact") from None
         raise
 
 
@@ -1728,14 +1744,15 @@ def remove_stale_temporaries(folder):
     return removed
 
 
-def _to_cpu(obj):
-    """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere."""
+def _to_cpu(obj, copy=False):
+    """Copy XLA/CUDA tensors in a nested state to the CPU, so checkpoints load anywhere (copy: CPU
+    tensors too)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return obj.detach().cpu().clone() if copy else obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_to_cpu(v, copy) for v in obj)
     return obj
 
 
@@ -1762,15 +1779,68 @@ def save_checkpoint(path, model, optimizer, config, train_config=None, history=N
     atomic_torch_save(checkpoint, path)
 
 
-_CONFIG_TYPES = {"arch": str, "num_classes": int, "class_names": list, "image_size": int,
-                 "source_size": int, "mean": (list, tuple), "std": (list, tuple)}
+MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
+MAX_METADATA_BYTES = 16 * 2**20  # a checkpoint's pickle (everything but tensors): bounds unpickling memory
+MAX_EXAMPLES = 16
+CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "train_config", "history", "examples", "args",
+                   "torch_version")
+
+
+def _number(value, low=-math.inf, high=math.inf):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
+
+
+def _whole(value, low, high=math.inf):
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _plain(value):
+    return value is None or isinstance(value, (str, bool)) or _number(value)
+
+
+def _flags(value):
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
+def _three(value, low):
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_number(v) and v > low for v in value)
+
+
+# Every config field: (check, what it must be). The first seven are required.
+_CONFIG_RULES = {
+    "arch": (lambda v: isinstance(v, str) and v in ARCHS, f"one of {', '.join(ARCHS)}"),
+    "num_classes": (lambda v: _whole(v, 2, 100_000), "a whole number 2-100000"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    "image_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
+    "source_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
+    "mean": (lambda v: _three(v, -math.inf), "three finite numbers"),
+    "std": (lambda v: _three(v, 0), "three finite numbers above 0"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "model_options": (_flags, "a dict of flags"),
+    "class_ids": (lambda v: isinstance(v, list) and all(isinstance(c, (str, int)) for c in v), "a list of strings"),
+    "epoch": (lambda v: _whole(v, 0), "a whole number"),
+    "best_epoch": (lambda v: v is None or _whole(v, 0), "a whole number or null"),
+    "best_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
+    "val_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def is_epoch_record(record):
+    """Whether `record` is a per-epoch metrics line as train() writes them (history, metrics.jsonl):
+    a whole epoch, val_top1 in [0, 1] and otherwise plain values, numbers finite."""
+    return (isinstance(record, dict) and _whole(record.get("epoch"), 1) and _number(record.get("val_top1"), 0, 1)
+            and all(_number(record[k], 0, 1) for k in ("val_top5", "train_top1") if k in record)
+            and all(isinstance(k, str) and (_plain(v) or isinstance(v, list) and all(map(_number, v)))
+                    for k, v in record.items()))
 
 
 def load_checkpoint(path):
     """Read and check a checkpoint written by save_checkpoint (on the CPU, weights_only: no code
     from the file runs). Raises CheckpointError with one line saying what is wrong: a missing
-    file, a folder, a file that is not a checkpoint, one of another program, or one whose
-    config, classes and weights disagree, or whose weights are not finite."""
+    file, a folder, a file that is not a checkpoint, one of another program, or one that
+    check_checkpoint refuses. Tensors are memory-mapped until checked, so an oversized file is
+    refused without being read."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. "
@@ -1779,11 +1849,19 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} does not exist: train one with "
                               f"`python googlenet.py` or pass the path of a .pt file it wrote")
     import zipfile
-    if not zipfile.is_zipfile(path):  # torch.save's format; anything else is not ours
+    try:  # torch.save's format; anything else is not ours
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
         raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file: an image, text, or "
-                              f"truncated): pass a last.pt or best.pt written by googlenet.py")
+                              f"truncated): pass a last.pt or best.pt written by googlenet.py") from None
+    # torch.save stores entries uncompressed; a compressed one could unpack to any size.
+    if any(e.compress_type != zipfile.ZIP_STORED or e.filename.endswith("data.pkl") and e.file_size > MAX_METADATA_BYTES
+           for e in entries):
+        raise CheckpointError(f"{path} is compressed or holds over {MAX_METADATA_BYTES >> 20} MiB of metadata, "
+                              f"which googlenet.py never writes: pass a last.pt or best.pt written by googlenet.py")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in first_line or "Unsupported global" in first_line:
@@ -1793,36 +1871,78 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a last.pt or best.pt written by googlenet.py")
-    _check_checkpoint(path, checkpoint)
-    return checkpoint
+    check_checkpoint(path, checkpoint)
+    # Checked, so bounded: now copy the tensors into memory. Mapped ones would fault (SIGBUS) once
+    # the file is rewritten in place, e.g. by torch.save(checkpoint, path) after a change.
+    return _to_cpu(checkpoint, copy=True)
 
 
-def _check_checkpoint(path, checkpoint):
+def check_checkpoint(path, checkpoint):
+    """Check every entry of a checkpoint dict before anything uses it: known keys only, each
+    config field's type and range, the history, flags and example images, weights with exactly
+    the keys, shapes and dtypes of the net its config describes (and finite), and no more tensor
+    bytes than that net's weights and optimizer state take. Raises CheckpointError (one line)."""
+    def refuse(problem):
+        raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
+
+    unknown = sorted(map(str, set(checkpoint) - set(CHECKPOINT_KEYS)))
+    if unknown:
+        refuse(f"unknown entry {unknown[0]!r} (a checkpoint holds {', '.join(CHECKPOINT_KEYS)})")
     config = checkpoint.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    for key, types in _CONFIG_TYPES.items():
-        if not isinstance(config.get(key), types) or isinstance(config.get(key), bool):
-            raise CheckpointError(f"{path}: config field {key!r} is missing or not a "
-                                  f"{types.__name__ if isinstance(types, type) else 'list'}")
-    if config["arch"] not in ARCHS:
-        raise CheckpointError(f"{path}: unknown arch {config['arch']!r} (this file knows {', '.join(ARCHS)})")
-    if not (2 <= config["num_classes"] <= 100_000 and len(config["class_names"]) == config["num_classes"]):
-        raise CheckpointError(f"{path}: {config['num_classes']} classes but {len(config['class_names'])} "
-                              f"class names")
-    if not (8 <= config["image_size"] <= 2048 and 8 <= config["source_size"] <= 4096):
-        raise CheckpointError(f"{path}: image size {config['image_size']} / {config['source_size']} out of range")
+    for index, (key, (ok, what)) in enumerate(_CONFIG_RULES.items()):
+        if (index < 7 or key in config) and not ok(config.get(key)):
+            refuse(f"config field {key!r} must be {what}, not {config.get(key)!r:.60}")
+    odd = sorted(str(k) for k, v in config.items() if k not in _CONFIG_RULES and not _plain(v))
+    if odd:  # unknown plain fields are ignored; anything bigger (a tensor, a list) is refused
+        refuse(f"unknown config field {odd[0]!r} holds more than a plain value")
+    if len(config["class_names"]) != config["num_classes"]:
+        refuse(f"{config['num_classes']} classes but {len(config['class_names'])} class names")
+    size, examples = config["source_size"], checkpoint.get("examples")
+    sections = {
+        "history": (lambda v: isinstance(v, list) and all(map(is_epoch_record, v)), "a list of per-epoch records"),
+        "args": (_flags, "a dict of flags"), "train_config": (_flags, "a dict of settings"),
+        "torch_version": (lambda v: isinstance(v, str), "a string"),
+        "examples": (lambda v: isinstance(v, dict) and set(v) == {"images", "labels"}
+                     and isinstance(v["images"], torch.Tensor) and v["images"].dtype == torch.uint8
+                     and v["images"].shape[1:] == (3, size, size) and 1 <= len(v["images"]) <= MAX_EXAMPLES
+                     and isinstance(v["labels"], list) and len(v["labels"]) == len(v["images"])
+                     and all(_whole(label, 0, config["num_classes"] - 1) for label in v["labels"]),
+                     f"1-{MAX_EXAMPLES} uint8 images [3, {size}, {size}] with their labels"),
+        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+                      and all(isinstance(g, dict) and all(_plain(x) or isinstance(x, list) and all(map(_plain, x))
+                                                          for x in g.values()) for g in v["param_groups"])
+                      and isinstance(v.get("state"), dict) and all(
+                          isinstance(s, dict) and all(isinstance(x, torch.Tensor) or _plain(x) for x in s.values())
+                          for s in v["state"].values()), "an SGD optimizer state"),
+    }
+    for key, (ok, what) in sections.items():
+        if checkpoint.get(key) is not None and not ok(checkpoint[key]):
+            refuse(f"{key!r} must be {what}")
     weights = checkpoint.get("model")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+    if not isinstance(weights, dict):
         raise CheckpointError(f"{path} has no weights (a 'model' dict of tensors)")
     try:
-        model = build_model(config["arch"], config["num_classes"], **dict(config.get("model_options") or {}))
-        model.load_state_dict(weights)
+        expected = build_model(config["arch"], config["num_classes"], **config.get("model_options", {})).state_dict()
     except (RuntimeError, TypeError, ValueError) as e:
-        detail = str(e).strip().splitlines()
-        detail = (detail[1] if len(detail) > 1 else detail[0]).strip() if detail else type(e).__name__
+        refuse(f"config field 'model_options' does not build a net ({str(e).strip()[:120]})")
+    misfit = sorted(map(str, set(weights) ^ set(expected))) + [
+        k for k, e in expected.items() if k in weights and not (
+            isinstance(weights[k], torch.Tensor) and weights[k].shape == e.shape and weights[k].dtype == e.dtype)]
+    if misfit:
         raise CheckpointError(f"{path}: its weights do not fit its own config ({config['arch']}, "
-                              f"{config['num_classes']} classes): {detail[:160]}") from None
+                              f"{config['num_classes']} classes): {misfit[0]}"
+                              f"{f' and {len(misfit) - 1} more' if len(misfit) > 1 else ''}")
+    # Storage bytes, not view bytes: a small view can pin a huge storage. Mapped, not yet read.
+    moments = (checkpoint.get("optimizer") or {}).get("state", {}).values()
+    tensors = [*weights.values(), *(x for s in moments for x in s.values() if isinstance(x, torch.Tensor)),
+               *([examples["images"]] if examples is not None else [])]
+    held = sum(t.untyped_storage().nbytes() for t in tensors)
+    allowed = 4 * sum(e.nbytes for e in expected.values()) + MAX_EXAMPLES * 3 * size * size
+    if held > allowed:
+        refuse(f"it holds {held / 2**20:.0f} MiB of tensors, more than a {config['arch']} net with "
+               f"{config['num_classes']} classes and its optimizer state take ({allowed / 2**20:.0f} MiB)")
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: weights are NaN or infinite ({bad[0]}"
@@ -2021,24 +2141,44 @@ def train_config_from(args):
 
 
 def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
-    """Refuse, before any data is decoded, to write where another run's checkpoints would be lost:
-    a new run into a folder with a last.pt; a resume into a folder holding a different run, or
-    whose last.pt is newer than the checkpoint resumed from."""
-    last = Path(out_dir) / "last.pt"
-    if not last.exists():
-        return
-    if resumed is None:
-        raise UserError(f"{last} exists: continue that run with --resume {last}, or pass another --checkpoint-dir")
-    if resume_path is not None and last.resolve() == Path(resume_path).resolve():
-        return
-    there = load_checkpoint(last)["config"]
-    mine = resumed["config"]
-    if there.get("run_id", "") != mine.get("run_id", ""):
-        raise UserError(f"{out_dir} holds a different run (its last.pt is not from the run of {resume_path}): "
+    """Refuse, before any data is decoded, to write where another run's files would be lost: a new
+    run into a folder with a last.pt, best.pt or metrics.jsonl; a resume into a folder whose
+    checkpoints are of a different run, or whose last.pt is newer than the checkpoint resumed from."""
+    out_dir = Path(out_dir)
+    found = [out_dir / name for name in ("last.pt", "best.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    checkpoints = [p for p in found if p.suffix == ".pt"]
+    if found and (resumed is None or not checkpoints):
+        advice = f"continue that run with --resume {checkpoints[0]}, or " if checkpoints and resumed is None else ""
+        raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: {advice}"
                         f"pass another --checkpoint-dir")
-    if there.get("epoch", 0) > mine.get("epoch", 0):
-        raise UserError(f"{last} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
-                        f"resume from {last}, or pass another --checkpoint-dir to branch off")
+    for path in checkpoints:
+        if resume_path is not None and path.resolve() == Path(resume_path).resolve():
+            continue
+        there, mine = load_checkpoint(path)["config"], resumed["config"]
+        if there.get("run_id", "") != mine.get("run_id", ""):
+            raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the run of "
+                            f"{resume_path}): pass another --checkpoint-dir")
+        if path.name == "last.pt" and there.get("epoch", 0) > mine.get("epoch", 0):
+            raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
+                            f"resume from {path}, or pass another --checkpoint-dir to branch off")
+
+
+def check_room_for_checkpoints(out_dir, model):
+    """Refuse, before any data is decoded, a checkpoint folder that cannot be written or has no
+    room for two checkpoints of `model` (weights and optimizer state: about twice its state)."""
+    out_dir = Path(out_dir)
+    needed = 2 * 2 * sum(t.nbytes for t in model.state_dict().values())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+        free = shutil.disk_usage(out_dir).free
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a --checkpoint-dir "
+                        f"you can write to") from None
+    if free < needed:
+        raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the {needed / 2**20:.0f} MiB two "
+                        f"checkpoints of this model take: free some space or pass another --checkpoint-dir")
 
 
 def _log_master(device):
@@ -2102,6 +2242,8 @@ def _run(args, checkpoint, config, device, log):
     model = build_model(args.arch, num_classes, **options)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    if not args.evaluate and device.is_master:
+        check_room_for_checkpoints(args.checkpoint_dir, model)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     precision = resolve_precision(config.precision, device)

@@ -97,6 +97,21 @@ def image_mode(path) -> str:
         return image.mode
 
 
+def small_checkpoint(path: Path, class_names=("cat", "dog", "bird"), cli_args=None, history=None,
+                     **config_fields) -> Path:
+    """A real checkpoint of an untrained 3-class tiny net (no aux heads), written by
+    googlenet.save_checkpoint with one example image: seconds to make, no training."""
+    config = googlenet.ModelConfig("tiny", len(class_names), list(class_names), 32, 32, (0.5,) * 3, (0.25,) * 3,
+                                   dataset="pets", model_options={"aux_logits": False}, epoch=1, val_top1=0.5)
+    for key, value in config_fields.items():
+        setattr(config, key, value)
+    example = torch.from_numpy(np.array(gradient(32, 32))).permute(2, 0, 1).contiguous()
+    googlenet.save_checkpoint(path, googlenet.build_model("tiny", len(class_names), aux_logits=False), None, config,
+                              history=history or [{"epoch": 1, "val_top1": 0.5, "val_top5": 1.0, "train_loss": 1.1}],
+                              examples={"images": example[None], "labels": [0]}, cli_args=cli_args or {"device": "cpu"})
+    return path
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -168,7 +183,7 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
 class Server:
     """`python demo.py ...` running in the background on 127.0.0.1."""
 
-    def __init__(self, checkpoint: Path, log: Path, timeout: float = 120):
+    def __init__(self, checkpoint: Path, log: Path, timeout: float = 120, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
@@ -179,7 +194,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, str(ROOT / "demo.py"), "--checkpoint", str(checkpoint),
                  "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+                cwd=ROOT, env=env or ENV, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -326,7 +341,7 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, server, 
     for name in ["notes.txt", "empty.png", "truncated.bmp", "photo.jpg"]:
         top5, message = classify_served(client, tmp_path / name)
         assert top5 == {}
-        assert f"Could not read `{name}` as an image" in message
+        assert f"Could not read {demo.plain(name)} as an image" in message
         assert "Traceback" not in message and str(tmp_path) not in message
     top5, message = classify_served(client, None)
     assert top5 == {} and message == demo.NO_IMAGE_MESSAGE
@@ -399,7 +414,41 @@ def test_oversized_uploads_are_refused_quickly_with_a_message(loaded, tmp_path):
                                              model, config)
     assert time.perf_counter() - start < 2  # refused from the header, never decoded
     assert labels == [None, None]
-    assert "`bomb.png` is too large" in messages[0] and "`big.jpg` is too large" in messages[1]
+    assert all(f"{demo.plain(name)} is too large" in message for name, message in zip(["bomb.png", "big.jpg"], messages))
+
+
+def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
+    """A 30000x30000 PNG header (PIL refuses it at open, before decode_image's own check)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    (tmp_path / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.pt"))
+    labels, messages = demo.classify_uploads([{"path": str(tmp_path / "wide.png"), "orig_name": "wide.png"}],
+                                             model, config)
+    assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
+
+
+def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
+    """The examples' temporary folder goes at exit: a script's normal exit, and the server's SIGTERM."""
+    checkpoint = small_checkpoint(tmp_path / "best.pt")
+    env = {**ENV, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    script = f"import demo, googlenet; print(demo.example_images(googlenet.load_checkpoint({str(checkpoint)!r}))[0])"
+    made = Path(subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert made.name == "example-0.png" and made.parent.parent == tmp_path / "tmp" and not made.parent.exists()
+    server = Server(checkpoint, tmp_path / "server.log", env=env)
+    try:
+        assert len(list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))) == 1  # there while serving
+    finally:
+        server.stop()
+    assert server.process.returncode == 0 and not list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))
 
 
 def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_flat(client, server, odd_images):
@@ -531,6 +580,38 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
     assert line.startswith("error:") and str(path) in line and "weights_only" not in line
 
 
+@pytest.mark.parametrize("field,value", [("mean", "0.5"), ("mean", (0.5,) * 7), ("std", (0.2, 0.0, 0.2)),
+                                         ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
+                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none")])
+def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value, odd_images, tmp_path, capsys):
+    path = small_checkpoint(tmp_path / "best.pt")
+    checkpoint = googlenet.load_checkpoint(path)
+    if field == "examples":
+        checkpoint["examples"] = {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}
+    else:
+        checkpoint["config"][field] = value
+    torch.save(checkpoint, path)
+    assert demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and f"{field!r}" in err, err
+
+
+def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
+    path = small_checkpoint(tmp_path / "best.pt")
+    rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
+            '{"epoch": 2, "train_loss": 1.5, "val_top1": null, "val_top5": 0.6}',  # an epoch not validated
+            '{"epoch": "3", "val_top1": 0.9}', '{"epoch": 4, "val_top1": "0.9"}', '{"epoch": 5, "val_top1": NaN}',
+            '{"epoch": 6, "val_top1": 0.95, "train_loss": [1, {"a": 2}]}', '[1, 2]', 'not json', '[' * 100_000,
+            '{"epoch": 7, "train_loss": 1.0, "val_top1": 0.5, "val_top5": 0.75, "lr": 0.05}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    history = demo.read_history(path, googlenet.load_checkpoint(path))
+    assert [h["epoch"] for h in history] == [1, 7]
+    summary = demo.describe_run(history, googlenet.load_checkpoint(path))
+    assert "Best epoch 7" in summary and "val top-1 50.00%" in summary
+    loss, accuracy, lr = demo.curves(history)
+    assert list(loss["epoch"]) == [1, 7] and list(lr["value"]) == [0.1, 0.05]
+
+
 @pytest.mark.parametrize("args", [["--port", "99999"], ["--no-such-flag"]])
 def test_cli_bad_flags_give_one_line_and_exit_2(args):
     line = assert_one_line_error(run_cli(*args))
@@ -627,3 +708,58 @@ def test_browser_upload_shows_the_prediction_and_the_training_curves(request, tm
             page.screenshot(path=str(shot.with_name("training.png")))
         finally:
             browser.close()
+
+
+# Markup of every kind Gradio's Markdown would render: raw HTML its sanitizer keeps, Markdown images and
+# links, a GFM autolink and $$ LaTeX.
+HOSTILE = ('<img src="https://attacker.invalid/pixel.png"><a href="https://attacker.invalid/m.pt">Download the '
+           'fixed model here</a><form action="https://attacker.invalid/"><input name="q"></form> '
+           '![x](https://attacker.invalid/md.png) [Download the fixed model here](https://attacker.invalid/md.pt) '
+           '$$\\href{https://attacker.invalid}{x}$$ www.attacker.invalid **bold**')
+
+
+@pytest.mark.browser
+def test_browser_shows_a_hostile_checkpoints_markup_as_text_and_fetches_nothing(tmp_path):
+    """Strings from the checkpoint (dataset, a class name, flags) and an upload's file name hold
+    markup: the page shows it literally, renders no image, link, form or formula, and the browser
+    requests nothing but the demo's own server."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium browser: `apt-get install chromium` (Debian) or set GOOGLENET_CHROMIUM")
+    checkpoint = small_checkpoint(tmp_path / "best.pt", class_names=(HOSTILE, "dog", "bird"), dataset=HOSTILE,
+                                  cli_args={"device": HOSTILE, "precision": HOSTILE})
+    junk = tmp_path / "<img src=https:attacker.invalid>.jpg"
+    junk.write_bytes(b"not an image")
+    gradient().save(tmp_path / "picture.png")
+    server = Server(checkpoint, tmp_path / "server.log")
+    requests: list[str] = []
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.on("request", lambda r: requests.append(r.url))
+                page.goto(server.url)
+                header = page.locator("h2", has_text="GoogLeNet").locator("xpath=..")
+                assert f"dataset {HOSTILE} (3 classes)" in header.inner_text()
+                page.set_input_files("#image input[type=file]", str(tmp_path / "picture.png"))
+                page.locator("#prediction [data-testid=label-output-value]").wait_for(timeout=60_000)
+                assert HOSTILE in page.locator("#prediction dl dt").all_inner_texts()
+                page.set_input_files("#image input[type=file]", str(junk))
+                page.locator("#message", has_text=f"Could not read {junk.name} as an image").wait_for(timeout=60_000)
+                page.get_by_role("tab", name="Training").click()
+                summary = page.locator("#run-summary")
+                summary.get_by_text("Best epoch 1").wait_for(timeout=60_000)
+                assert f"device {HOSTILE}" in summary.inner_text() and f"precision {HOSTILE}" in summary.inner_text()
+                links = page.eval_on_selector_all("[src], [href], [action]", "els => els.map(e => e.getAttribute("
+                                                  "'src') || e.getAttribute('href') || e.getAttribute('action'))")
+                # (the upload's own preview is served by the demo under its sanitised name)
+                assert [url for url in links if "attacker" in url and "/gradio_api/file=" not in url] == []
+                for markup in ["form", "input[name=q]", ".katex", "strong:text-is('bold')"]:
+                    assert page.locator(markup).count() == 0, markup
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert requests and all(url.startswith(server.url) for url in requests), sorted(set(requests))

@@ -906,6 +906,66 @@ def test_new_run_never_overwrites_a_checkpoint(tmp_path, capsys):
     assert code == 0 and "already trained 1 epochs" in out
 
 
+@pytest.mark.parametrize("left", [("best.pt", "metrics.jsonl"), ("best.pt",), ("metrics.jsonl",)])
+def test_new_run_refuses_a_folder_with_another_runs_best_pt_or_metrics(left, tmp_path, capsys):
+    model = g.build_model("tiny", 10)
+    config = g.ModelConfig("tiny", 10, [f"c{i}" for i in range(10)], 16, 16, (0.5,) * 3, (0.2,) * 3)
+    if "best.pt" in left:
+        g.save_checkpoint(tmp_path / "best.pt", model, None, config)
+    if "metrics.jsonl" in left:
+        (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_top1": 0.5}\n')
+    before = {name: (tmp_path / name).read_bytes() for name in left}
+    code, out, err = run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path, "--image-size", 16], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--checkpoint-dir" in err, err
+    assert all(name in err for name in left) and out == ""
+    assert {name: (tmp_path / name).read_bytes() for name in left} == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, *options): a fresh tmpfs of `size` bytes (root only: skips elsewhere)."""
+    mounted = []
+
+    def mount(size, *options):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                                     str(folder)], capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command to make a small file system with")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_folder_without_room_or_write_access_is_refused_before_training(tmp_path, capsys, small_disk):
+    (tmp_path / "a-file").write_text("not a folder")
+    for folder, fragment in [(small_disk(2**21), "MiB free"), (small_disk(2**21, "ro"), "Read-only file system"),
+                             (tmp_path / "a-file" / "run", "cannot write checkpoints to")]:
+        code, out, err = run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", folder, "--image-size", 16], capsys)
+        assert code == 2 and fragment in err and str(folder) in err and len(err.strip().splitlines()) == 1, err
+        assert out == ""  # before any data was decoded
+
+
+def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_keeps_the_last_checkpoints(capsys, small_disk):
+    # Room for the pre-check's two checkpoints and a bit: epoch 1's best.pt and last.pt fit, epoch 2's don't.
+    state = sum(t.nbytes for t in g.build_model("tiny", 10, aux_logits=False).state_dict().values())
+    folder = small_disk(5 * state)
+    code, out, err = run_main(SYNTH + ["--no-aux", "--subset", 32, "--precision", "fp32", "--epochs", 2,
+                                       "--image-size", 16, "--checkpoint-dir", folder], capsys)
+    assert code == 2 and "epoch 1/2" in out and "epoch 2/2" in out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in err and str(folder) in err and "--checkpoint-dir" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no temporary
+    assert g.load_checkpoint(folder / "last.pt")["config"]["epoch"] == 1
+    assert g.load_checkpoint(folder / "best.pt")["config"]["epoch"] == 1
+
+
 def test_flags_given_on_resume_override_the_checkpoint(tmp_path, capsys):
     assert run_main(SYNTH + ["--epochs", 1, "--image-size", 16, "--checkpoint-dir", tmp_path], capsys)[0] == 0
     code, out, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", 2, "--lr", 0.4,
@@ -996,6 +1056,15 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     g.load_checkpoint(path)
 
 
+def test_a_loaded_checkpoint_can_be_saved_over_its_own_file(tmp_path):
+    path = tmp_path / "best.pt"
+    torch.save(_checkpoint_dict(), path)
+    checkpoint = g.load_checkpoint(path)
+    checkpoint["config"]["dataset"] = "renamed"
+    torch.save(checkpoint, path)  # truncates the file: tensors still mapped from it would fault (SIGBUS)
+    assert g.load_checkpoint(path)["config"]["dataset"] == "renamed"
+
+
 def test_load_for_inference_matches_trained_model(tmp_path, capsys):
     assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)[0] == 0
     model, config = g.load_for_inference(tmp_path / "best.pt")
@@ -1056,6 +1125,20 @@ def _checkpoint_dict(num_classes=3):
     return {"format": g.CHECKPOINT_FORMAT, "config": g.dataclasses.asdict(config), "model": model.state_dict()}
 
 
+# Odd metadata: each of these crashed googlenet.py or demo.py, or was served as if fine.
+_BAD_METADATA = {
+    "mean of 7": ("config", "mean", [0.5] * 7), "mean a string": ("config", "mean", "0.5"),
+    "nan mean": ("config", "mean", [float("nan"), 0.5, 0.5]), "zero std": ("config", "std", [0.2, 0.0, 0.2]),
+    "class names lists": ("config", "class_names", [["a"], ["b"], ["c"]]),
+    "model options a list": ("config", "model_options", ["aux_logits"]),
+    "val_top1 a string": ("config", "val_top1", "90%"), "image size 2048": ("config", "image_size", 2048),
+    "source size 4096": ("config", "source_size", 4096),
+    "empty examples": (None, "examples", {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}),
+    "history a string": (None, "history", "epoch 1"), "history null val_top1": (None, "history", [{"epoch": 1, "val_top1": None}]),
+    "args a list": (None, "args", ["--epochs", "3"]),
+}
+
+
 @pytest.mark.parametrize("problem,fragment", [
     ("no config", "no model config"),
     ("arch disagrees", "do not fit"),
@@ -1063,6 +1146,12 @@ def _checkpoint_dict(num_classes=3):
     ("names missing", "class names"),
     ("nan weights", "NaN"),
     ("python object", "Python objects"),
+    ("unknown entry", "unknown entry 'payload'"),
+    ("tensor in an unknown config field", "unknown config field 'data'"),
+    ("tensor in a param group", "'optimizer' must be"),
+    ("oversized optimizer state", "MiB of tensors"),
+    ("deflated", "compressed"),
+    *[(problem, f"'{key}' must be") for problem, (_, key, _) in _BAD_METADATA.items()],
 ])
 def test_inconsistent_checkpoints_get_one_line(problem, fragment, tmp_path, capsys):
     checkpoint = _checkpoint_dict()
@@ -1078,8 +1167,27 @@ def test_inconsistent_checkpoints_get_one_line(problem, fragment, tmp_path, caps
         checkpoint["model"]["fc.weight"][0, 0] = float("nan")
     elif problem == "python object":
         checkpoint["config"]["mean"] = _Sneaky(tmp_path / "pwned")  # a pickled object: never loaded, let alone run
+    elif problem == "unknown entry":
+        checkpoint["payload"] = torch.zeros(10)
+    elif problem == "tensor in an unknown config field":  # would be copied into memory, unbounded
+        checkpoint["config"]["data"] = torch.zeros(10)
+    elif problem == "tensor in a param group":
+        checkpoint["optimizer"] = {"state": {}, "param_groups": [{"params": [0], "lr": torch.zeros(10)}]}
+    elif problem == "oversized optimizer state":  # more than 4x the weights' bytes
+        weight_bytes = sum(t.nbytes for t in checkpoint["model"].values())
+        checkpoint["optimizer"] = {"state": {0: {"momentum_buffer": torch.empty(4 * weight_bytes + 2**20, dtype=torch.uint8)}},
+                                   "param_groups": []}
+    elif problem in _BAD_METADATA:
+        section, key, value = _BAD_METADATA[problem]
+        (checkpoint[section] if section else checkpoint)[key] = value
     path = tmp_path / "bad.pt"
     torch.save(checkpoint, path)
+    if problem == "deflated":  # a few MB on disk that torch.load would unpack to any size
+        import zipfile
+        with zipfile.ZipFile(path) as stored, zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as out:
+            for entry in stored.infolist():
+                out.writestr(entry.filename, stored.read(entry.filename))
+        path = tmp_path / "deflated.pt"
     with pytest.raises(g.CheckpointError, match=fragment) as error:
         g.load_checkpoint(path)
     assert "\n" not in str(error.value)
