@@ -1783,11 +1783,15 @@ MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger o
 MAX_METADATA_BYTES = 16 * 2**20  # a checkpoint's pickle (everything but tensors): bounds unpickling memory
 MAX_EXAMPLES = 16
 CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "train_config", "history", "examples", "args",
-                   "torch_version")
+                   "torch_version", "scaler", "position")
 
 
 def _number(value, low=-math.inf, high=math.inf):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
+
+
+def _rng_state(value):
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel() <= 2**16
 
 
 def _whole(value, low, high=math.inf):
@@ -1904,6 +1908,12 @@ def check_checkpoint(path, checkpoint):
         "history": (lambda v: isinstance(v, list) and all(map(is_epoch_record, v)), "a list of per-epoch records"),
         "args": (_flags, "a dict of flags"), "train_config": (_flags, "a dict of settings"),
         "torch_version": (lambda v: isinstance(v, str), "a string"),
+        "scaler": (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "a GradScaler state"),
+        "position": (lambda v: isinstance(v, dict) and _whole(v.get("epoch"), 0, 10**6) and _whole(v.get("step"), 1, 10**9)
+                     and isinstance(v.get("sums"), list) and len(v["sums"]) == 5 and all(map(_number, v["sums"]))
+                     and _number(v.get("seconds"), 0) and _rng_state(v.get("rng"))
+                     and (v.get("cuda_rng") is None or _rng_state(v["cuda_rng"])),
+                     "an epoch, step, metric sums and RNG state"),
         "examples": (lambda v: isinstance(v, dict) and set(v) == {"images", "labels"}
                      and isinstance(v["images"], torch.Tensor) and v["images"].dtype == torch.uint8
                      and v["images"].shape[1:] == (3, size, size) and 1 <= len(v["images"]) <= MAX_EXAMPLES
@@ -2126,6 +2136,8 @@ def parse_args(argv=None):
         args.crop = "resized" if args.dataset == "folder" else "pad"
     if args.image_size is None:
         args.image_size = 224 if args.arch == "original" else 32 if args.dataset == "cifar10" else 64
+    if args.image_size > MAX_IMAGE_SIZE:  # checkpoints larger than this are refused when read
+        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
     if args.checkpoint_dir is None:
         args.checkpoint_dir = f"runs/{args.dataset}"
     return args, checkpoint
