@@ -1450,6 +1450,21 @@ def test_sigterm_saves_the_step_and_resume_ends_bit_identical(tmp_path):
     assert _same_weights(stopped / "last.pt", straight / "last.pt")
 
 
+def test_progress_lines_come_every_30_seconds_whatever_the_step_interval(monkeypatch):
+    import itertools
+    store, mc = _fp16_batches(n=64)
+    model = g.build_model("tiny", 4)
+    config = g.TrainConfig(epochs=1, batch_size=8, precision="fp32", log_interval=10**6)
+    clock = itertools.count(0.0, 10.0)  # a slow machine: every reading of the clock is 10 s later
+    monkeypatch.setattr(g.time, "perf_counter", lambda: next(clock))
+    lines = []
+    g.train_one_epoch(model, g.StoreLoader(store, 8, True), g.make_optimizer(model, config),
+                      g.Device("cpu", torch.device("cpu")), mc, config, 0, log=lines.append)
+    steps = [int(line.split(" step ")[1].split("/")[0]) for line in lines]
+    assert lines and all("ETA" in line for line in lines)
+    assert steps[0] == 2 and len(steps) >= 2  # the first after ~20 s, then every ~30 s
+
+
 def test_ctrl_c_before_any_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
