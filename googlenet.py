@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import errno
 import itertools
 import json
@@ -206,6 +205,11 @@ def init_weights(model):
 
 def build_model(arch, num_classes, **options):
     """A GoogLeNet; options: aux_logits (True), batch_norm (None: on for tiny), dropout (0.4), aux_dropout (0.7)."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
+    unknown = sorted(set(options) - {"aux_logits", "batch_norm", "dropout", "aux_dropout"})
+    if unknown:
+        raise ValueError(f"unknown model option {unknown[0]!r}: use aux_logits, batch_norm, dropout or aux_dropout")
     return GoogLeNet(arch, num_classes, **options)
 
 
@@ -297,10 +301,13 @@ def _listing(path):  # what a folder holds, for "expected X, found Y" messages
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir())
     return ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") if entries else "an empty folder"
 
-def _class_folders(folder, classes):  # the images in folder/<class>/**, sorted (torchvision's make_dataset)
-    from torchvision.datasets.folder import make_dataset
-    found = make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, IMAGE_EXTENSIONS, allow_empty=True)
-    return Split([label for _, label in found], [path for path, _ in found])
+def _class_folders(folder, classes, inner=""):  # the images right in folder/<class>/<inner>/, sorted
+    split = Split([], [])
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (Path(folder) / name / inner).glob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        split.files, split.labels = split.files + files, split.labels + [label] * len(files)
+    return split
 
 def find_tiny_imagenet(data_dir):
     candidates = (Path(data_dir), Path(data_dir) / "tiny-imagenet-200")
@@ -337,8 +344,9 @@ def load_tiny_imagenet(data_dir, download=False):
     missing = [root / "train" / w / "images" for w in wnids if not (root / "train" / w / "images").is_dir()]
     missing += [] if (root / "val" / "val_annotations.txt").is_file() else [root / "val" / "val_annotations.txt"]
     if missing:
-        raise UserError(f"Tiny ImageNet at {root} is incomplete: expected {missing[0]}; "
-                        f"found in {missing[0].parent.parent.name}/: {_listing(missing[0].parent.parent)}")
+        where = root / ("val" if missing[0].name.endswith(".txt") else "train")
+        raise UserError(f"Tiny ImageNet at {root} is incomplete: expected {missing[0]}; found in {where.name}/: "
+                        f"{_listing(where)}")
     val = Split([], [])
     for fields in (line.split("\t") for line in (root / "val" / "val_annotations.txt").read_text().splitlines()):
         if len(fields) > 1:
@@ -349,7 +357,7 @@ def load_tiny_imagenet(data_dir, download=False):
     words = dict(line.partition("\t")[::2] for line in (root / "words.txt").read_text().splitlines()) \
         if (root / "words.txt").is_file() else {}
     names = [words.get(w, w).split(",")[0].strip() or w for w in wnids]
-    train = _class_folders(root / "train", wnids)
+    train = _class_folders(root / "train", wnids, "images")
     return DatasetInfo("tiny", train, val, names, wnids, IMAGENET_MEAN, IMAGENET_STD, 64)
 
 def load_image_folder(data_dir, image_size):
@@ -361,7 +369,7 @@ def load_image_folder(data_dir, image_size):
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     strangers = sorted({p.name for p in val_dir.iterdir() if p.is_dir()} - set(classes))
     if not classes or strangers:
-        raise UserError(f"{val_dir}/{strangers[0]} is a class that train/ does not have" if strangers else
+        raise UserError(f"{val_dir}/{strangers[0]} is a class that train/ does not have" if classes else
                         f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>; found "
                         f"{_listing(train_dir)}")
     splits = [_class_folders(folder, classes) for folder in (train_dir, val_dir)]
@@ -407,7 +415,8 @@ def load_dataset(name, data_dir, image_size=64, download=False):
             if name == "cifar10" else load_image_folder(data_dir, image_size) if name == "folder"
             else make_synthetic(image_size))
     if len(info.class_names) < 2:
-        raise UserError(f"{data_dir} has 1 class: a classifier needs at least 2 (one folder per class)")
+        raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at least 2 (one folder "
+                        f"per class)")
     return info
 
 def store_bytes(info, subset=0):
@@ -602,8 +611,9 @@ class StoreLoader:
             third = (torch.arange(len(self) * n) < len(index)).float().view(len(self), n)  # the mask
             batches = torch.cat([index, index.new_zeros(len(self) * n - len(index))]).view(len(self), n)
         if lazy:
-            fetched = torch.utils.data.DataLoader(self.store, batch_sampler=batches.tolist(), num_workers=self.workers,
-                                                  multiprocessing_context="spawn" if self.workers else None)
+            fetched = torch.utils.data.DataLoader(  # its own generator: the global one (dropout) is left as it is
+                self.store, batch_sampler=batches.tolist(), num_workers=self.workers, generator=torch.Generator(),
+                multiprocessing_context="spawn" if self.workers else None)
         else:
             fetched = ((self.store.images[i], self.store.labels[i]) for i in _to(batches, self.store.images.device))
         for b, (images, labels) in enumerate(fetched):
@@ -692,7 +702,7 @@ def make_device(kind):
     if kind == "cuda":  # the fastest convolution algorithms for the fixed shapes; TF32 for fp32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    if not dist.is_torchelastic_launched():
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # torchrun or the like
         return Device(kind, torch.device(kind))
     local_rank = int(os.environ["LOCAL_RANK"])
     if kind == "cuda":
@@ -840,10 +850,12 @@ def make_optimizer(model, config, device_kind="cpu"):
     """SGD without weight decay on BatchNorm and biases (it only fights the normalisation); fused or foreach."""
     groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
-                                **{"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_kind, {}))
-    for p in model.parameters() if config.momentum else ():  # zero momentum now (the same numbers as SGD's first
-        optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)  # step): on XLA one graph fewer
+    kernels = {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_kind, {})
+    nesterov = config.nesterov and config.momentum > 0
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum, nesterov=nesterov, **kernels)
+    # XLA: zero momentum made now (the numbers of SGD's first step) makes step 1 the graph of every later step.
+    for p in model.parameters() if config.momentum and device_kind == "xla" else ():
+        optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)
     return optimizer
 
 def set_lr(optimizer, lr):
@@ -930,7 +942,8 @@ def _graceful_stop():
             signal.signal(sig, handler)
 
 def _clock(seconds):
-    return str(datetime.timedelta(seconds=int(seconds)))
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
@@ -1081,7 +1094,9 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     with _graceful_stop():
         for epoch in range(start_epoch, config.epochs):
             seed_everything(config.seed * 1000 + epoch, device)
-            train_loader.set_epoch(epoch)
+            for has_epochs in (train_loader, getattr(train_loader, "sampler", None)):  # also a DistributedSampler
+                if hasattr(has_epochs, "set_epoch"):
+                    has_epochs.set_epoch(epoch)
             lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
             result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
                                      step_model, epoch == start_epoch and (config.compile or device.kind == "xla"),
@@ -1188,7 +1203,8 @@ def _atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (on a read-only disk even a missing file's unlink fails)
+            tmp.unlink(missing_ok=True)
         disk = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
         full = (errno.ENOSPC, errno.EDQUOT)
         if isinstance(disk, OSError) and disk.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
@@ -1408,18 +1424,19 @@ def build_parser():
     d, p = TrainConfig(), _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, CIFAR-10 "
                                   "or an image folder, on CUDA, TPU (torch_xla) or CPU; many GPUs or hosts: torchrun.")
     add = p.add_argument_group("data").add_argument
-    add("--dataset", default="tiny", choices=DATASETS, help="folder = DIR/train/<class>/, DIR/val/<class>/")
-    add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is (or that folder)")
+    add("--dataset", default="tiny", choices=DATASETS,
+        help="tiny = Tiny ImageNet (default); folder = DIR/train/<class>/, DIR/val/<class>/")
+    add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is, or it (data)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
     add("--image-size", type=number(int, 8), help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
     add("--subset", type=number(int, 0), default=0, help="about N train and N val images, from every class (0 = all)")
     add("--loader", default="fast", choices=("fast", "torch"),
-        help="fast = decode once into memory; torch = decode per batch in --workers processes (data beyond memory)")
+        help="fast (default) = decode once into memory; torch = decode per batch in --workers processes")
     add("--crop", choices=("pad", "resized"), help="pad = shift + flip; resized = random-resized crop + flip")
-    add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="decoding processes")
+    add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="decoding processes (up to 4)")
     add("--skip-bad-images", action="store_true", help="skip undecodable images (counted) instead of stopping")
     add = p.add_argument_group("model").add_argument
-    add("--arch", default="tiny", choices=ARCHS, help="original = the paper's 224 net; tiny = 64x64 stem, BatchNorm")
+    add("--arch", default="tiny", choices=ARCHS, help="original = the paper's 224 net; tiny (default) = 64x64, BN")
     add("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after every conv (default: tiny only)")
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
     add("--aux-weight", type=number(float, 0), default=d.aux_weight, help="loss weight of each aux head (0.3)")
@@ -1428,7 +1445,7 @@ def build_parser():
     add("--batch-size", type=number(int, 1), default=d.batch_size, help="per process (128); global = x processes")
     add("--lr", type=number(float, 0, inclusive=False), default=d.lr, help="peak SGD lr per 256 images (0.2)")
     add("--schedule", default=d.schedule, choices=SCHEDULES,
-        help="cosine = per-step warmup, then cosine decay to 0; paper = warmup, then x0.96 every 8 epochs")
+        help="cosine (default) = per-step warmup, then cosine decay to 0; paper = warmup, then x0.96 every 8 epochs")
     add("--warmup-epochs", type=number(float, 0), default=d.warmup_epochs, help="linear warmup to the peak lr (2)")
     add("--momentum", type=number(float, 0), default=d.momentum, help="SGD momentum (0.9)")
     add("--nesterov", default=d.nesterov, action=argparse.BooleanOptionalAction, help="Nesterov momentum (on)")
@@ -1436,7 +1453,7 @@ def build_parser():
     add("--label-smoothing", type=number(float, 0), default=d.label_smoothing, help="label smoothing (0.1)")
     add("--tta", default=d.tta, action=argparse.BooleanOptionalAction, help="validate on each image and its mirror")
     add("--seed", type=int, default=d.seed, help="seeds data order, augmentation, init, dropout and --subset (0)")
-    add("--precision", default=d.precision, choices=PRECISIONS, help="auto = bf16 where the hardware runs it (CUDA "
+    add("--precision", default=d.precision, choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA "
         "8.0+, TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last (default: not on XLA)")
     add("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the step (minutes)")
@@ -1472,10 +1489,9 @@ def parse_args(argv=None, parser=None):
     args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
     return args, checkpoint
 
-def check_checkpoint_dir(out_dir, model, resume_path=None, resumed=None):
-    """Before any decoding, refuse a folder where another run's files would be lost, or without room for two
-    checkpoints (weights and optimizer state) or write access."""
-    out_dir, needed = Path(out_dir), 4 * sum(t.nbytes for t in model.state_dict().values())
+def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
+    """Before any data is read, refuse a folder where another run's files would be lost."""
+    out_dir = Path(out_dir)
     found = [out_dir / name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
     checkpoints = [p for p in found if p.suffix == ".pt"]
     if found and (resumed is None or not checkpoints):
@@ -1490,6 +1506,10 @@ def check_checkpoint_dir(out_dir, model, resume_path=None, resumed=None):
         if path.name == "last.pt" and there.get("epoch", 0) > mine.get("epoch", 0):
             raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
                             f"resume from {path}, or pass another --checkpoint-dir to branch off")
+
+def check_room_for_checkpoints(out_dir, model):
+    """Before any decoding, refuse a folder that cannot be written or has no room for two checkpoints."""
+    out_dir, needed = Path(out_dir), 4 * sum(t.nbytes for t in model.state_dict().values())  # weights + momentum
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -1512,6 +1532,8 @@ def run(args, checkpoint=None):
     log = (lambda line: print(line, flush=True)) if device.is_master else (lambda line: None)
     if args.evaluate and checkpoint is None:
         raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
+    if not args.evaluate:
+        check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
     if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
         log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
             f"(> {checkpoint['config']['epoch']}) to train longer")
@@ -1540,7 +1562,7 @@ def run(args, checkpoint=None):
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     if not args.evaluate and device.is_master:
-        check_checkpoint_dir(args.checkpoint_dir, model, args.resume, checkpoint)
+        check_room_for_checkpoints(args.checkpoint_dir, model)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     precision, where = resolve_precision(config.precision, device), str(device.torch_device) + (device.note and ", ")

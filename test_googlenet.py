@@ -339,6 +339,14 @@ def test_both_loaders_give_the_same_training_batches():
     assert len(pairs) == 5 and isinstance(per_batch.store, g.LazyStore)
     for a, b in pairs:
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+    config, device = g.TrainConfig(epochs=1, batch_size=8, precision="fp32", log_interval=0), g.make_device("cpu")
+    losses = []
+    for loader in (fast, per_batch):  # and dropout draws the same: neither loader touches the global RNG
+        torch.manual_seed(0)
+        model = g.build_model("tiny", 10)
+        losses.append(g.train_one_epoch(model, loader, g.make_optimizer(model, config), device,
+                                        g.model_config_for(info, "tiny", 16), config, 2, log=lambda *a: None)["loss"])
+    assert losses[0] == losses[1]
 
 
 def test_subset_is_seeded_and_stratified():
