@@ -552,7 +552,7 @@ def test_cli_bad_image_gets_one_line_and_the_others_still_print(checkpoint, odd_
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated", "foreign", "folder", "text", "jpeg",
                                      "no config", "arch disagrees", "nan weights"])
-def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_images, tmp_path):
+def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_images, tmp_path, capsys):
     path = tmp_path / "best.pt"
     real = googlenet.load_checkpoint(checkpoint)
     if problem == "corrupt":
@@ -576,7 +576,9 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
     elif problem == "nan weights":
         real["model"]["fc.weight"][0, 0] = float("nan")
         torch.save(real, path)
-    line = assert_one_line_error(run_cli("--checkpoint", str(path), str(odd_images["1x1.png"])))
+    # In this process (the other CLI tests start real ones): the same main(), without a second of imports each.
+    code = demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])])
+    line = assert_one_line_error(subprocess.CompletedProcess([], code, *capsys.readouterr()))
     assert line.startswith("error:") and str(path) in line and "weights_only" not in line
 
 
