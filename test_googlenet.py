@@ -1235,29 +1235,11 @@ print("RESULT", json.dumps({"max_logit_diff": (cpu_logits - xla_logits).abs().ma
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_run_in_background(request, tmp_path_factory):
-    """The XLA test's run is minutes of one-off compiling: it starts with this module's first test and runs
-    beside the others, and the XLA test waits for its result."""
-    wanted = [item for item in request.session.items if item.originalname == "test_xla_train_resume_compile_count_"
-              "and_cpu_parity" and not item.get_closest_marker("skipif").args[0]]
-    if not wanted:
-        yield None
-        return
-    out = tmp_path_factory.mktemp("xla")
-    with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", XLA_SCRIPT, str(out / "run")] + [str(a) for a in XLA_RUN],
-                                   env=XLA_ENV, stdout=stdout, stderr=stderr, text=True, cwd=HERE)
-    yield process, out
-    process.kill()
-
-
 @needs_xla
 @pytest.mark.xla
-def test_xla_train_resume_compile_count_and_cpu_parity(xla_run_in_background):
-    process, out = xla_run_in_background
-    tmp_path, code = out / "run", process.wait(timeout=900)
-    result = subprocess.CompletedProcess([], code, (out / "stdout").read_text(), (out / "stderr").read_text())
+def test_xla_train_resume_compile_count_and_cpu_parity(tmp_path):
+    result = subprocess.run([sys.executable, "-c", XLA_SCRIPT, str(tmp_path)] + [str(a) for a in XLA_RUN],
+                            env=XLA_ENV, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device: xla" in result.stdout and "on the CPU" in result.stdout and "precision fp32" in result.stdout
     assert "compiling the first training step" in result.stdout and "first step compiled in" in result.stdout
