@@ -891,8 +891,16 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite."""
     everywhere = True  # the processes decide together (train_one_epoch), or share the weights (train)
 
+# What train_step adds up on the device, one slot each in one tensor (one host read per check):
+# main / aux: the heads' loss x images; first_bad_step: 0 while every loss is finite.
+SUMS = ("main_loss", "aux_loss", "correct", "images", "first_bad_step")
+
+def read_sums(sums):
+    """The device sums as {name: float}, in one copy to the host."""
+    return dict(zip(SUMS, sums.tolist()))
+
 def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision, channels_last):
-    """One step, adding (main loss x n, aux loss x n, correct, n, first bad step) to `sums`; reads nothing back."""
+    """One step, adding its SUMS to `sums`; reads nothing back."""
     images, labels, crop_params = batch
     if images.dtype == torch.uint8:  # fast path: augment here, on the device
         images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
@@ -912,9 +920,13 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
     n = labels.shape[0]
     # The step number from the device's own count: a Python int would be a new constant in XLA's graph
     # at step 1 of every epoch, one more compilation in epoch 2.
-    bad = (~torch.isfinite(loss.total.detach())).float() * (sums[3] / n + 1) * (sums[4] == 0)
-    sums += torch.stack([loss.main * n, loss.aux * n, (loss.logits.argmax(1) == labels).sum().float(),
-                         labels.new_full((), n, dtype=torch.float32), bad])
+    step_number = sums[SUMS.index("images")] / n + 1
+    no_bad_step_yet = sums[SUMS.index("first_bad_step")] == 0
+    bad = (~torch.isfinite(loss.total.detach())).float() * step_number * no_bad_step_yet
+    added = {"main_loss": loss.main * n, "aux_loss": loss.aux * n,
+             "correct": (loss.logits.argmax(1) == labels).sum().float(),
+             "images": labels.new_full((), n, dtype=torch.float32), "first_bad_step": bad}
+    sums += torch.stack([added[name] for name in SUMS])
 
 class Stopped(UserError):
     """SIGTERM or Ctrl-C: the run stopped after a step and saved where it was."""
@@ -945,20 +957,76 @@ def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
+AGREE_SECONDS = 1.0  # off the CPU: the most time between two reads of the sums (bad steps, stop, save)
+
+@dataclass
+class Agreement:
+    """What the processes decided together at a check point: the same on every one of them."""
+    first_bad_step: float    # the earliest non-finite step of any process; 0: none
+    stop: bool               # SIGTERM / Ctrl-C reached at least one process
+    save: bool               # --save-every is due on at least one process
+    seconds_per_step: float  # the mean over the processes since the last check point
+
+def agree(device, first_bad_step, stop, save, seconds_per_step):
+    """One collective under several processes (none alone): every first bad step, any stop or save, the pace."""
+    if device.world_size == 1:
+        return Agreement(first_bad_step, stop, save, seconds_per_step)
+    mine = {"stop": float(stop), "save": float(save), "seconds_per_step": seconds_per_step}
+    bad_steps = [0.0] * device.world_size  # one slot per process: the earliest is the minimum, not the sum
+    bad_steps[device.rank] = first_bad_step
+    shared = all_reduce_sum(torch.tensor([*mine.values(), *bad_steps]).to(device.torch_device), device).tolist()
+    summed = dict(zip(mine, shared))
+    first_bad = min((s for s in shared[len(mine):] if s), default=0.0)
+    return Agreement(first_bad, summed["stop"] > 0, summed["save"] > 0, summed["seconds_per_step"] / device.world_size)
+
+def steps_to_next_check(device, seconds_per_step):
+    """The CPU reads every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS, as the read
+    makes the host wait for the device: at most one wait a second (well under 1% of the time)."""
+    if device.kind == "cpu":
+        return 1
+    return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
+
+def weights_finite(model):
+    return bool(torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all())
+
+def _diverged_at(step, epoch, config):
+    return TrainingDiverged(f"the loss became non-finite at step {int(step)} of epoch {epoch + 1}: lower --lr (now "
+                            f"{config.lr} per 256 images) or use --precision fp32; the checkpoints saved before "
+                            f"are kept")
+
+def _log_progress(log, values, optimizer, device, config, epoch, step, steps, elapsed):
+    count = values["images"]
+    left = elapsed / step * (steps - step)
+    log(f"epoch {epoch + 1} step {step}/{steps} loss {values['main_loss'] / count:.4f} aux "
+        f"{values['aux_loss'] / count:.4f} top1 {values['correct'] / count:.4f} lr "
+        f"{optimizer.param_groups[0]['lr']:.4g} {count * device.world_size / elapsed:.0f} img/s | "
+        f"{_clock(elapsed)} elapsed, ETA epoch {_clock(left)} run "
+        f"{_clock(left + elapsed / step * steps * (config.epochs - epoch - 1))}")
+
+def _position_at(step, sums, seconds, device, config, steps):
+    """Where a stopped epoch is, and the shape of the run it assumes (a resume under another restarts it)."""
+    cuda_rng = torch.cuda.get_rng_state(device.torch_device) if device.torch_device.type == "cuda" else None
+    return {"step": step, "sums": sums.tolist(), "seconds": seconds, "rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng, "world_size": device.world_size, "batch_size": config.batch_size,
+            "steps_per_epoch": steps}
+
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
-    """One pass; metrics summed on the device, read once per log interval. position: a stopped epoch's place;
+    """One pass; metrics summed on the device, read at check points. position: a stopped epoch's place;
     save_position(position, stop): called once SIGTERM / Ctrl-C came, and every save_every seconds."""
     step_model = model if step_model is None else step_model  # a compiled module refuses bool()
     model.train()
     precision, channels_last = resolve_precision(config.precision, device), uses_channels_last(config, device)
     scaler = scaler or make_grad_scaler(precision, device)
-    sums, first = zeros_on(device, 5), position["step"] if position else 0  # main, aux x n, correct, n, bad step
+    sums = zeros_on(device, len(SUMS))
+    first = position["step"] if position else 0
     if position:
         sums += torch.tensor(position["sums"]).to(sums.device)
     steps, start = len(loader), time.perf_counter() - (position["seconds"] if position else 0)
-    check_every = 1 if device.kind == "cpu" else config.log_interval or steps
-    last_log = last_save = time.perf_counter() - 10  # the first progress line after ~20 s
+    began = time.perf_counter()
+    last_log = last_save = began - 10  # the first progress line after ~20 s
+    last_check = (first, began)  # (step, time) of the last read of the sums
+    next_check = first + 1
     if announce_first_step:
         log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; once, for minutes)")
     for step, batch in enumerate(itertools.islice(device_batches(loader, device), first, None), first + 1):
@@ -970,37 +1038,40 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision, channels_last)
-        now, check = time.perf_counter(), step % check_every == 0 or step == steps
-        stop, save = STOP["signal"] is not None, bool(save_every) and now - last_save >= save_every
-        on_time = config.log_interval and now - last_log >= 30 and (check or device.world_size == 1)
-        if device.world_size > 1:  # all decide at the check points: one that went on alone would wait
-            stop, save = stop and check, save and check  # forever in a collective
-        if check or on_time:
-            values = sums.tolist()  # the one host read per interval
-            if device.world_size > 1:  # one collective: every rank's first bad step, stop, save
-                flags = torch.tensor([stop, save]).float().to(sums.device)
-                shared = all_reduce_sum(torch.cat([in_my_slot(sums[4], device), flags]), device).tolist()
-                values[4], stop, save = min((s for s in shared[:-2] if s), default=0), shared[-2] > 0, shared[-1] > 0
-            if values[4]:
-                raise TrainingDiverged(f"the loss became non-finite at step {int(values[4])} of epoch {epoch + 1}: "
-                                       f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
-                                       f"checkpoints of earlier epochs are kept")
-            if config.log_interval and (step % config.log_interval == 0 or on_time):
-                (main, aux, correct, count, _), last_log, elapsed = values, now, now - start
-                log(f"epoch {epoch + 1} step {step}/{steps} loss {main / count:.4f} aux {aux / count:.4f} top1 "
-                    f"{correct / count:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
-                    f"{count * device.world_size / elapsed:.0f} img/s | {_clock(elapsed)} elapsed, ETA epoch "
-                    f"{_clock(elapsed / step * (steps - step))} run "
-                    f"{_clock(elapsed / step * (steps - step + steps * (config.epochs - epoch - 1)))}")
-        if save_position is not None and step < steps and (stop or save):
+        now = time.perf_counter()
+        stop = STOP["signal"] is not None
+        save = bool(save_every) and now - last_save >= save_every
+        logged = bool(config.log_interval) and step % config.log_interval == 0
+        on_time = bool(config.log_interval) and now - last_log >= 30
+        check = step >= next_check or logged or step == steps
+        if device.world_size == 1:  # alone it reads whenever it likes: a stop or a save reads first
+            check = check or on_time or stop or save
+        else:  # all decide at the same check points: one that went on alone would wait forever in a collective
+            stop = stop and check
+            save = save and check
+            on_time = on_time and check
+        if not check:
+            continue
+        values = read_sums(sums)  # the one host read per check point
+        agreed = agree(device, values["first_bad_step"], stop, save, (now - last_check[1]) / (step - last_check[0]))
+        if agreed.first_bad_step:
+            raise _diverged_at(agreed.first_bad_step, epoch, config)
+        next_check = step + steps_to_next_check(device, agreed.seconds_per_step)
+        last_check = (step, now)
+        if logged or on_time:
+            last_log = now
+            _log_progress(log, values, optimizer, device, config, epoch, step, steps, now - start)
+        if save_position is not None and step < steps and (agreed.stop or agreed.save):
+            if not weights_finite(model):  # the last update broke them after a finite loss: never save those
+                raise TrainingDiverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}: lower "
+                                       f"--lr (now {config.lr} per 256 images) or use --precision fp32; the "
+                                       f"checkpoints saved before are kept")
             last_save = now
-            cuda_rng = torch.cuda.get_rng_state(device.torch_device) if device.kind == "cuda" else None
-            save_position({"step": step, "sums": sums.tolist(), "seconds": now - start, "rng": torch.get_rng_state(),
-                           "cuda_rng": cuda_rng}, stop)
-    main, aux, correct, count, _ = all_reduce_sum(sums, device).tolist()
-    count = max(count, 1)
-    return {"loss": main / count, "aux_loss": aux / count, "top1": correct / count, "images": int(count),
-            "seconds": time.perf_counter() - start}
+            save_position(_position_at(step, sums, now - start, device, config, steps), agreed.stop)
+    totals = read_sums(all_reduce_sum(sums, device))
+    count = max(totals["images"], 1)
+    return {"loss": totals["main_loss"] / count, "aux_loss": totals["aux_loss"] / count,
+            "top1": totals["correct"] / count, "images": int(count), "seconds": time.perf_counter() - start}
 
 @torch.no_grad()
 def evaluate(model, loader, device, model_config, precision="fp32", tta=False):
@@ -1104,7 +1175,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                                      config.save_every * 60)
             average_buffers(model, device)  # validate the BatchNorm statistics that are saved
             val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
-            if not torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all():
+            if not weights_finite(model):
                 # The last step's update can break the weights after a finite loss: never save those.
                 raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
                                        f"{config.lr} per 256 images) or --precision fp32; earlier checkpoints are kept")
