@@ -1007,8 +1007,7 @@ def _position_at(step, sums, seconds, device, config, steps):
     """Where a stopped epoch is, and the shape of the run it assumes (a resume under another restarts it)."""
     cuda_rng = torch.cuda.get_rng_state(device.torch_device) if device.torch_device.type == "cuda" else None
     return {"step": step, "sums": sums.tolist(), "seconds": seconds, "rng": torch.get_rng_state(),
-            "cuda_rng": cuda_rng, "world_size": device.world_size, "batch_size": config.batch_size,
-            "steps_per_epoch": steps}
+            "cuda_rng": cuda_rng, **run_shape(device.world_size, config.batch_size, steps)}
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
@@ -1097,6 +1096,33 @@ def evaluate(model, loader, device, model_config, precision="fp32", tta=False):
     count = max(count, 1)
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
 
+def run_shape(world_size, batch_size, steps_per_epoch):
+    return {"world_size": world_size, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+
+def fits_position(position, device, config, steps_per_epoch):
+    """Whether a mid-epoch position was saved by a run of this shape: its step then means the same images and lr."""
+    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
+    return all(position.get(key) == value for key, value in here.items())
+
+def _shape_text(shape):
+    processes = "1 process" if shape["world_size"] == 1 else f"{shape['world_size']} processes"
+    return f"{processes} x batch {shape['batch_size']}, {shape['steps_per_epoch']} steps an epoch"
+
+def restart_notice(position, device, config, steps_per_epoch):
+    saved = {key: position.get(key, "?") for key in run_shape(0, 0, 0)}
+    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
+    return (f"note: the position saved after step {position['step']} of epoch {position['epoch'] + 1} was for "
+            f"{_shape_text(saved)}, this run is {_shape_text(here)}: epoch {position['epoch'] + 1} restarts from "
+            f"its first step")
+
+def resume_point(checkpoint):
+    """Where a checkpoint continues, counted as the stop line and the epoch lines count (epoch 1 is the first)."""
+    done = checkpoint["config"]["epoch"]
+    position = checkpoint.get("position") or {}
+    if position.get("epoch") == done:
+        return f"after step {position['step']} of epoch {done + 1}"
+    return f"after epoch {done}"
+
 def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.pt:3 kills right after epoch 3's
     if os.environ.get("GOOGLENET_KILL_AFTER") == f"{written}:{epoch + 1}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -1120,18 +1146,25 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
     start_epoch, history, position = 0, [], None
     if resume is not None:
+        # The fused / foreach kernels are this device's: another's fail at step 1 (fused on XLA; foreach
+        # with CUDA's fp16 scaler, which hands its scale to an optimizer made fused).
+        kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(resume["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}): "
                                   f"it was written by another version of googlenet.py") from None
-        for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):  # today's config wins
-            group.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0, weight_decay=decay)
+        for group, decay, kernel in zip(optimizer.param_groups, (config.weight_decay, 0.0), kernels):
+            group.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
+                         **kernel)  # today's config and device win
         if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on where it was
             scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["config"]["epoch"]
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
         position = resume.get("position") if (resume.get("position") or {}).get("epoch") == start_epoch else None
+        if position is not None and not fits_position(position, device, config, len(train_loader)):
+            log(restart_notice(position, device, config, len(train_loader)))
+            position = None
     model_config.run_id = model_config.run_id or os.urandom(8).hex()
     out_dir = Path(checkpoint_dir) if checkpoint_dir is not None and device.is_master else None
     if out_dir is not None:
@@ -1666,7 +1699,7 @@ def run(args, checkpoint=None):
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
             f"top5 {result['top5']:.4f} over {result['images']} images{' (flip TTA)' if config.tta else ''}")
         return result
-    log(f"resumed from {args.resume} at epoch {checkpoint['config']['epoch']}; writing to {args.checkpoint_dir}"
+    log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to {args.checkpoint_dir}"
         if checkpoint is not None else f"writing checkpoints to {args.checkpoint_dir}")
     examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
     return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir, checkpoint,

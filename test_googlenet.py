@@ -1542,3 +1542,138 @@ if __name__ == "__main__":
         print(f"{kills} kills ({during_save} left a temporary file mid-save), then a final resume: weights "
               f"{'bit-identical' if identical else 'DIFFERENT'} to the uninterrupted run; metrics epochs {epochs}; "
               f"{len(leftovers)} temporary files left")
+
+
+# --- issue 29: stop / save off the CPU, no NaN saved, resume across devices and run shapes ---------
+
+# Two processes whose device kind is "cuda" on CPU tensors: they read their sums at CUDA's check points
+# (~every second, not every step). Rank 1 alone gets the stop request (as one process of a preempted
+# job can), after step 3; each step takes >= 0.2 s. Then a loss that is infinite on rank 1 from step 4,
+# with a save due at every check point.
+CUDA_CHECK_POINTS = """
+import json, os, signal, sys, time
+import torch, torch.distributed as dist
+import googlenet as g
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+device = g.Device("cuda", torch.device("cpu"), rank, 2, "ddp")
+torch.manual_seed(0)
+store = g.ImageStore(torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8), torch.arange(96) % 4)
+mc = g.ModelConfig("tiny", 4, list("abcd"), 8, 8, (0.5,) * 3, (0.25,) * 3)
+config = g.TrainConfig(epochs=1, batch_size=4, precision="fp32", log_interval=int(sys.argv[1]))
+
+def slow_batches(after_third):
+    for step, batch in enumerate(g.StoreLoader(store, 4, True, rank=rank, world_size=2), 1):
+        time.sleep(0.2)
+        if step == 4 and rank == 1:  # step 3 is done
+            after_third()
+        yield batch
+
+class Loader:
+    def __init__(self, after_third):
+        self.after_third = after_third
+    def __len__(self):
+        return 12
+    def __iter__(self):
+        return slow_batches(self.after_third)
+
+def epoch(after_third, save_every):
+    model, saves = g.build_model("tiny", 4), []
+    def save_position(position, stop):
+        saves.append([position["step"], stop])
+        if stop:
+            raise g.Stopped("stopped", signal.SIGTERM)
+    try:
+        g.train_one_epoch(model, Loader(after_third), g.make_optimizer(model, config), device, mc, config, 0,
+                          log=lambda line: None, save_position=save_position, save_every=save_every)
+        return {"saves": saves}
+    except g.UserError as e:
+        return {"saves": saves, "error": str(e)}
+
+g.STOP["signal"] = None
+stopped = epoch(lambda: g.STOP.update(signal=signal.SIGTERM), 0.0)
+g.STOP["signal"] = None
+loss = g.googlenet_loss
+def infinite_from_now():
+    g.googlenet_loss = lambda *a, **k: loss(*a, **k)._replace(total=loss(*a, **k).total * float("inf"))
+diverged = epoch(infinite_from_now, 1e-9)
+print("RESULT", json.dumps({"stopped": stopped, "diverged": diverged}), flush=True)
+"""
+
+
+def test_off_the_cpu_several_processes_stop_and_save_soon_after_a_request_and_never_after_a_bad_step(tmp_path):
+    log_interval = 0  # no progress lines: nothing else makes check points (50 > 12 steps is the same)
+    script = tmp_path / "check_points.py"
+    script.write_text(CUDA_CHECK_POINTS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(log_interval)], capture_output=True, text=True, timeout=300, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]  # both decided the same, at the same steps
+    stopped, diverged = ranks[0]["stopped"], ranks[0]["diverged"]
+    # The stop: at the first check point after step 3, within ~1 s (5 steps of >= 0.2 s), saved once.
+    assert len(stopped["saves"]) == 1 and stopped["saves"][0][1] is True and 3 <= stopped["saves"][0][0] <= 8
+    # The bad step: saves before it, none after it, and the one line names it.
+    assert diverged["saves"] and all(step < 4 for step, _ in diverged["saves"])
+    assert "non-finite at step 4 of epoch 1" in diverged["error"] and "saved before are kept" in diverged["error"]
+
+
+def _cuda_like_epoch(monkeypatch, break_at_step_3):
+    """One process, device kind "cuda" on CPU tensors (reads only at check points), SIGTERM after step 3,
+    when step 3 broke the training (break_at_step_3(model)). Returns (saves, the error's line)."""
+    store, mc = _fp16_batches(n=64, size=8)
+    model = g.build_model("tiny", 4)
+    config = g.TrainConfig(epochs=1, batch_size=4, precision="fp32", log_interval=0)
+    optimizer, saves = g.make_optimizer(model, config), []
+
+    def after_step(optimizer, args, kwargs):
+        if after_step.steps == 2:
+            break_at_step_3(model)
+            g.STOP["signal"] = 15
+        after_step.steps += 1
+    after_step.steps = 0
+    optimizer.register_step_post_hook(after_step)
+    monkeypatch.setitem(g.STOP, "signal", None)
+    with pytest.raises(g.TrainingDiverged) as error:
+        g.train_one_epoch(model, g.StoreLoader(store, 4, True), optimizer, g.Device("cuda", torch.device("cpu")),
+                          mc, config, 0, log=lambda line: None, save_position=lambda *a: saves.append(a),
+                          save_every=1e-9)
+    g.STOP["signal"] = None
+    return saves, str(error.value)
+
+
+def test_off_the_cpu_a_save_never_writes_after_a_bad_step_or_over_broken_weights(monkeypatch):
+    def nan_weights_after_a_finite_loss(model):
+        with torch.no_grad():
+            model.fc.bias[0] = float("nan")
+
+    loss, calls = g.googlenet_loss, []
+
+    def third_infinite(*a, **k):
+        calls.append(1)
+        out = loss(*a, **k)
+        return out._replace(total=out.total * float("inf")) if len(calls) == 3 else out
+    saves, error = _cuda_like_epoch(monkeypatch, nan_weights_after_a_finite_loss)
+    assert [s[0]["step"] for s in saves] == [1, 2] and "weights became non-finite by step 3" in error
+    monkeypatch.setattr(g, "googlenet_loss", third_infinite)
+    saves, error = _cuda_like_epoch(monkeypatch, lambda model: None)
+    assert [s[0]["step"] for s in saves] == [1, 2] and "loss became non-finite at step 3" in error
+
+
+def test_resume_on_another_device_kind_uses_this_devices_optimizer_kernels(tmp_path, monkeypatch):
+    # A CPU checkpoint (foreach SGD) resumed where SGD is fused and fp16 hands the scaler's scale to it,
+    # as on a CUDA GPU in fp16 (T4, V100): the loaded foreach flag failed at step 1.
+    store, mc = _fp16_batches(n=8, size=8)
+    loaders = (g.StoreLoader(store, 4, True), g.StoreLoader(store, 4, False))
+    config = g.TrainConfig(epochs=1, batch_size=4, precision="fp16", log_interval=0)
+    cpu = g.Device("cpu", torch.device("cpu"))
+    g.train(g.build_model("tiny", 4), *loaders, mc, config, cpu, tmp_path, log=lambda line: None)
+    checkpoint = g.load_checkpoint(tmp_path / "last.pt")
+    model, _ = g.model_from_checkpoint(checkpoint)
+    make_optimizer = g.make_optimizer
+    monkeypatch.setattr(g, "make_optimizer", lambda model, config, kind="cpu": make_optimizer(model, config, "cuda"))
+    config.epochs = 2
+    history = g.train(model, *loaders, mc, config, cpu, tmp_path, resume=checkpoint, log=lambda line: None)
+    assert [h["epoch"] for h in history] == [1, 2] and math.isfinite(history[-1]["train_loss"])
