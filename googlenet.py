@@ -681,6 +681,7 @@ def resolve_device_kind(requested):
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
     if requested == "xla":
+        pjrt_device = os.environ.get("PJRT_DEVICE")  # as the user set it: torch_xla's import may default it
         try:
             import torch_xla  # noqa: F401
         except ImportError:
@@ -688,7 +689,19 @@ def resolve_device_kind(requested):
                             "(matching torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
     if requested not in ("cuda", "xla", "cpu"):
         raise UserError(f"unknown device {requested!r}: choose auto, cuda, xla or cpu")
+    if requested == "xla":
+        choose_pjrt_device(pjrt_device)
     return requested
+
+def choose_pjrt_device(pjrt_device):
+    """PJRT_DEVICE unset: TPU where the machine has one, else say what to set (torch_xla would quietly use the CPU)."""
+    if pjrt_device:
+        return
+    if list(Path("/dev").glob("accel*")):
+        os.environ["PJRT_DEVICE"] = "TPU"
+        return
+    raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU (/dev/accel*): on a TPU VM "
+                    "set PJRT_DEVICE=TPU; to try XLA on the CPU set PJRT_DEVICE=CPU")
 
 def make_device(kind):
     """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on CPU), one GPU per rank."""
@@ -931,27 +944,53 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
 class Stopped(UserError):
     """SIGTERM or Ctrl-C: the run stopped after a step and saved where it was."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, signum=signal.SIGTERM):  # (a default: unpickled from a launched process)
         super().__init__(message)
         self.exit_code = 128 + signum
 
 STOP = {"signal": None}  # set by the SIGTERM / first Ctrl-C handler that train() installs
 
+def _request_stop(signum, frame):
+    if signum == signal.SIGINT and STOP["signal"] is not None:
+        raise KeyboardInterrupt
+    STOP["signal"] = signum
+
 @contextlib.contextmanager
 def _graceful_stop():
-    """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A second Ctrl-C quits."""
-    def request_stop(signum, frame):
-        if signum == signal.SIGINT and STOP["signal"] is not None:
-            raise KeyboardInterrupt
-        STOP["signal"] = signum
+    """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A second Ctrl-C quits.
+    (In a worker thread of torch_xla's launcher _MainThreadStopHandlers installed them for the process.)"""
     STOP["signal"], handlers = None, {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+def _main_thread_stop_handlers():
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _request_stop)
+    return _MainThreadStopHandlers()
+
+class _MainThreadStopHandlers:
+    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in its main
+    thread and then trains in a worker thread, where no signal handler can be set (torch_xla 2.9, pjrt.py)."""
+
+    def __reduce__(self):
+        return (_main_thread_stop_handlers, ())
+
+def _stopped_before_training(signum, frame):
+    if os.getpid() != _stopped_before_training.owner:  # a forked decoding process: end as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Stopped(f"stopped by {signal.Signals(signum).name} before training began: nothing new was saved", signum)
+
+def _forward_to_children(signum, frame):  # the TPU launcher's process: its children stop and save
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signum)
 
 def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
@@ -1611,6 +1650,38 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
             raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
                             f"resume from {path}, or pass another --checkpoint-dir to branch off")
 
+LOCK_FILE = ".lock"
+
+class CheckpointDirClaim:
+    """A run's hold on its checkpoint folder: an flock on <dir>/.lock that a second trainer there is refused by;
+    the OS drops it when the process ends, killed too, so it never stays stuck. A folder it made and that holds
+    nothing when it is released (a refused run) is removed."""
+
+    def __init__(self, out_dir):
+        import fcntl
+        out_dir = Path(out_dir)
+        self.made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = open(out_dir / LOCK_FILE, "a")
+        except OSError as e:
+            raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a --checkpoint-dir "
+                            f"you can write to") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.close()
+            raise UserError(f"{out_dir} is in use by another run that is still training (it holds "
+                            f"{out_dir / LOCK_FILE}): wait for it to end, or pass another --checkpoint-dir") from None
+
+    def release(self):
+        with contextlib.suppress(OSError):
+            if self.made and [p.name for p in self.made[0].iterdir()] == [LOCK_FILE]:
+                (self.made[0] / LOCK_FILE).unlink()
+                for folder in self.made:  # each only if empty: rmdir refuses anything else
+                    folder.rmdir()
+        self.lock.close()
+
 def check_room_for_checkpoints(out_dir, model):
     """Before any decoding, refuse a folder that cannot be written or has no room for two checkpoints."""
     out_dir, needed = Path(out_dir), 4 * sum(t.nbytes for t in model.state_dict().values())  # weights + momentum
@@ -1705,16 +1776,28 @@ def run(args, checkpoint=None):
     return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir, checkpoint,
                  examples, {k: v for k, v in vars(args).items() if _plain(v)}, log)
 
-def _xla_worker(index, args):  # one process per TPU core, started by torch_xla.launch
+def _xla_worker(index, args, stop_handlers=None):  # one process per TPU core, started by torch_xla.launch
     run(args)
+
+def launch_on_tpu_cores(args):
+    """run(args) in one process per TPU core (torch_xla's launcher); a SIGTERM to this one reaches them all."""
+    import torch_xla
+    signal.signal(signal.SIGTERM, _forward_to_children)
+    torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
 def main(argv=None):
     """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when stopped (and saved)."""
     import torch.distributed as dist
     args, rank0 = None, int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
+    claim, signals = None, {}
+    if threading.current_thread() is threading.main_thread():  # until train() takes over: one line, 143
+        _stopped_before_training.owner = os.getpid()
+        signals = {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
+        if rank0 and not args.evaluate:  # rank 0 alone writes the folder
+            claim = CheckpointDirClaim(args.checkpoint_dir)
         on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
         if args.device == "xla" and args.num_cores is not None and args.num_cores != 1:
             raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes train with `torchrun "
@@ -1724,8 +1807,7 @@ def main(argv=None):
             if args.download:  # once, here: processes downloading together would trample each other
                 load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
                 args.download = False
-            import torch_xla
-            torch_xla.launch(_xla_worker, args=(args,))
+            launch_on_tpu_cores(args)
         else:
             run(args, checkpoint)
         return 0
@@ -1747,6 +1829,10 @@ def main(argv=None):
                   else "interrupted before any epoch was saved: nothing to resume", file=sys.stderr)
         return 130
     finally:
+        if claim is not None:
+            claim.release()
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1636,6 +1636,7 @@ def _cuda_like_epoch(monkeypatch, break_at_step_3):
     after_step.steps = 0
     optimizer.register_step_post_hook(after_step)
     monkeypatch.setitem(g.STOP, "signal", None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())  # no GPU here
     with pytest.raises(g.TrainingDiverged) as error:
         g.train_one_epoch(model, g.StoreLoader(store, 4, True), optimizer, g.Device("cuda", torch.device("cpu")),
                           mc, config, 0, log=lambda line: None, save_position=lambda *a: saves.append(a),
@@ -1677,3 +1678,98 @@ def test_resume_on_another_device_kind_uses_this_devices_optimizer_kernels(tmp_p
     config.epochs = 2
     history = g.train(model, *loaders, mc, config, cpu, tmp_path, resume=checkpoint, log=lambda line: None)
     assert [h["epoch"] for h in history] == [1, 2] and math.isfinite(history[-1]["train_loss"])
+
+
+def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, capsys, monkeypatch):
+    set_lr, steps = g.set_lr, []
+
+    def stop_after_step_3(optimizer, lr):  # SIGTERM as step 4 begins
+        steps.append(1)
+        if len(steps) == 4:
+            g.STOP["signal"] = 15
+        set_lr(optimizer, lr)
+    monkeypatch.setattr(g, "set_lr", stop_after_step_3)
+    code, _, err = run_main(DDP_RUN + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)
+    assert code == 143 and "after step 3 of epoch 1" in err
+    position = g.load_checkpoint(tmp_path / "last.pt")["position"]
+    assert (position["world_size"], position["batch_size"], position["steps_per_epoch"]) == (1, 16, 8)
+    result = _torchrun(DDP_RUN + ["--resume", tmp_path / "last.pt", "--checkpoint-dir", tmp_path])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'last.pt'} after step 3 of epoch 1" in result.stdout
+    assert ("the position saved after step 3 of epoch 1 was for 1 process x batch 16, 8 steps an epoch, this run "
+            "is 2 processes x batch 16, 4 steps an epoch: epoch 1 restarts from its first step") in result.stdout
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["train_images"] == 128 and record["processes"] == 2  # each image once, none skipped
+
+
+def test_a_second_trainer_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
+    import signal
+    run = [sys.executable, str(HERE / "googlenet.py")] + [str(a) for a in CRASH_RUN[:-1]] + ["1000"]
+    first = subprocess.Popen(run + ["--checkpoint-dir", str(tmp_path)], env=CRASH_ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+    for line in first.stdout:
+        if line.startswith("epoch 2/"):  # epoch 1 is in last.pt
+            break
+    code, out, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", 1000], capsys)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is in use by another run" in err and "--checkpoint-dir" in err and out == ""
+    epochs = g.load_checkpoint(tmp_path / "last.pt")["config"]["epoch"]
+    code, _, err = run_main(["--resume", tmp_path / "last.pt", "--epochs", epochs + 1], capsys)
+    assert code == 0, err  # the killed run held the folder no longer
+
+
+def test_sigterm_while_the_data_is_decoded_is_one_line_and_143(tmp_path):
+    import signal
+    script = tmp_path / "slow.py"
+    script.write_text("import sys, time\nimport googlenet as g\n"
+                      "def slow(*a, **k):\n    print('decoding', flush=True)\n    time.sleep(60)\n"
+                      "g.build_store = slow\nsys.exit(g.main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, str(script)] + [str(a) for a in CRASH_RUN] +
+                               ["--checkpoint-dir", str(tmp_path / "run")], env=CRASH_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    for line in process.stdout:
+        if line.startswith("decoding"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert err.strip().splitlines() == ["stopped by SIGTERM before training began: nothing new was saved"]
+    assert not (tmp_path / "run").exists()  # a folder this refused run made is gone
+
+
+def test_xla_without_pjrt_device_says_what_to_set_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    code, _, err = run_main(["--device", "xla", "--data-dir", tmp_path / "none", "--checkpoint-dir", tmp_path / "run"],
+                            capsys)
+    assert code == 2 and "PJRT_DEVICE is not set" in err and "PJRT_DEVICE=CPU" in err
+    assert not (tmp_path / "run").exists()
+
+
+TPU_LAUNCH = """
+import os, signal, sys, time
+import googlenet as g
+
+def training(args, checkpoint=None):  # in the launcher's worker thread, as the real run would be
+    with g._graceful_stop():
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemptible TPU VM's notice
+        for _ in range(500):
+            if g.STOP["signal"] is not None:
+                print("heard SIGTERM", flush=True)
+                return
+            time.sleep(0.01)
+
+g.run = training
+if __name__ == "__main__":
+    g.launch_on_tpu_cores(None)
+"""
+
+
+@pytest.mark.xla
+def test_tpu_launchers_worker_thread_hears_sigterm(tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(TPU_LAUNCH)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=HERE,
+                            env={**CRASH_ENV, "PJRT_DEVICE": "CPU"})
+    assert result.returncode == 0 and "heard SIGTERM" in result.stdout, result.stderr[-2000:]
