@@ -1683,9 +1683,9 @@ def test_resume_on_another_device_kind_uses_this_devices_optimizer_kernels(tmp_p
 def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, capsys, monkeypatch):
     set_lr, steps = g.set_lr, []
 
-    def stop_after_step_3(optimizer, lr):  # SIGTERM as step 4 begins
+    def stop_after_step_3(optimizer, lr):  # SIGTERM during step 3
         steps.append(1)
-        if len(steps) == 4:
+        if len(steps) == 3:
             g.STOP["signal"] = 15
         set_lr(optimizer, lr)
     monkeypatch.setattr(g, "set_lr", stop_after_step_3)
