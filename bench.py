@@ -6,6 +6,7 @@
 Every googlenet.py flag works here too (dataset, arch, batch size, device, precision, ...).
 """
 
+import contextlib
 import sys
 import time
 
@@ -27,7 +28,10 @@ class NaiveDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i):
-        return self.transform(self.split.source(i).convert("RGB")), self.split.labels[i]
+        from PIL import Image
+        source = self.split.source(i)  # a path (Tiny ImageNet, folders) or an image (CIFAR-10, synthetic)
+        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source) as image:
+            return self.transform(image.convert("RGB")), self.split.labels[i]
 
 
 def _peak_memory_mib(device):

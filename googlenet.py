@@ -1111,9 +1111,17 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     return {"loss": totals["main_loss"] / count, "aux_loss": totals["aux_loss"] / count,
             "top1": totals["correct"] / count, "images": int(count), "seconds": time.perf_counter() - start}
 
+def _eval_logits(model, images, device, precision, tta):
+    with _autocast(device, precision):
+        logits = model(images).float()
+        if tta:
+            logits = (logits + model(images.flip(3)).float()) / 2
+    return logits
+
 @torch.no_grad()
-def evaluate(model, loader, device, model_config, precision="fp32", tta=False):
-    """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean with the mirror."""
+def evaluate(model, loader, device, model_config, precision="auto", tta=False):
+    """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean with the mirror.
+    precision: as train()'s (auto: the device's); a batch whose fp16 logits overflow is scored again in fp32."""
     model.eval()
     precision, weight = resolve_precision(precision, device), next(model.parameters())
     channels_last = device.kind != "xla" and weight.ndim == 4 and \
@@ -1123,10 +1131,9 @@ def evaluate(model, loader, device, model_config, precision="fp32", tta=False):
         images = eval_transform(images, model_config) if images.dtype == torch.uint8 else images
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            logits = model(images).float()
-            if tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
+        logits = _eval_logits(model, images, device, precision, tta)
+        if precision == "fp16" and not torch.isfinite(logits).all():  # over fp16's 65504: the loss would be NaN
+            logits = _eval_logits(model, images, device, "fp32", tta)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = torch.stack([F.cross_entropy(logits, labels, reduction="none"), (top5[:, 0] == labels).float(),
                             (top5 == labels[:, None]).any(1).float(), torch.ones_like(labels, dtype=torch.float)])
@@ -1241,6 +1248,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                 if hasattr(has_epochs, "set_epoch"):
                     has_epochs.set_epoch(epoch)
             lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
+            last_lr = learning_rate(config, epoch, len(train_loader) - 1, len(train_loader), device.world_size)
             result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
                                      step_model, epoch == start_epoch and (config.compile or device.kind == "xla"),
                                      scaler, position if epoch == start_epoch else None, save_position,
@@ -1254,7 +1262,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
                       "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
                       "val_top5": val["top5"], "val_images": val["images"], "val_tta": config.tta,
-                      "train_images": result["images"], "lr": lr, "epoch_seconds": result["seconds"],
+                      "train_images": result["images"], "lr": lr, "last_lr": last_lr,
+                      "epoch_seconds": result["seconds"],
                       "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
                       "elapsed_seconds": time.perf_counter() - run_start}
             if device.world_size > 1:  # equal sums: the processes train one model
@@ -1270,7 +1279,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
             log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
                 f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
-                f"{'(flip TTA) ' if config.tta else ''}| lr {lr:.4g} | {result['seconds']:.1f}s "
+                f"{'(flip TTA) ' if config.tta else ''}| lr {_lr_span(lr, last_lr)} | {result['seconds']:.1f}s "
                 f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
             if out_dir is not None:
                 model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
@@ -1288,6 +1297,9 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
             + (f"; {out_dir / 'last.pt'}, {out_dir / 'best.pt'}, {out_dir / 'metrics.jsonl'}" if out_dir else ""))
     return history
+
+def _lr_span(first, last):  # the rates the epoch's first and last steps used
+    return f"{first:.4g}" if f"{first:.4g}" == f"{last:.4g}" else f"{first:.4g}->{last:.4g}"
 
 def write_metrics(path, history):
     _atomic_write(path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
@@ -1696,6 +1708,14 @@ def check_room_for_checkpoints(out_dir, model):
         raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the {needed / 2**20:.0f} MiB two "
                         f"checkpoints of this model take: free some space or pass another --checkpoint-dir")
 
+ORIGINAL_MIN_IMAGE_SIZE = 64  # the paper's net: 4x4 maps at 4a-4e (its aux heads' pool) and 2x2 at 5b
+
+def _small_original_warning(size):
+    at_5b = math.ceil(size / 32)  # five stride-2 stages
+    return (f"warning: --arch original shrinks {size}x{size} images to {at_5b}x{at_5b} before inception 5b (the "
+            f"paper's 224 gives 7x7): use --image-size {ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small "
+            f"images")
+
 def run(args, checkpoint=None):
     """Train (or evaluate) as args say, in this process (one of several under torchrun or torch_xla's launcher)."""
     checkpoint = checkpoint or (load_checkpoint(args.resume) if args.resume else None)  # each launched process reads it
@@ -1705,6 +1725,8 @@ def run(args, checkpoint=None):
         raise UserError(f"--{str(e).replace('_', '-')}") from None
     device = make_device(args.device)
     log = (lambda line: print(line, flush=True)) if device.is_master else (lambda line: None)
+    if args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
+        log(_small_original_warning(args.image_size))
     if args.evaluate and checkpoint is None:
         raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
     if not args.evaluate:

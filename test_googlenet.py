@@ -1700,6 +1700,8 @@ def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, 
             "is 2 processes x batch 16, 4 steps an epoch: epoch 1 restarts from its first step") in result.stdout
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["train_images"] == 128 and record["processes"] == 2  # each image once, none skipped
+    # The epoch line's lr: the rates of its first and last steps (warming up: they differ).
+    assert f"| lr {record['lr']:.4g}->{record['last_lr']:.4g} |" in result.stdout
 
 
 def test_a_second_trainer_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
@@ -1773,3 +1775,34 @@ def test_tpu_launchers_worker_thread_hears_sigterm(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=HERE,
                             env={**CRASH_ENV, "PJRT_DEVICE": "CPU"})
     assert result.returncode == 0 and "heard SIGTERM" in result.stdout, result.stderr[-2000:]
+
+
+def test_bench_runs_on_image_files(tmp_path, capsys):
+    import bench
+    _write_folder(tmp_path / "photos")  # files, as Tiny ImageNet's: the naive loop opened paths as images
+    argv = ["--dataset", "folder", "--data-dir", tmp_path / "photos", "--image-size", 16, "--batch-size", 4,
+            "--workers", 0, "--device", "cpu", "--steps", 1, "--precision", "fp32"]
+    assert bench.main([str(a) for a in argv]) == 0
+    assert "default / naive = " in capsys.readouterr().out
+
+
+def test_fp16_validation_whose_logits_overflow_still_gives_a_finite_loss():
+    store, mc = _fp16_batches(n=8, size=8)
+    model = g.build_model("tiny", 4, aux_logits=False)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e7)  # logits near 1e5: finite in fp32, infinite in fp16 (max 65504)
+    cpu = g.Device("cpu", torch.device("cpu"))
+    fp32 = g.evaluate(model, g.StoreLoader(store, 8, False), cpu, mc, "fp32")
+    fp16 = g.evaluate(model, g.StoreLoader(store, 8, False), cpu, mc, "fp16")
+    assert math.isfinite(fp16["loss"]) and fp16 == pytest.approx(fp32)
+
+
+def test_refused_runs_leave_no_empty_folder_and_a_small_original_net_is_warned_about(tmp_path, capsys):
+    code, _, err = run_main(["--dataset", "synthetic", "--subset", 16, "--batch-size", 64, "--device", "cpu",
+                             "--workers", 0, "--checkpoint-dir", tmp_path / "runs" / "big-batch"], capsys)
+    assert code == 2 and "no full batch" in err and not (tmp_path / "runs").exists()
+    code, out, err = run_main(["--arch", "original", "--image-size", 32, "--data-dir", tmp_path / "none",
+                               "--device", "cpu", "--checkpoint-dir", tmp_path / "run"], capsys)
+    assert code == 2 and "no Tiny ImageNet" in err and not (tmp_path / "run").exists()
+    assert ("warning: --arch original shrinks 32x32 images to 1x1 before inception 5b (the paper's 224 gives 7x7): "
+            "use --image-size 64 or more") in out
