@@ -1807,14 +1807,27 @@ def launch_on_tpu_cores(args):
     signal.signal(signal.SIGTERM, _forward_to_children)
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
+def _stop_before_training():
+    """Until train() takes over, SIGTERM ends the run with one line and 143 (the default was a silent -15)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    _stopped_before_training.owner = os.getpid()
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
+
+def _say(line):
+    """Our one line on stderr; under torchrun also its failure summary's root cause (which would else read "To
+    enable traceback see: ..."), so the last thing on the screen says what happened."""
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError):
+            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": line,
+                                                                                "timestamp": int(time.time())}))
+
 def main(argv=None):
     """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when stopped (and saved)."""
     import torch.distributed as dist
     args, rank0 = None, int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
-    claim, signals = None, {}
-    if threading.current_thread() is threading.main_thread():  # until train() takes over: one line, 143
-        _stopped_before_training.owner = os.getpid()
-        signals = {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
+    claim, signals = None, _stop_before_training()
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
@@ -1835,20 +1848,19 @@ def main(argv=None):
         return 0
     except Stopped as e:  # saved where it stopped: not an error
         if rank0:
-            print(e, file=sys.stderr)
+            _say(str(e))
         return e.exit_code
     except UserError as e:
         if rank0:  # a DataLoader worker's error arrives wrapped in its traceback text: the last line is ours
-            print(f"error: {str(e).strip().splitlines()[-1].split(': ', 1)[-1] if 'Traceback' in str(e) else e}",
-                  file=sys.stderr, flush=True)
+            _say(f"error: {str(e).strip().splitlines()[-1].split(': ', 1)[-1] if 'Traceback' in str(e) else e}")
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
         if rank0:
-            print(f"interrupted: {last} holds the last saved epoch; continue with --resume" if last and last.exists()
-                  else "interrupted before any epoch was saved: nothing to resume", file=sys.stderr)
+            _say(f"interrupted: {last} holds the last saved epoch; continue with --resume" if last and last.exists()
+                 else "interrupted before any epoch was saved: nothing to resume")
         return 130
     finally:
         if claim is not None:

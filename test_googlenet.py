@@ -1327,6 +1327,8 @@ def test_torchrun_loss_non_finite_on_one_rank_stops_both_with_one_line_from_rank
     assert stderr.keys() == {"0", "1"}, result.stderr[-3000:]
     assert stderr["0"].count("error:") == 1 and "non-finite at step 3 of epoch 1" in stderr["0"], stderr
     assert "error:" not in stderr["1"] and "Traceback" not in stderr["0"] + stderr["1"], stderr
+    # torchrun's own summary ends with our line as the root cause
+    assert "traceback : error: the loss became non-finite at step 3 of epoch 1" in result.stderr, result.stderr
 
 
 # --- crashes: kill -9 at random moments, resume, and end bit-identical ----------------------------
