@@ -1528,24 +1528,6 @@ def test_imports_and_explains_without_torch_xla(tmp_path):
     assert "pip install" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-if __name__ == "__main__":
-    # The long crash test, outside CI: python test_googlenet.py [KILLS] (default 20).
-    import tempfile
-    kills = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    with tempfile.TemporaryDirectory() as tmp:
-        straight, crashed = Path(tmp) / "straight", Path(tmp) / "crashed"
-        run_straight(straight)
-        crashed.mkdir()
-        during_save = kill_and_resume(crashed, kills, seed=1)
-        a, b = g.load_checkpoint(straight / "last.pt"), g.load_checkpoint(crashed / "last.pt")
-        identical = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-        epochs = [json.loads(line)["epoch"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
-        leftovers = list(crashed.glob(".*.tmp"))
-        print(f"{kills} kills ({during_save} left a temporary file mid-save), then a final resume: weights "
-              f"{'bit-identical' if identical else 'DIFFERENT'} to the uninterrupted run; metrics epochs {epochs}; "
-              f"{len(leftovers)} temporary files left")
-
-
 # --- issue 29: stop / save off the CPU, no NaN saved, resume across devices and run shapes ---------
 
 # Two processes whose device kind is "cuda" on CPU tensors: they read their sums at CUDA's check points
@@ -1808,3 +1790,21 @@ def test_refused_runs_leave_no_empty_folder_and_a_small_original_net_is_warned_a
     assert code == 2 and "no Tiny ImageNet" in err and not (tmp_path / "run").exists()
     assert ("warning: --arch original shrinks 32x32 images to 1x1 before inception 5b (the paper's 224 gives 7x7): "
             "use --image-size 64 or more") in out
+
+
+if __name__ == "__main__":
+    # The long crash test, outside CI: python test_googlenet.py [KILLS] (default 20).
+    import tempfile
+    kills = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    with tempfile.TemporaryDirectory() as tmp:
+        straight, crashed = Path(tmp) / "straight", Path(tmp) / "crashed"
+        run_straight(straight)
+        crashed.mkdir()
+        during_save = kill_and_resume(crashed, kills, seed=1)
+        a, b = g.load_checkpoint(straight / "last.pt"), g.load_checkpoint(crashed / "last.pt")
+        identical = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        epochs = [json.loads(line)["epoch"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+        leftovers = list(crashed.glob(".*.tmp"))
+        print(f"{kills} kills ({during_save} left a temporary file mid-save), then a final resume: weights "
+              f"{'bit-identical' if identical else 'DIFFERENT'} to the uninterrupted run; metrics epochs {epochs}; "
+              f"{len(leftovers)} temporary files left")
