@@ -6,7 +6,6 @@
 Every googlenet.py flag works here too (dataset, arch, batch size, device, precision, ...).
 """
 
-import contextlib
 import sys
 import time
 
@@ -29,8 +28,10 @@ class NaiveDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        source = self.split.source(i)  # a path (Tiny ImageNet, folders) or an image (CIFAR-10, synthetic)
-        with contextlib.nullcontext(source) if isinstance(source, Image.Image) else Image.open(source) as image:
+        source = self.split.source(i)  # an image (CIFAR-10) or a path (Tiny ImageNet, folders)
+        if isinstance(source, Image.Image):
+            return self.transform(source.convert("RGB")), self.split.labels[i]
+        with Image.open(source) as image:
             return self.transform(image.convert("RGB")), self.split.labels[i]
 
 

@@ -681,7 +681,7 @@ def resolve_device_kind(requested):
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
     if requested == "xla":
-        pjrt_device = os.environ.get("PJRT_DEVICE")  # as the user set it: torch_xla's import may default it
+        pjrt_device = os.environ.get("PJRT_DEVICE")  # as set: torch_xla's import may default it
         try:
             import torch_xla  # noqa: F401
         except ImportError:
@@ -694,14 +694,16 @@ def resolve_device_kind(requested):
     return requested
 
 def choose_pjrt_device(pjrt_device):
-    """PJRT_DEVICE unset: TPU where the machine has one, else say what to set (torch_xla would quietly use the CPU)."""
+    """PJRT_DEVICE unset: TPU where the machine has one, else say what to set (torch_xla would
+    quietly use the CPU)."""
     if pjrt_device:
         return
     if list(Path("/dev").glob("accel*")):
         os.environ["PJRT_DEVICE"] = "TPU"
         return
-    raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU (/dev/accel*): on a TPU VM "
-                    "set PJRT_DEVICE=TPU; to try XLA on the CPU set PJRT_DEVICE=CPU")
+    raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
+                    "(/dev/accel*): on a TPU VM set PJRT_DEVICE=TPU; to try XLA on the CPU set "
+                    "PJRT_DEVICE=CPU")
 
 def make_device(kind):
     """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on CPU), one GPU per rank."""
@@ -944,11 +946,12 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
 class Stopped(UserError):
     """SIGTERM or Ctrl-C: the run stopped after a step and saved where it was."""
 
-    def __init__(self, message, signum=signal.SIGTERM):  # (a default: unpickled from a launched process)
+    def __init__(self, message, signum=signal.SIGTERM):  # a default: unpickled from a TPU process
         super().__init__(message)
         self.exit_code = 128 + signum
 
 STOP = {"signal": None}  # set by the SIGTERM / first Ctrl-C handler that train() installs
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _request_stop(signum, frame):
     if signum == signal.SIGINT and STOP["signal"] is not None:
@@ -957,11 +960,11 @@ def _request_stop(signum, frame):
 
 @contextlib.contextmanager
 def _graceful_stop():
-    """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A second Ctrl-C quits.
-    (In a worker thread of torch_xla's launcher _MainThreadStopHandlers installed them for the process.)"""
+    """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A
+    second Ctrl-C quits. (In torch_xla's launcher's threads _MainThreadStopHandlers set them.)"""
     STOP["signal"], handlers = None, {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {sig: signal.signal(sig, _request_stop) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -970,23 +973,25 @@ def _graceful_stop():
 
 def _main_thread_stop_handlers():
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, _request_stop)
     return _MainThreadStopHandlers()
 
 class _MainThreadStopHandlers:
-    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in its main
-    thread and then trains in a worker thread, where no signal handler can be set (torch_xla 2.9, pjrt.py)."""
+    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in
+    its main thread, then trains in a worker thread, where no signal handler can be set (torch_xla
+    2.9, _internal/pjrt.py)."""
 
     def __reduce__(self):
         return (_main_thread_stop_handlers, ())
 
 def _stopped_before_training(signum, frame):
-    if os.getpid() != _stopped_before_training.owner:  # a forked decoding process: end as it would have
+    if os.getpid() != _stopped_before_training.owner:  # a forked decoding process: end as before
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    raise Stopped(f"stopped by {signal.Signals(signum).name} before training began: nothing new was saved", signum)
+    name = signal.Signals(signum).name
+    raise Stopped(f"stopped by {name} before training began: nothing new was saved", signum)
 
 def _forward_to_children(signum, frame):  # the TPU launcher's process: its children stop and save
     for child in multiprocessing.active_children():
@@ -996,7 +1001,7 @@ def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
-AGREE_SECONDS = 1.0  # off the CPU: the most time between two reads of the sums (bad steps, stop, save)
+AGREE_SECONDS = 1.0  # off the CPU: the longest time between two reads of the sums
 
 @dataclass
 class Agreement:
@@ -1007,31 +1012,41 @@ class Agreement:
     seconds_per_step: float  # the mean over the processes since the last check point
 
 def agree(device, first_bad_step, stop, save, seconds_per_step):
-    """One collective under several processes (none alone): every first bad step, any stop or save, the pace."""
+    """One collective under several processes (none alone): every first bad step, any stop or
+    save, the pace."""
     if device.world_size == 1:
         return Agreement(first_bad_step, stop, save, seconds_per_step)
     mine = {"stop": float(stop), "save": float(save), "seconds_per_step": seconds_per_step}
-    bad_steps = [0.0] * device.world_size  # one slot per process: the earliest is the minimum, not the sum
+    bad_steps = [0.0] * device.world_size  # a slot per process: the earliest is the minimum
     bad_steps[device.rank] = first_bad_step
-    shared = all_reduce_sum(torch.tensor([*mine.values(), *bad_steps]).to(device.torch_device), device).tolist()
+    local = torch.tensor([*mine.values(), *bad_steps]).to(device.torch_device)
+    shared = all_reduce_sum(local, device).tolist()
     summed = dict(zip(mine, shared))
     first_bad = min((s for s in shared[len(mine):] if s), default=0.0)
-    return Agreement(first_bad, summed["stop"] > 0, summed["save"] > 0, summed["seconds_per_step"] / device.world_size)
+    pace = summed["seconds_per_step"] / device.world_size
+    return Agreement(first_bad, summed["stop"] > 0, summed["save"] > 0, pace)
 
 def steps_to_next_check(device, seconds_per_step):
-    """The CPU reads every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS, as the read
-    makes the host wait for the device: at most one wait a second (well under 1% of the time)."""
+    """The CPU reads every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS, as
+    the read makes the host wait for the device: at most one wait a second (well under 1% of the
+    time)."""
     if device.kind == "cpu":
         return 1
     return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
 
 def weights_finite(model):
-    return bool(torch.isfinite(torch.stack([p.detach().float().sum() for p in model.parameters()])).all())
+    sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
+    return bool(torch.isfinite(sums).all())
 
 def _diverged_at(step, epoch, config):
-    return TrainingDiverged(f"the loss became non-finite at step {int(step)} of epoch {epoch + 1}: lower --lr (now "
-                            f"{config.lr} per 256 images) or use --precision fp32; the checkpoints saved before "
-                            f"are kept")
+    return TrainingDiverged(f"the loss became non-finite at step {int(step)} of epoch {epoch + 1}: "
+                            f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
+                            f"the checkpoints saved before are kept")
+
+def _weights_broke(step, epoch, config):
+    return TrainingDiverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}: "
+                            f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
+                            f"the checkpoints saved before are kept")
 
 def _log_progress(log, values, optimizer, device, config, epoch, step, steps, elapsed):
     count = values["images"]
@@ -1043,15 +1058,23 @@ def _log_progress(log, values, optimizer, device, config, epoch, step, steps, el
         f"{_clock(left + elapsed / step * steps * (config.epochs - epoch - 1))}")
 
 def _position_at(step, sums, seconds, device, config, steps):
-    """Where a stopped epoch is, and the shape of the run it assumes (a resume under another restarts it)."""
-    cuda_rng = torch.cuda.get_rng_state(device.torch_device) if device.torch_device.type == "cuda" else None
+    """Where a stopped epoch is, and the shape of run it assumes (another restarts the epoch)."""
+    cuda_rng = None
+    if device.torch_device.type == "cuda":
+        cuda_rng = torch.cuda.get_rng_state(device.torch_device)
     return {"step": step, "sums": sums.tolist(), "seconds": seconds, "rng": torch.get_rng_state(),
             "cuda_rng": cuda_rng, **run_shape(device.world_size, config.batch_size, steps)}
 
+def _restore_rng(position, device):
+    torch.set_rng_state(position["rng"])
+    if position.get("cuda_rng") is not None and device.kind == "cuda":
+        torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
+
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
-    """One pass; metrics summed on the device, read at check points. position: a stopped epoch's place;
-    save_position(position, stop): called once SIGTERM / Ctrl-C came, and every save_every seconds."""
+    """One pass; metrics summed on the device, read at check points. position: a stopped epoch's
+    place; save_position(position, stop): called once SIGTERM / Ctrl-C came, and every save_every
+    seconds."""
     step_model = model if step_model is None else step_model  # a compiled module refuses bool()
     model.train()
     precision, channels_last = resolve_precision(config.precision, device), uses_channels_last(config, device)
@@ -1069,9 +1092,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; once, for minutes)")
     for step, batch in enumerate(itertools.islice(device_batches(loader, device), first, None), first + 1):
         if position and step == first + 1:  # after the loader drew its seeds: dropout goes on as it was
-            torch.set_rng_state(position["rng"])
-            if position.get("cuda_rng") is not None and device.kind == "cuda":
-                torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
+            _restore_rng(position, device)
         if announce_first_step and step == 2:  # batch 2 comes once step 1 is compiled: no extra sync
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
@@ -1084,14 +1105,15 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         check = step >= next_check or logged or step == steps
         if device.world_size == 1:  # alone it reads whenever it likes: a stop or a save reads first
             check = check or on_time or stop or save
-        else:  # all decide at the same check points: one that went on alone would wait forever in a collective
+        else:  # all decide at the same check points: one going on alone would wait forever
             stop = stop and check
             save = save and check
             on_time = on_time and check
         if not check:
             continue
         values = read_sums(sums)  # the one host read per check point
-        agreed = agree(device, values["first_bad_step"], stop, save, (now - last_check[1]) / (step - last_check[0]))
+        pace = (now - last_check[1]) / (step - last_check[0])
+        agreed = agree(device, values["first_bad_step"], stop, save, pace)
         if agreed.first_bad_step:
             raise _diverged_at(agreed.first_bad_step, epoch, config)
         next_check = step + steps_to_next_check(device, agreed.seconds_per_step)
@@ -1100,16 +1122,15 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             last_log = now
             _log_progress(log, values, optimizer, device, config, epoch, step, steps, now - start)
         if save_position is not None and step < steps and (agreed.stop or agreed.save):
-            if not weights_finite(model):  # the last update broke them after a finite loss: never save those
-                raise TrainingDiverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}: lower "
-                                       f"--lr (now {config.lr} per 256 images) or use --precision fp32; the "
-                                       f"checkpoints saved before are kept")
+            if not weights_finite(model):  # an update broke them after a finite loss: never save
+                raise _weights_broke(step, epoch, config)
             last_save = now
             save_position(_position_at(step, sums, now - start, device, config, steps), agreed.stop)
     totals = read_sums(all_reduce_sum(sums, device))
     count = max(totals["images"], 1)
     return {"loss": totals["main_loss"] / count, "aux_loss": totals["aux_loss"] / count,
-            "top1": totals["correct"] / count, "images": int(count), "seconds": time.perf_counter() - start}
+            "top1": totals["correct"] / count, "images": int(count),
+            "seconds": time.perf_counter() - start}
 
 def _eval_logits(model, images, device, precision, tta):
     with _autocast(device, precision):
@@ -1120,8 +1141,9 @@ def _eval_logits(model, images, device, precision, tta):
 
 @torch.no_grad()
 def evaluate(model, loader, device, model_config, precision="auto", tta=False):
-    """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean with the mirror.
-    precision: as train()'s (auto: the device's); a batch whose fp16 logits overflow is scored again in fp32."""
+    """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean
+    with the mirror. precision: as train()'s (auto: the device's); a batch whose fp16 logits
+    overflow is scored again in fp32."""
     model.eval()
     precision, weight = resolve_precision(precision, device), next(model.parameters())
     channels_last = device.kind != "xla" and weight.ndim == 4 and \
@@ -1132,7 +1154,7 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = _eval_logits(model, images, device, precision, tta)
-        if precision == "fp16" and not torch.isfinite(logits).all():  # over fp16's 65504: the loss would be NaN
+        if precision == "fp16" and not torch.isfinite(logits).all():  # over 65504: a NaN loss
             logits = _eval_logits(model, images, device, "fp32", tta)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = torch.stack([F.cross_entropy(logits, labels, reduction="none"), (top5[:, 0] == labels).float(),
@@ -1142,11 +1164,36 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     count = max(count, 1)
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
 
+def load_optimizer_state(optimizer, state, config):
+    """A checkpoint's optimizer state under today's recipe and this device's kernels: another
+    device's fused / foreach flags fail at step 1 (fused on XLA; foreach under CUDA's fp16 scaler,
+    which hands its scale to an optimizer made fused)."""
+    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer "
+                              f"({e}): it was written by another version of googlenet.py") from None
+    nesterov = config.nesterov and config.momentum > 0
+    for group, decay, kernel in zip(optimizer.param_groups, (config.weight_decay, 0.0), kernels):
+        group.update(momentum=config.momentum, nesterov=nesterov, weight_decay=decay, **kernel)
+
+def resumed_position(resume, device, config, steps_per_epoch, log):
+    """The checkpoint's mid-epoch position, if in the epoch resumed and from a run of this shape."""
+    position = resume.get("position")
+    if position is None or position.get("epoch") != resume["config"]["epoch"]:
+        return None
+    if not fits_position(position, device, config, steps_per_epoch):
+        log(restart_notice(position, device, config, steps_per_epoch))
+        return None
+    return position
+
 def run_shape(world_size, batch_size, steps_per_epoch):
     return {"world_size": world_size, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
 def fits_position(position, device, config, steps_per_epoch):
-    """Whether a mid-epoch position was saved by a run of this shape: its step then means the same images and lr."""
+    """Whether a mid-epoch position was saved by a run of this shape: then its step means the same
+    images and lr."""
     here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
     return all(position.get(key) == value for key, value in here.items())
 
@@ -1157,12 +1204,13 @@ def _shape_text(shape):
 def restart_notice(position, device, config, steps_per_epoch):
     saved = {key: position.get(key, "?") for key in run_shape(0, 0, 0)}
     here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    return (f"note: the position saved after step {position['step']} of epoch {position['epoch'] + 1} was for "
-            f"{_shape_text(saved)}, this run is {_shape_text(here)}: epoch {position['epoch'] + 1} restarts from "
+    epoch = position["epoch"] + 1
+    return (f"note: the position saved after step {position['step']} of epoch {epoch} was for "
+            f"{_shape_text(saved)}, this run is {_shape_text(here)}: epoch {epoch} restarts from "
             f"its first step")
 
 def resume_point(checkpoint):
-    """Where a checkpoint continues, counted as the stop line and the epoch lines count (epoch 1 is the first)."""
+    """Where a checkpoint continues, counted as the stop line and the epoch lines count (from 1)."""
     done = checkpoint["config"]["epoch"]
     position = checkpoint.get("position") or {}
     if position.get("epoch") == done:
@@ -1192,25 +1240,12 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
     start_epoch, history, position = 0, [], None
     if resume is not None:
-        # The fused / foreach kernels are this device's: another's fail at step 1 (fused on XLA; foreach
-        # with CUDA's fp16 scaler, which hands its scale to an optimizer made fused).
-        kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(resume["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({e}): "
-                                  f"it was written by another version of googlenet.py") from None
-        for group, decay, kernel in zip(optimizer.param_groups, (config.weight_decay, 0.0), kernels):
-            group.update(momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0, weight_decay=decay,
-                         **kernel)  # today's config and device win
+        load_optimizer_state(optimizer, resume["optimizer"], config)
         if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on where it was
             scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["config"]["epoch"]
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
-        position = resume.get("position") if (resume.get("position") or {}).get("epoch") == start_epoch else None
-        if position is not None and not fits_position(position, device, config, len(train_loader)):
-            log(restart_notice(position, device, config, len(train_loader)))
-            position = None
+        position = resumed_position(resume, device, config, len(train_loader), log)
     model_config.run_id = model_config.run_id or os.urandom(8).hex()
     out_dir = Path(checkpoint_dir) if checkpoint_dir is not None and device.is_master else None
     if out_dir is not None:
@@ -1248,7 +1283,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                 if hasattr(has_epochs, "set_epoch"):
                     has_epochs.set_epoch(epoch)
             lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
-            last_lr = learning_rate(config, epoch, len(train_loader) - 1, len(train_loader), device.world_size)
+            steps = len(train_loader)
+            last_lr = learning_rate(config, epoch, steps - 1, steps, device.world_size)
             result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
                                      step_model, epoch == start_epoch and (config.compile or device.kind == "xla"),
                                      scaler, position if epoch == start_epoch else None, save_position,
@@ -1279,7 +1315,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
             left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
             log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
                 f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
-                f"{'(flip TTA) ' if config.tta else ''}| lr {_lr_span(lr, last_lr)} | {result['seconds']:.1f}s "
+                f"{'(flip TTA) ' if config.tta else ''}| lr {_lr_span(lr, last_lr)} | "
+                f"{result['seconds']:.1f}s "
                 f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
             if out_dir is not None:
                 model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
@@ -1665,9 +1702,9 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
 LOCK_FILE = ".lock"
 
 class CheckpointDirClaim:
-    """A run's hold on its checkpoint folder: an flock on <dir>/.lock that a second trainer there is refused by;
-    the OS drops it when the process ends, killed too, so it never stays stuck. A folder it made and that holds
-    nothing when it is released (a refused run) is removed."""
+    """A run's hold on its checkpoint folder: an flock on <dir>/.lock that refuses a second trainer
+    there; the OS drops it when the process ends, killed too, so it never stays stuck. A folder it
+    made and that holds nothing when it is released (a refused run) is removed."""
 
     def __init__(self, out_dir):
         import fcntl
@@ -1677,14 +1714,15 @@ class CheckpointDirClaim:
             out_dir.mkdir(parents=True, exist_ok=True)
             self.lock = open(out_dir / LOCK_FILE, "a")
         except OSError as e:
-            raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a --checkpoint-dir "
-                            f"you can write to") from None
+            raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a "
+                            f"--checkpoint-dir you can write to") from None
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.lock.close()
             raise UserError(f"{out_dir} is in use by another run that is still training (it holds "
-                            f"{out_dir / LOCK_FILE}): wait for it to end, or pass another --checkpoint-dir") from None
+                            f"{out_dir / LOCK_FILE}): wait for it to end, or pass another "
+                            f"--checkpoint-dir") from None
 
     def release(self):
         with contextlib.suppress(OSError):
@@ -1708,13 +1746,13 @@ def check_room_for_checkpoints(out_dir, model):
         raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the {needed / 2**20:.0f} MiB two "
                         f"checkpoints of this model take: free some space or pass another --checkpoint-dir")
 
-ORIGINAL_MIN_IMAGE_SIZE = 64  # the paper's net: 4x4 maps at 4a-4e (its aux heads' pool) and 2x2 at 5b
+ORIGINAL_MIN_IMAGE_SIZE = 64  # the paper's net: 4x4 maps at 4a-4e (the aux heads' pool), 2x2 at 5b
 
 def _small_original_warning(size):
     at_5b = math.ceil(size / 32)  # five stride-2 stages
-    return (f"warning: --arch original shrinks {size}x{size} images to {at_5b}x{at_5b} before inception 5b (the "
-            f"paper's 224 gives 7x7): use --image-size {ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small "
-            f"images")
+    return (f"warning: --arch original shrinks {size}x{size} images to {at_5b}x{at_5b} before "
+            f"inception 5b (the paper's 224 gives 7x7): use --image-size "
+            f"{ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small images")
 
 def run(args, checkpoint=None):
     """Train (or evaluate) as args say, in this process (one of several under torchrun or torch_xla's launcher)."""
@@ -1725,8 +1763,6 @@ def run(args, checkpoint=None):
         raise UserError(f"--{str(e).replace('_', '-')}") from None
     device = make_device(args.device)
     log = (lambda line: print(line, flush=True)) if device.is_master else (lambda line: None)
-    if args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
-        log(_small_original_warning(args.image_size))
     if args.evaluate and checkpoint is None:
         raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
     if not args.evaluate:
@@ -1798,41 +1834,56 @@ def run(args, checkpoint=None):
     return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir, checkpoint,
                  examples, {k: v for k, v in vars(args).items() if _plain(v)}, log)
 
-def _xla_worker(index, args, stop_handlers=None):  # one process per TPU core, started by torch_xla.launch
+def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
     run(args)
 
 def launch_on_tpu_cores(args):
-    """run(args) in one process per TPU core (torch_xla's launcher); a SIGTERM to this one reaches them all."""
+    """run(args) in a process per TPU core (torch_xla's launcher); a SIGTERM to this one reaches
+    them all."""
     import torch_xla
     signal.signal(signal.SIGTERM, _forward_to_children)
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
+def _last_line(error):  # a DataLoader worker's error arrives wrapped in its traceback text
+    if "Traceback" in str(error):
+        return str(error).strip().splitlines()[-1].split(": ", 1)[-1]
+    return str(error)
+
+def _interrupted_line(last):
+    if last is not None and last.exists():
+        return f"interrupted: {last} holds the last saved epoch; continue with --resume"
+    return "interrupted before any epoch was saved: nothing to resume"
+
 def _stop_before_training():
-    """Until train() takes over, SIGTERM ends the run with one line and 143 (the default was a silent -15)."""
+    """Until train() takes over, SIGTERM ends the run with one line and 143 (not a silent -15)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     _stopped_before_training.owner = os.getpid()
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
 
 def _say(line):
-    """Our one line on stderr; under torchrun also its failure summary's root cause (which would else read "To
-    enable traceback see: ..."), so the last thing on the screen says what happened."""
+    """Our one line on stderr; under torchrun also its failure summary's root cause (which would
+    else read "To enable traceback see: ..."): the last thing on the screen says what happened."""
     print(line, file=sys.stderr, flush=True)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
         with contextlib.suppress(OSError):
-            Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": line,
-                                                                                "timestamp": int(time.time())}))
+            report = {"message": line, "timestamp": int(time.time())}
+            Path(error_file).write_text(json.dumps(report))
 
 def main(argv=None):
     """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when stopped (and saved)."""
     import torch.distributed as dist
     args, rank0 = None, int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
-    claim, signals = None, _stop_before_training()
+    claim = None
+    signals = _stop_before_training()
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
         if rank0 and not args.evaluate:  # rank 0 alone writes the folder
             claim = CheckpointDirClaim(args.checkpoint_dir)
+        if rank0 and args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
+            print(_small_original_warning(args.image_size), flush=True)
         on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
         if args.device == "xla" and args.num_cores is not None and args.num_cores != 1:
             raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes train with `torchrun "
@@ -1852,15 +1903,14 @@ def main(argv=None):
         return e.exit_code
     except UserError as e:
         if rank0:  # a DataLoader worker's error arrives wrapped in its traceback text: the last line is ours
-            _say(f"error: {str(e).strip().splitlines()[-1].split(': ', 1)[-1] if 'Traceback' in str(e) else e}")
+            _say(f"error: {_last_line(e)}")
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
         if rank0:
-            _say(f"interrupted: {last} holds the last saved epoch; continue with --resume" if last and last.exists()
-                 else "interrupted before any epoch was saved: nothing to resume")
+            _say(_interrupted_line(last))
         return 130
     finally:
         if claim is not None:

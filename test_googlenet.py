@@ -696,8 +696,8 @@ def test_tta_scores_the_mean_logits_of_each_image_and_its_mirror():
     store = g.build_store(info.val, 16)
     loader = g.StoreLoader(store, 16, train=False)  # 37 images: the last batch is padded
     device = g.make_device("cpu")
-    plain = g.evaluate(model, loader, device, config)
-    tta = g.evaluate(model, loader, device, config, tta=True)
+    plain = g.evaluate(model, loader, device, config, "fp32")  # (auto would be bf16 on a bf16 CPU)
+    tta = g.evaluate(model, loader, device, config, "fp32", tta=True)
     with torch.no_grad():
         images = g.eval_transform(store.images, config)
         one_view, mirrored = model(images), model(images.flip(3))
