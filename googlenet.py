@@ -1861,10 +1861,12 @@ def _stop_before_training():
     _stopped_before_training.owner = os.getpid()
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
 
-def _say(line):
-    """Our one line on stderr; under torchrun also its failure summary's root cause (which would
-    else read "To enable traceback see: ..."): the last thing on the screen says what happened."""
-    print(line, file=sys.stderr, flush=True)
+def _say(line, rank0):
+    """Our one line on stderr (from rank 0); under torchrun also, from every process, its failure
+    summary's root cause (which would else read "To enable traceback see: ..."): the last thing on
+    the screen says what happened."""
+    if rank0:
+        print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):
@@ -1898,19 +1900,16 @@ def main(argv=None):
             run(args, checkpoint)
         return 0
     except Stopped as e:  # saved where it stopped: not an error
-        if rank0:
-            _say(str(e))
+        _say(str(e), rank0)
         return e.exit_code
     except UserError as e:
-        if rank0:  # a DataLoader worker's error arrives wrapped in its traceback text: the last line is ours
-            _say(f"error: {_last_line(e)}")
+        _say(f"error: {_last_line(e)}", rank0)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
-        if rank0:
-            _say(_interrupted_line(last))
+        _say(_interrupted_line(last), rank0)
         return 130
     finally:
         if claim is not None:
