@@ -1026,12 +1026,15 @@ def agree(device, first_bad_step, stop, save, seconds_per_step):
     pace = summed["seconds_per_step"] / device.world_size
     return Agreement(first_bad, summed["stop"] > 0, summed["save"] > 0, pace)
 
-def steps_to_next_check(device, seconds_per_step):
+def steps_to_next_check(device, seconds_per_step, steps):
     """The CPU reads every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS, as
     the read makes the host wait for the device: at most one wait a second (well under 1% of the
-    time)."""
+    time). One XLA process reads only at progress lines and the epoch's end (a read elsewhere cut
+    the graph elsewhere: compilations in epoch 2); alone it stops and saves at once anyway."""
     if device.kind == "cpu":
         return 1
+    if device.kind == "xla" and device.world_size == 1:
+        return steps
     return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
 
 def weights_finite(model):
@@ -1073,8 +1076,7 @@ def _restore_rng(position, device):
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
     """One pass; metrics summed on the device, read at check points. position: a stopped epoch's
-    place; save_position(position, stop): called once SIGTERM / Ctrl-C came, and every save_every
-    seconds."""
+    place; save_position(position, stop): called once SIGTERM / Ctrl-C came, every save_every s."""
     step_model = model if step_model is None else step_model  # a compiled module refuses bool()
     model.train()
     precision, channels_last = resolve_precision(config.precision, device), uses_channels_last(config, device)
@@ -1087,7 +1089,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     began = time.perf_counter()
     last_log = last_save = began - 10  # the first progress line after ~20 s
     last_check = (first, began)  # (step, time) of the last read of the sums
-    next_check = first + 1
+    next_check = first + steps_to_next_check(device, 1.0, steps)
     if announce_first_step:
         log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; once, for minutes)")
     for step, batch in enumerate(itertools.islice(device_batches(loader, device), first, None), first + 1):
@@ -1116,7 +1118,7 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         agreed = agree(device, values["first_bad_step"], stop, save, pace)
         if agreed.first_bad_step:
             raise _diverged_at(agreed.first_bad_step, epoch, config)
-        next_check = step + steps_to_next_check(device, agreed.seconds_per_step)
+        next_check = step + steps_to_next_check(device, agreed.seconds_per_step, steps)
         last_check = (step, now)
         if logged or on_time:
             last_log = now
