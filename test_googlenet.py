@@ -245,12 +245,13 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tmp_path, capsys):
     # CPU fp16 kernels are slow (no fp16 convolutions here): 2 steps an epoch.
     run = ["--dataset", "synthetic", "--image-size", 16, "--subset", 16, "--batch-size", 8, "--device", "cpu",
            "--precision", "fp16", "--log-interval", 0, "--workers", 0]
-    code, out, _ = run_main(run + ["--epochs", 2, "--checkpoint-dir", tmp_path / "straight"], capsys)
+    code, out, _ = run_main(run + ["--epochs", 3, "--checkpoint-dir", tmp_path / "straight"], capsys)
     assert code == 0 and "precision fp16 (autocast + GradScaler)" in out
     assert run_main(run + ["--epochs", 1, "--checkpoint-dir", tmp_path / "split"], capsys)[0] == 0
-    assert run_main(["--resume", tmp_path / "split" / "last.pt", "--epochs", 2], capsys)[0] == 0
+    assert run_main(["--resume", tmp_path / "split" / "last.pt", "--epochs", 3], capsys)[0] == 0
     a, b = (g.load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "split"))
-    # 4 steps: the first ones overflow at the initial scale 2**16 and are skipped while it settles
+    # 6 steps: the first ones overflow at the initial scale 2**16 and are skipped while it settles
+    # (4 of them on an AMD EPYC without avx512, where 4 steps left none applied)
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] < 2.0 ** 16 and a["scaler"]["_growth_tracker"] >= 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
