@@ -956,7 +956,7 @@ def test_a_disk_that_fills_up_mid_run_ends_in_one_line_and_keeps_the_last_checkp
     assert code == 2 and "epoch 1/2" in out and "epoch 2/2" in out
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "No space left on device" in err and str(folder) in err and "--checkpoint-dir" in err
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]  # no temporary
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "best.pt", "last.pt", "metrics.jsonl"]  # the run's lock; no temporary
     assert g.load_checkpoint(folder / "last.pt")["config"]["epoch"] == 1
     assert g.load_checkpoint(folder / "best.pt")["config"]["epoch"] == 1
 
