@@ -132,7 +132,7 @@ def checkpoint(tmp_path_factory) -> Path:
                                     "--subset", "64", "--batch-size", "32", "--device", "cpu",
                                     "--workers", "0", "--checkpoint-dir", str(out)])
     assert status == 0
-    return out / "best.pt"
+    return out / "best.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -428,7 +428,7 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
     header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
     (tmp_path / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                                         + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.pt"))
+    model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.safetensors"))
     labels, messages = demo.classify_uploads([{"path": str(tmp_path / "wide.png"), "orig_name": "wide.png"}],
                                              model, config)
     assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
@@ -436,7 +436,7 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
 
 def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
     """The examples' temporary folder goes at exit: a script's normal exit, and the server's SIGTERM."""
-    checkpoint = small_checkpoint(tmp_path / "best.pt")
+    checkpoint = small_checkpoint(tmp_path / "best.safetensors")
     env = {**ENV, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     script = f"import demo, googlenet; print(demo.example_images(googlenet.load_checkpoint({str(checkpoint)!r}))[0])"
@@ -553,7 +553,7 @@ def test_cli_bad_image_gets_one_line_and_the_others_still_print(checkpoint, odd_
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated", "foreign", "folder", "text", "jpeg",
                                      "no config", "arch disagrees", "nan weights"])
 def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_images, tmp_path, capsys):
-    path = tmp_path / "best.pt"
+    path = tmp_path / "best.safetensors"
     real = googlenet.load_checkpoint(checkpoint)
     if problem == "corrupt":
         path.write_bytes(os.urandom(4096))
@@ -586,7 +586,7 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
                                          ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
                                          ("val_top1", "90%"), ("source_size", 4096), ("examples", "none")])
 def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value, odd_images, tmp_path, capsys):
-    path = small_checkpoint(tmp_path / "best.pt")
+    path = small_checkpoint(tmp_path / "best.safetensors")
     checkpoint = googlenet.load_checkpoint(path)
     if field == "examples":
         checkpoint["examples"] = {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}
@@ -599,7 +599,7 @@ def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value
 
 
 def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
-    path = small_checkpoint(tmp_path / "best.pt")
+    path = small_checkpoint(tmp_path / "best.safetensors")
     rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
             '{"epoch": 2, "train_loss": 1.5, "val_top1": null, "val_top5": 0.6}',  # an epoch not validated
             '{"epoch": "3", "val_top1": 0.9}', '{"epoch": 4, "val_top1": "0.9"}', '{"epoch": 5, "val_top1": NaN}',
@@ -634,7 +634,7 @@ def test_cli_without_any_checkpoint_says_how_to_train_one(tmp_path):
 def test_cli_uses_the_newest_best_pt_under_runs(checkpoint, odd_images, tmp_path):
     # The older "checkpoints" are junk: picking one of them would fail loudly.
     for name, age in [("a", 3600), ("b", 0), ("c/nested", 7200)]:
-        target = tmp_path / "runs" / name / "best.pt"
+        target = tmp_path / "runs" / name / "best.safetensors"
         target.parent.mkdir(parents=True)
         if age:
             target.write_bytes(b"an older run")
@@ -644,7 +644,7 @@ def test_cli_uses_the_newest_best_pt_under_runs(checkpoint, odd_images, tmp_path
             shutil.copy(checkpoint, target)
     result = run_cli(str(odd_images["1x1.png"]), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert str(Path("runs") / "b" / "best.pt") in result.stderr
+    assert str(Path("runs") / "b" / "best.safetensors") in result.stderr
     assert result.stdout.splitlines()[0] == str(odd_images["1x1.png"])
 
 
@@ -729,7 +729,7 @@ def test_browser_shows_a_hostile_checkpoints_markup_as_text_and_fetches_nothing(
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium browser: `apt-get install chromium` (Debian) or set GOOGLENET_CHROMIUM")
-    checkpoint = small_checkpoint(tmp_path / "best.pt", class_names=(HOSTILE, "dog", "bird"), dataset=HOSTILE,
+    checkpoint = small_checkpoint(tmp_path / "best.safetensors", class_names=(HOSTILE, "dog", "bird"), dataset=HOSTILE,
                                   cli_args={"device": HOSTILE, "precision": HOSTILE})
     junk = tmp_path / "<img src=https:attacker.invalid>.jpg"
     junk.write_bytes(b"not an image")
