@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 import demo
@@ -109,6 +110,22 @@ def small_checkpoint(path: Path, class_names=("cat", "dog", "bird"), cli_args=No
     googlenet.save_checkpoint(path, googlenet.build_model("tiny", len(class_names), aux_logits=False), None, config,
                               history=history or [{"epoch": 1, "val_top1": 0.5, "val_top5": 1.0, "train_loss": 1.1}],
                               examples={"images": example[None], "labels": [0]}, cli_args=cli_args or {"device": "cpu"})
+    return path
+
+
+def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
+    """A loaded checkpoint dict written back in googlenet's safetensors layout as it is, unchecked (hostile
+    variants for the tests); `metadata`: entries to add or replace, as Python values."""
+    tensors = {f"model.{name}": value.contiguous() for name, value in checkpoint.get("model", {}).items()}
+    entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "args", "scaler")
+               if checkpoint.get(key) is not None}
+    if checkpoint.get("examples"):
+        tensors["examples.images"] = checkpoint["examples"]["images"]
+        tensors["examples.labels"] = torch.tensor(checkpoint["examples"]["labels"])
+        entries["examples"] = len(checkpoint["examples"]["labels"])
+    entries.update(metadata)
+    save_file(tensors, str(path), metadata={"format": googlenet.CHECKPOINT_FORMAT,
+                                            **{key: json.dumps(value) for key, value in entries.items()}})
     return path
 
 
@@ -392,16 +409,18 @@ def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
     with open(evil_data / "test_batch", "wb") as f:
         pickle.dump(Payload(), f)
     real = googlenet.load_checkpoint(checkpoint)
-    real["config"].update(dataset="cifar10", data_dir=str(evil_data.parent))
-    torch.save(real, tmp_path / "evil.pt")
-    result = run_cli("--checkpoint", str(tmp_path / "evil.pt"), str(odd_images["1x1.png"]))
+    real["config"].update(dataset="cifar10")
+    real["args"].update(dataset="cifar10", data_dir=str(evil_data.parent))
+    write_unchecked(tmp_path / "evil.safetensors", real)
+    result = run_cli("--checkpoint", str(tmp_path / "evil.safetensors"), str(odd_images["1x1.png"]))
     assert result.returncode == 0, result.stderr
-    demo.example_images(googlenet.load_checkpoint(tmp_path / "evil.pt"))
+    demo.example_images(googlenet.load_checkpoint(tmp_path / "evil.safetensors"))
     assert not marker.exists()
+    # A pickled object (the format before safetensors): not unpickled, one line.
     real["config"]["arch"] = Payload()
     torch.save(real, tmp_path / "evil2.pt")
     line = assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "evil2.pt"), str(odd_images["1x1.png"])))
-    assert "Python objects" in line and not marker.exists()
+    assert "earlier version of googlenet.py" in line and not marker.exists()
 
 
 def test_oversized_uploads_are_refused_quickly_with_a_message(loaded, tmp_path):
@@ -560,7 +579,7 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
     elif problem == "truncated":
         path.write_bytes(checkpoint.read_bytes()[:100_000])
     elif problem == "foreign":
-        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "someone-elses"})
     elif problem == "folder":
         path.mkdir()
     elif problem == "text":
@@ -569,13 +588,13 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
         gradient().save(path, format="JPEG")
     elif problem == "no config":
         del real["config"]
-        torch.save(real, path)
+        write_unchecked(path, real)
     elif problem == "arch disagrees":
         real["config"]["arch"] = "original"
-        torch.save(real, path)
+        write_unchecked(path, real)
     elif problem == "nan weights":
         real["model"]["fc.weight"][0, 0] = float("nan")
-        torch.save(real, path)
+        write_unchecked(path, real)
     # In this process (the other CLI tests start real ones): the same main(), without a second of imports each.
     code = demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])])
     line = assert_one_line_error(subprocess.CompletedProcess([], code, *capsys.readouterr()))
@@ -584,18 +603,23 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
 
 @pytest.mark.parametrize("field,value", [("mean", "0.5"), ("mean", (0.5,) * 7), ("std", (0.2, 0.0, 0.2)),
                                          ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
-                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none")])
+                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none"),
+                                         # the issue's table (#30): numbers and strings that crashed demo.py
+                                         ("val_top1", 10**400), ("std", (1e-300,) * 3), ("dataset", "cifar\udcff"),
+                                         ("class_names", ["\ud800", "dog", "bird"]),
+                                         ("class_names", ["\x1b[2J\x1b]0;owned\x07", "dog", "bird"])])
 def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value, odd_images, tmp_path, capsys):
     path = small_checkpoint(tmp_path / "best.safetensors")
     checkpoint = googlenet.load_checkpoint(path)
     if field == "examples":
-        checkpoint["examples"] = {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}
+        write_unchecked(path, checkpoint, examples=value)
     else:
         checkpoint["config"][field] = value
-    torch.save(checkpoint, path)
+        write_unchecked(path, checkpoint)
     assert demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and f"{field!r}" in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and field in err, err
+    assert "\x1b" not in err and "Traceback" not in err
 
 
 def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
@@ -612,6 +636,60 @@ def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
     assert "Best epoch 7" in summary and "val top-1 50.00%" in summary
     loss, accuracy, lr = demo.curves(history)
     assert list(loss["epoch"]) == [1, 7] and list(lr["value"]) == [0.1, 0.05]
+
+
+def test_training_tab_skips_a_row_with_a_401_digit_number(tmp_path):
+    path = small_checkpoint(tmp_path / "best.safetensors")
+    rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
+            '{"epoch": 2, "val_top1": %s}' % ("1" * 401), '{"epoch": 3, "val_top1": 0.5, "lr": %s}' % ("9" * 401),
+            '{"epoch": 4, "val_top1": 0.5, "note": "\\ud800"}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    history = demo.read_history(path, googlenet.load_checkpoint(path))
+    assert [h["epoch"] for h in history] == [1]
+    assert "Best epoch 1" in demo.describe_run(history, googlenet.load_checkpoint(path))
+    assert [len(table) for table in demo.curves(history)] == [1, 2, 1]
+
+
+def own_memory_kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+def test_training_tab_reads_a_200_mib_metrics_file_in_bounded_time_and_memory_then_only_new_bytes(tmp_path):
+    row = {"epoch": 1, "train_loss": 1.0, "val_top1": 0.5, "val_top5": 0.75, "lr": 0.1, "pad": "x" * 1000}
+    line = json.dumps({**row, "epoch": 123456789}).replace("123456789", "%d") + "\n"
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for first in range(1, 210_001, 10_000):
+            f.write("".join(line % epoch for epoch in range(first, first + 10_000)))
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 200 * 2**20
+    tail = demo.MetricsTail(tmp_path / "metrics.jsonl")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from here
+    start, before = time.perf_counter(), own_memory_kib("VmRSS")
+    history = demo.read_history(tmp_path / "best.safetensors", None, tail)
+    demo.describe_run(history, None), demo.curves(history)
+    seconds, grown = time.perf_counter() - start, (own_memory_kib("VmHWM") - before) / 1024
+    assert len(history) == demo.MAX_METRICS_ROWS and history[-1]["epoch"] == 210_000
+    assert seconds < 5 and grown < 200, (seconds, grown)  # main: every row of the file, 3.3 GB in the server
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**row, "epoch": 210_001}) + "\n" + '{"epoch": 210002, "val_')  # a line being written
+    offset = tail.offset
+    assert tail.read()[-1]["epoch"] == 210_001
+    assert tail.offset == offset + len(json.dumps({**row, "epoch": 210_001})) + 1  # only the new whole line
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")  # rewritten shorter by a resumed run
+    assert [h["epoch"] for h in tail.read()] == [1]
+
+
+def test_every_demo_event_is_queued_and_nothing_reads_metrics_at_page_load(tmp_path):
+    path = small_checkpoint(tmp_path / "best.safetensors")
+    model, config = googlenet.load_for_inference(path)
+    app = demo.build_demo(model, config, checkpoint_path=path, checkpoint=googlenet.load_checkpoint(path))
+    events = app.config["dependencies"]
+    assert not [e for e in events if any(target[1] == "load" for target in e["targets"])]
+    handlers = app.fns.values() if isinstance(app.fns, dict) else app.fns
+    assert all(fn.queue and fn.concurrency_limit == 1 for fn in handlers), events
+    assert demo.batch_size(config) == demo.MAX_BATCH_SIZE
+    config.source_size = config.image_size = 1024
+    assert demo.batch_size(config) == 1
 
 
 @pytest.mark.parametrize("args", [["--port", "99999"], ["--no-such-flag"]])
