@@ -1173,14 +1173,11 @@ CHECKPOINT_FORMAT = "googlenet-checkpoint-v2"  # v1 was torch.save's pickle (.pt
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
-METADATA_KEYS = ("format", "config", "train_config", "history", "args", "scaler", "position", "examples",
-                 "torch_version")
 MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
-MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensor table and metadata): bounds parsing memory
+MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata): bounds parsing
 MAX_EXAMPLES = 16
 MAX_NUMBER = 1e30  # any number a checkpoint holds: sums and products of a few stay finite in float32
 MAX_TEXT = 1000  # characters in any string a checkpoint holds
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
 
 def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
     # Compared, never converted: float() of a 400-digit int overflows; NaN fails both comparisons.
@@ -1189,8 +1186,7 @@ def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
 def _whole(value, low=0, high=2**53):
     return type(value) is int and low <= value <= high
 
-def _text(value):
-    # isprintable: no lone surrogates (they cannot be encoded) and no terminal control or escape characters
+def _text(value):  # printable: no lone surrogates (unencodable), no terminal control or escape characters
     return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
 
 def _plain(value):
@@ -1199,9 +1195,6 @@ def _plain(value):
 def _flags(value):
     return type(value) is dict and all(_text(key) and _plain(v) for key, v in value.items())
 
-def _three(value, low, high):
-    return type(value) in (list, tuple) and len(value) == 3 and all(_number(v, low, high) for v in value)
-
 def _first_broken(settings, rules):  # rules: (field, whether it is right, what it must be)
     for name, ok, rule in rules:
         if not ok:
@@ -1209,7 +1202,7 @@ def _first_broken(settings, rules):  # rules: (field, whether it is right, what 
     return settings
 
 def printable(text):
-    """text with each character a terminal would act on (escapes, controls, lone surrogates) as a \\x.. escape."""
+    """text with each character a terminal acts on (escapes, controls, lone surrogates) as a \\x.. escape."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 @dataclass
@@ -1233,23 +1226,24 @@ class ModelConfig:
 
     def check(self):
         """self, if every field has its type and range; else ValueError naming the first that has not."""
-        names, sizes = self.class_names, f"a whole number 8-{MAX_IMAGE_SIZE}"
+        names, ids, sizes = self.class_names, self.class_ids, f"a whole number 8-{MAX_IMAGE_SIZE}"
         rules = [("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
                  ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
-                 ("class_names", type(names) is list and len(names) == self.num_classes and all(map(_text, names)),
-                  f"num_classes class names of at most {MAX_TEXT} printable characters"),
-                 ("class_ids", type(self.class_ids) is list and all(_text(c) or _whole(c) for c in self.class_ids),
-                  "a list of strings"),
+                 ("class_names", type(names) is list and len(names) == self.num_classes
+                  and all(map(_text, names)), f"num_classes names, each {MAX_TEXT} printable characters or less"),
+                 ("class_ids", type(ids) is list and all(_text(c) or _whole(c) for c in ids), "a list of names"),
                  ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
                  ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
-                 ("mean", _three(self.mean, -10, 10), "three numbers in [-10, 10]"),
-                 ("std", _three(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
-                 ("dataset", _text(self.dataset), "printable text"), ("run_id", _text(self.run_id), "printable text"),
+                 ("mean", type(self.mean) in (list, tuple) and len(self.mean) == 3
+                  and all(_number(v, -10, 10) for v in self.mean), "three numbers in [-10, 10]"),
+                 ("std", type(self.std) in (list, tuple) and len(self.std) == 3
+                  and all(_number(v, 1e-3, 10) for v in self.std), "three numbers in [0.001, 10]"),
                  ("model_options", _flags(self.model_options), "a dict of flags"),
-                 ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000")]
+                 ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
+                 ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch or null")]
+        rules += [(name, _text(getattr(self, name)), "printable text") for name in ("dataset", "run_id")]
         rules += [(name, getattr(self, name) is None or _number(getattr(self, name), 0, 1), "a fraction or null")
                   for name in ("best_top1", "val_top1")]
-        rules += [("best_epoch", self.best_epoch is None or _whole(self.best_epoch, 0, 10**6), "an epoch or null")]
         return _first_broken(self, rules)
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
@@ -1280,96 +1274,88 @@ def _atomic_write(path, write):
 
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None, cli_args=None,
                     scaler=None, position=None):
-    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and RNG states as
-    tensors; configs, history, flags, scaler state and the position in the epoch as JSON in its metadata."""
+    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and RNG
+    states as tensors; configs, history, flags, scaler state and position in the epoch as JSON metadata."""
     from safetensors.torch import save
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     for name, param in model.named_parameters() if optimizer is not None else ():
-        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-        if buffer is not None:
-            tensors[f"momentum.{name}"] = buffer
-    if examples is not None:
-        tensors["examples.images"] = examples["images"]
-        tensors["examples.labels"] = torch.as_tensor(examples["labels"], dtype=torch.int64)
+        tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
     position = dict(position) if position is not None else None
     for key in ("rng", "cuda_rng") if position is not None else ():
-        rng = position.pop(key, None)
-        if rng is not None:
-            tensors[f"position.{key}"] = rng
-    metadata = {"config": dataclasses.asdict(config), "history": list(history or []), "args": dict(cli_args or {}),
+        tensors[f"position.{key}"] = position.pop(key, None)
+    tensors["examples"] = examples["images"] if examples is not None else None
+    metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
                 "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                "position": position, "examples": len(examples["images"]) if examples is not None else 0,
-                "torch_version": str(torch.__version__)}
-    header = {key: json.dumps(value) for key, value in metadata.items()}
-    data = save({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-                metadata={"format": CHECKPOINT_FORMAT, **header})
+                "examples": list(examples["labels"]) if examples is not None else None,
+                "args": dict(cli_args or {}), "position": position, "torch_version": str(torch.__version__),
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
+    metadata = {key: json.dumps(value) for key, value in metadata.items()}
+    data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
 def is_epoch_record(record):
     return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6) and _number(record.get("val_top1"), 0, 1)
             and all(_number(record[k], 0, 1) for k in ("val_top5", "train_top1") if k in record)
-            and all(_text(k) and (_plain(v) or type(v) is list and all(map(_number, v))) for k, v in record.items()))
+            and all(_text(k) and (_plain(v) or type(v) is list and all(map(_number, v)))
+                    for k, v in record.items()))
 
-def _is_position(value):  # the JSON part of a mid-epoch position (its RNG states are tensors)
-    sizes = ("world_size", "batch_size", "steps_per_epoch")  # optional: what the epoch's steps were made of
+def _is_position(value):  # the JSON part of a mid-epoch position; its RNG states are tensors
+    sizes = ("world_size", "batch_size", "steps_per_epoch")  # optional: what the epoch's steps were
     sums = value.get("sums") if type(value) is dict else None
     return (type(sums) is list and len(sums) == 5 and all(_number(s, 0, 1e15) for s in sums) and sums[3] >= 1
-            and set(value) <= {"epoch", "step", "sums", "seconds", *sizes} and _whole(value.get("epoch"), 0, 10**6)
-            and _whole(value.get("step"), 1, 10**9) and _number(value.get("seconds"), 0)
-            and all(_whole(value[key], 1, 2**31) for key in sizes if key in value))
+            and set(value) <= {"epoch", "step", "sums", "seconds", *sizes}
+            and _whole(value.get("epoch"), 0, 10**6) and _whole(value.get("step"), 1, 10**9)
+            and _number(value.get("seconds"), 0) and all(_whole(value[key], 1, 2**31) for key in sizes if key in value))
 
-def _is_scaler_state(value):
-    keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
-    return (type(value) is dict and set(value) == keys and _number(value["scale"], 2**-64, 2**64)
-            and _number(value["growth_factor"], 1, 1e3) and _number(value["backoff_factor"], 1e-3, 1)
-            and _whole(value["growth_interval"], 1, 2**31) and _whole(value["_growth_tracker"], 0, 2**31))
+_SCALER_RANGES = {"scale": (2**-64, 2**64), "growth_factor": (1, 1e3), "backoff_factor": (1e-3, 1),
+                  "growth_interval": (1, 2**31), "_growth_tracker": (0, 2**31)}
 
 # What each metadata entry must be beyond JSON; config and train_config are checked by their dataclasses.
-_SECTIONS = {"history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "a list of per-epoch records"),
-             "args": (_flags, "a dict of flags"), "torch_version": (_text, "a version string"),
-             "scaler": (_is_scaler_state, "a GradScaler state"), "examples": (lambda v: _whole(v, 0, MAX_EXAMPLES),
-                                                                             f"a count 0-{MAX_EXAMPLES}"),
-             "position": (_is_position, "an epoch, step, seconds and 5 metric sums")}
+_SECTIONS = {
+    "history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "a list of per-epoch records"),
+    "args": (_flags, "a dict of flags"), "torch_version": (_text, "a version"),
+    "examples": (lambda v: type(v) is list and len(v) <= MAX_EXAMPLES and all(map(_whole, v)), "labels"),
+    "scaler": (lambda v: type(v) is dict and set(v) == set(_SCALER_RANGES)
+               and all(_number(v[k], *_SCALER_RANGES[k]) for k in v), "a GradScaler state"),
+    "position": (_is_position, "an epoch, step, seconds and 5 metric sums")}
 
 def _open_checkpoint(path):
-    """path, if it names a file that starts as a safetensors file of a bounded header does; else CheckpointError."""
+    """path, if it is a file that starts as a safetensors file of a bounded header does; else CheckpointError."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. {path / BEST_FILE}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: train one with "
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. {path / BEST_FILE}"
+                              if path.is_dir() else f"checkpoint {path} does not exist: train one with "
                               f"`python googlenet.py` or pass the path of a {LAST_FILE} or {BEST_FILE} it wrote")
     with open(path, "rb") as f:
         start = f.read(8)
     if start.startswith(b"PK\x03\x04"):  # torch.save's zip archive: googlenet.py's format before safetensors
-        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py (a pickled .pt, no "
-                              f"longer read): train anew, or use the version that wrote it")
+        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py (a pickled .pt, "
+                              f"no longer read): train anew, or use the version that wrote it")
     if len(start) < 8 or int.from_bytes(start, "little") > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header under "
-                              f"{MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): pass a {LAST_FILE} "
-                              f"or {BEST_FILE} written by googlenet.py")
+                              f"{MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): pass a "
+                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py")
     return path
 
 def _checked_metadata(path, metadata):
-    """The metadata's JSON entries parsed and checked, the configs through their own dataclasses."""
+    """The metadata's JSON entries parsed and checked, the configs by their own dataclasses."""
     def refuse(problem):
         raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
 
     if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker): pass a "
-                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py")
-    unknown = sorted(set(metadata) - set(METADATA_KEYS))
-    if unknown:
-        refuse(f"unknown entry {unknown[0]!r:.60} (a checkpoint holds {', '.join(METADATA_KEYS)})")
+        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker): "
+                              f"pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
     if "config" not in metadata:
         raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    checkpoint = {"format": CHECKPOINT_FORMAT, "train_config": None, "history": None, "args": None}
+    checkpoint = {"format": metadata.pop("format"), "train_config": None, "history": [], "args": {}}
     for key, text in metadata.items():
+        if key not in ("config", "train_config", *_SECTIONS):
+            refuse(f"unknown entry {key!r:.60} (it holds config, train_config, {', '.join(_SECTIONS)})")
         try:
-            checkpoint[key] = json.loads(text) if key != "format" else text
+            checkpoint[key] = json.loads(text)
         except (ValueError, RecursionError) as e:
-            refuse(f"its {key!r} is not JSON that googlenet.py writes ({str(e)[:80]})")
+            refuse(f"its {key!r} is not the JSON googlenet.py writes ({str(e)[:80]})")
     for key, settings in (("config", ModelConfig), ("train_config", TrainConfig)):
         try:
             if key == "config" or checkpoint[key] is not None:
@@ -1379,67 +1365,59 @@ def _checked_metadata(path, metadata):
     for key, (ok, what) in _SECTIONS.items():
         if checkpoint.get(key) is not None and not ok(checkpoint[key]):
             refuse(f"{key!r} must be {what}")
+    if any(label >= checkpoint["config"]["num_classes"] for label in checkpoint.get("examples") or []):
+        refuse("an example's label is not one of its classes")
     return checkpoint
 
 def _expected_tensors(path, checkpoint):
-    """(required, optional): name -> (dtype, shape) of the tensors the metadata calls for, from a net on `meta`."""
-    config = checkpoint["config"]
+    """(required, optional): name -> (dtype, shape) of each tensor the metadata calls for, from a net on meta."""
+    config, labels = checkpoint["config"], checkpoint.get("examples") or []
     try:
         with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
             net = build_model(config["arch"], config["num_classes"], **config["model_options"])
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: config field 'model_options' does not build a net "
                               f"({str(e).strip()[:120]})") from None
-    required = {f"model.{k}": (SAFETENSORS_DTYPES[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
+    names = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
+    required = {f"model.{k}": (names[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
-    count, size = checkpoint.get("examples") or 0, config["source_size"]
-    if count:
-        required.update({"examples.images": ("U8", [count, 3, size, size]), "examples.labels": ("I64", [count])})
+    if labels:
+        required["examples"] = ("U8", [len(labels), 3, config["source_size"], config["source_size"]])
     if checkpoint.get("position") is not None:
         required["position.rng"] = ("U8", list(torch.get_rng_state().shape))
         optional["position.cuda_rng"] = ("U8", [16])  # CUDA's Philox generator: seed and offset
     return required, optional
 
 def load_checkpoint(path):
-    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing from the file is
-    used before it passed: metadata through the configs' checks, tensor names, dtypes and shapes exactly those
-    of a reference net (built on `meta`), then the tensors read, copied and checked finite."""
+    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing from the
+    file is used before it passed: metadata through the configs' checks, tensors' names, dtypes and shapes
+    exactly those of a reference net (built on meta), then the tensors read, copied and checked finite."""
     from safetensors import SafetensorError, safe_open
     path = _open_checkpoint(path)
     try:
-        with safe_open(path, "pt") as file:  # parses the tensor table: dtypes, shapes, byte ranges inside the file
+        with safe_open(path, "pt") as file:  # parses the tensors' table: dtypes, shapes, bytes inside the file
             checkpoint = _checked_metadata(path, file.metadata() or {})
             required, optional = _expected_tensors(path, checkpoint)
-            found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape()) for name in file.keys()}
+            found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
+                     for name in file.keys()}
             misfit = sorted(set(required) - set(found)) + sorted(
                 name for name, kind in found.items() if required.get(name, optional.get(name)) != kind)
             if misfit:
-                config = checkpoint["config"]
-                raise CheckpointError(f"{path}: its tensors do not fit its own config ({config['arch']}, "
-                                      f"{config['num_classes']} classes): {misfit[0]!r:.80}"
-                                      f"{f' and {len(misfit) - 1} more' if len(misfit) > 1 else ''}")
+                raise CheckpointError(f"{path}: its tensors do not fit its own config ({checkpoint['config']['arch']}"
+                                      f", {checkpoint['config']['num_classes']} classes): {misfit[0]!r:.80} "
+                                      f"and {len(misfit) - 1} more")
             # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten in place.
             tensors = {name: file.get_tensor(name).clone() for name in found}
     except SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by googlenet.py): "
-                              f"{str(e)[:200]}") from None
-    return _assembled(path, checkpoint, tensors)
-
-def _assembled(path, checkpoint, tensors):
-    """The checkpoint dict: weights, momentum by parameter name, examples and position with their tensors."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
+                              f"googlenet.py): {str(e)[:200]}") from None
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
-        raise CheckpointError(f"{path}: {bad[0]} is NaN or infinite"
-                              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; use an earlier checkpoint")
-    section = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    checkpoint.update(model=section("model."), momentum=section("momentum."), history=checkpoint["history"] or [],
-                      args=checkpoint["args"] or {}, examples=None)
-    if "examples.images" in tensors:
-        labels = tensors["examples.labels"].tolist()
-        if not all(0 <= label < checkpoint["config"]["num_classes"] for label in labels):
-            raise CheckpointError(f"{path}: an example's label is not one of its classes; use a checkpoint "
-                                  f"written by googlenet.py")
-        checkpoint["examples"] = {"images": tensors["examples.images"], "labels": labels}
+        raise CheckpointError(f"{path}: {bad[0]} is NaN or infinite; use an earlier checkpoint")
+    checkpoint["model"] = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("model.")}
+    checkpoint["momentum"] = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("momentum.")}
+    if checkpoint.get("examples"):
+        checkpoint["examples"] = {"images": tensors["examples"], "labels": checkpoint["examples"]}
     if checkpoint.get("position") is not None:
         checkpoint["position"].update(rng=tensors["position.rng"], cuda_rng=tensors.get("position.cuda_rng"))
     return checkpoint
@@ -1488,7 +1466,7 @@ def build_parser():
         help="tiny = Tiny ImageNet (default); folder = DIR/train/<class>/, DIR/val/<class>/")
     add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is, or it (data)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8, maximum=MAX_IMAGE_SIZE), help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
+    add("--image-size", type=number(int, 8), help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
     add("--subset", type=number(int, 0), default=0, help="about N train and N val images, from every class (0 = all)")
     add("--loader", default="fast", choices=("fast", "torch"),
         help="fast (default) = decode once into memory; torch = decode per batch in --workers processes")
@@ -1501,8 +1479,8 @@ def build_parser():
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
     add("--aux-weight", type=number(float, 0), default=d.aux_weight, help="loss weight of each aux head (0.3)")
     add = p.add_argument_group("training recipe").add_argument
-    add("--epochs", type=number(int, 1, maximum=10**6), default=d.epochs, help="total epochs (30; a resumed run stops here too)")
-    add("--batch-size", type=number(int, 1, maximum=2**20), default=d.batch_size, help="per process (128); global = x processes")
+    add("--epochs", type=number(int, 1), default=d.epochs, help="total epochs (30; a resumed run stops here too)")
+    add("--batch-size", type=number(int, 1), default=d.batch_size, help="per process (128); global = x processes")
     add("--lr", type=number(float, 0, inclusive=False), default=d.lr, help="peak SGD lr per 256 images (0.2)")
     add("--schedule", default=d.schedule, choices=SCHEDULES,
         help="cosine (default) = per-step warmup, then cosine decay to 0; paper = warmup, then x0.96 every 8 epochs")
@@ -1512,7 +1490,8 @@ def build_parser():
     add("--weight-decay", type=number(float, 0), default=d.weight_decay, help="on conv and FC weights only (5e-4)")
     add("--label-smoothing", type=number(float, 0), default=d.label_smoothing, help="label smoothing (0.1)")
     add("--tta", default=d.tta, action=argparse.BooleanOptionalAction, help="validate on each image and its mirror")
-    add("--seed", type=number(int, 0, maximum=2**32 - 1), default=d.seed, help="seeds data order, augmentation, init, dropout and --subset (0)")
+    add("--seed", type=number(int, 0, maximum=2**32 - 1), default=d.seed,
+        help="seeds data order, augmentation, init, dropout and --subset (0)")
     add("--precision", default=d.precision, choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA "
         "8.0+, TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last (default: not on XLA)")
@@ -1570,6 +1549,8 @@ def parse_args(argv=None, parser=None):
         args.resume, args.checkpoint_dir = str(path), args.checkpoint_dir or str(Path(path).parent)
     args.crop = args.crop or ("resized" if args.dataset == "folder" else "pad")  # photos: scale jitter
     args.image_size = args.image_size or (224 if args.arch == "original" else 32 if args.dataset == "cifar10" else 64)
+    if args.image_size > MAX_IMAGE_SIZE:  # checkpoints larger than this are refused when read
+        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
     args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
     return args, checkpoint
 

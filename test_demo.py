@@ -120,9 +120,8 @@ def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
     entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "args", "scaler")
                if checkpoint.get(key) is not None}
     if checkpoint.get("examples"):
-        tensors["examples.images"] = checkpoint["examples"]["images"]
-        tensors["examples.labels"] = torch.tensor(checkpoint["examples"]["labels"])
-        entries["examples"] = len(checkpoint["examples"]["labels"])
+        tensors["examples"] = checkpoint["examples"]["images"]
+        entries["examples"] = checkpoint["examples"]["labels"]
     entries.update(metadata)
     save_file(tensors, str(path), metadata={"format": googlenet.CHECKPOINT_FORMAT,
                                             **{key: json.dumps(value) for key, value in entries.items()}})

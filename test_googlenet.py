@@ -1195,9 +1195,9 @@ _HOSTILE = {
     "model options a list": (lambda t, m: m["config"].update(model_options=["aux_logits"]), "model_options must be"),
     "image size 2048": (_set("config", image_size=2048), "image_size must be"),
     "an unknown config field": (_set("config", data=[0] * 10), "unexpected keyword"),
-    "examples claimed, none stored": (lambda t, m: m.update(examples=2), "do not fit"),
-    "an example label out of range": (lambda t, m: (m.update(examples=1), t.update({
-        "examples.images": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "examples.labels": torch.tensor([7])})),
+    "examples claimed, none stored": (lambda t, m: m.update(examples=[0, 1]), "do not fit"),
+    "an example label out of range": (lambda t, m: (m.update(examples=[7]), t.update({
+        "examples": torch.zeros(1, 3, 32, 32, dtype=torch.uint8)})),
         "label is not one of its classes"),
     "history a string": (lambda t, m: m.update(history="epoch 1"), "'history' must be"),
     "args a list": (lambda t, m: m.update(args=["--epochs", "3"]), "'args' must be"),
