@@ -1,7 +1,7 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
     python demo.py --checkpoint runs/tiny/best.safetensors          # web app on 127.0.0.1:7860
-    python demo.py                                                  # newest runs/**/best.safetensors
+    python demo.py                                                  # newest runs/**/best.*
     python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
 
 Everything about the model (architecture, classes, input size, normalisation) comes from the
@@ -68,7 +68,7 @@ def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal text in gr.Markdown."""
     # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and $$ LaTeX,
     # so html.escape is not enough: escape every ASCII punctuation mark, and fold whitespace so no block opens.
-    # Characters that are not printable (escapes, lone surrogates) first become visible \x.. escapes.
+    # Characters that are not printable (escapes, lone surrogates) become visible \x.. escapes.
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
 
 
@@ -131,8 +131,8 @@ def epoch_record(line: bytes) -> dict | None:
 
 
 class MetricsTail:
-    """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at most the
-    newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS good records. A file that got shorter
+    """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
+    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS good records. A shorter file
     (a resumed run rewrote it) is read again from its end."""
 
     def __init__(self, path):
@@ -158,7 +158,9 @@ class MetricsTail:
             start = max(self.offset, size - MAX_READ_BYTES)
             f.seek(start)
             data = f.read(size - start)
-        first = data.find(b"\n") + 1 if start > self.offset else 0  # skipped ahead: drop the cut line
+        first = 0
+        if start > self.offset:  # skipped ahead: the first line is cut
+            first = data.find(b"\n") + 1
         end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits for its end
         if end == 0 and len(data) == MAX_READ_BYTES:  # no line end in a whole window: skip it
             end = len(data)
@@ -169,9 +171,10 @@ class MetricsTail:
                 self.rows.append(record)
 
 
-def read_history(checkpoint_path, checkpoint: dict | None = None, tail: MetricsTail | None = None) -> list[dict]:
-    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains; `tail`
-    keeps what was read), else the checkpoint's history."""
+def read_history(checkpoint_path, checkpoint: dict | None = None,
+                 tail: MetricsTail | None = None) -> list[dict]:
+    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains;
+    `tail` keeps what was read), else the checkpoint's history."""
     records = []
     if checkpoint_path is not None:
         tail = tail or MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
@@ -242,7 +245,7 @@ def classify_uploads(payloads, model, config):
 
 
 def batch_size(config) -> int:
-    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so that a burst's
+    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a burst's
     memory does not grow with the input size a checkpoint sets (16 at 1024x1024 took 8.9 GB)."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
@@ -261,7 +264,9 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     def classify(images):  # batched: one upload per queued request
         return inference_thread.submit(classify_uploads, images, model, config).result()
 
-    tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl") if checkpoint_path is not None else None
+    tail = None
+    if checkpoint_path is not None:
+        tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
 
     def training_view():
         history = read_history(checkpoint_path, checkpoint, tail)
@@ -296,7 +301,7 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                                              ("lr", "Learning rate (epoch start)")]]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
-        # Only visitors who open the Training tab read metrics.jsonl, one at a time, each read only its new bytes.
+        # Only visitors who open the Training tab read metrics.jsonl, one at a time, new bytes only.
         queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
@@ -330,7 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="*", type=Path,
                         help="image files to classify on the command line (no web app)")
     parser.add_argument("--checkpoint", type=Path,
-                        help=f"checkpoint to serve (default: the newest runs/**/{googlenet.BEST_FILE})")
+                        help=f"checkpoint to serve (default: the newest runs/**/"
+                             f"{googlenet.BEST_FILE})")
     parser.add_argument("--examples", type=Path, default=None,
                         help="folder of example images to offer (default: those stored in the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -344,8 +350,8 @@ def main(argv=None) -> int:
         if checkpoint_path is None:
             found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
             if not found:
-                raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under {RUNS_DIR}/: "
-                                          f"{TRAIN_HINT}")
+                raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under "
+                                          f"{RUNS_DIR}/: {TRAIN_HINT}")
             checkpoint_path = max(found, key=lambda p: p.stat().st_mtime)
             print(f"Using the newest checkpoint under {RUNS_DIR}/: {checkpoint_path}", file=sys.stderr)
         checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights and metadata

@@ -818,20 +818,22 @@ class TrainConfig:
     save_every: float = 0.0           # minutes between mid-epoch saves of last.pt (0: epoch ends only)
 
     def check(self):
-        """self, if every field has its type and range (typed flags and a checkpoint's alike); else ValueError."""
+        """self, if every field has its type and range (typed flags and a checkpoint's alike)."""
         rules = [("epochs", _whole(self.epochs, 1, 10**6), "1-1000000"),
                  ("batch_size", _whole(self.batch_size, 1, 2**20), "1-1048576"),
                  ("lr", _number(self.lr) and self.lr > 0, "above 0"),
-                 ("momentum", _number(self.momentum, 0, 1) and self.momentum < 1, "in [0, 1)"),
-                 ("label_smoothing", _number(self.label_smoothing, 0, 1) and self.label_smoothing < 1, "in [0, 1)"),
+                 ("momentum", _number(self.momentum, 0, 0.999999), "in [0, 1)"),
+                 ("label_smoothing", _number(self.label_smoothing, 0, 0.999999),
+                  "in [0, 1)"),
                  ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
                  ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
                  ("crop", self.crop in ("pad", "resized"), "pad or resized"),
-                 ("channels_last", self.channels_last is None or type(self.channels_last) is bool, "on, off or None"),
-                 ("compile", type(self.compile) is bool or _text(self.compile), "on, off or a backend's name"),
+                 ("channels_last", self.channels_last in (None, True, False), "on, off or None"),
+                 ("compile", type(self.compile) is bool or _text(self.compile), "a backend"),
                  ("seed", _whole(self.seed, 0, 2**32 - 1), "a whole number 0-4294967295"),
                  ("log_interval", _whole(self.log_interval, 0, 2**31), "a whole number, 0 or more")]
-        rules += [(name, type(getattr(self, name)) is bool, "on or off") for name in ("nesterov", "tta")]
+        rules += [(name, type(getattr(self, name)) is bool, "on or off")
+                  for name in ("nesterov", "tta")]
         rules += [(name, _number(getattr(self, name), 0), "0 or more")
                   for name in ("warmup_epochs", "weight_decay", "aux_weight", "save_every")]
         return _first_broken(self, rules)
@@ -864,11 +866,12 @@ def make_optimizer(model, config, device_kind="cpu"):
     return optimizer
 
 def load_momentum(optimizer, model, momentum):
-    """Saved momentum buffers (by parameter name) into an optimizer made from this run's settings, so the file sets
-    no optimizer flag (fused, foreach, maximize...); each in its parameter's layout, as fused SGD needs."""
+    """Saved momentum buffers (by parameter name) into an optimizer made from this run's settings:
+    a file sets no optimizer flag (fused, foreach, maximize). Each in its parameter's layout."""
     for name, param in model.named_parameters():
         if name in momentum:
-            optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(momentum[name])
+            buffer = torch.empty_like(param)
+            optimizer.state[param]["momentum_buffer"] = buffer.copy_(momentum[name])
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
@@ -1068,8 +1071,9 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
         position = resume.get("position") if (resume.get("position") or {}).get("epoch") == start_epoch else None
         if position is not None and position["step"] >= len(train_loader):
-            raise CheckpointError(f"its position (step {position['step']} of epoch {start_epoch + 1}) is past the "
-                                  f"epoch's {len(train_loader)} steps: resume with the batch size it was written with")
+            raise CheckpointError(f"its position (step {position['step']} of epoch "
+                                  f"{start_epoch + 1}) is past the epoch's {len(train_loader)} "
+                                  f"steps: resume with the batch size it was written with")
     model_config.run_id = model_config.run_id or os.urandom(8).hex()
     out_dir = Path(checkpoint_dir) if checkpoint_dir is not None and device.is_master else None
     if out_dir is not None:
@@ -1174,9 +1178,9 @@ LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
 MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
-MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata): bounds parsing
+MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata)
 MAX_EXAMPLES = 16
-MAX_NUMBER = 1e30  # any number a checkpoint holds: sums and products of a few stay finite in float32
+MAX_NUMBER = 1e30  # any number a checkpoint holds: sums, products of a few stay finite
 MAX_TEXT = 1000  # characters in any string a checkpoint holds
 
 def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
@@ -1186,7 +1190,7 @@ def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
 def _whole(value, low=0, high=2**53):
     return type(value) is int and low <= value <= high
 
-def _text(value):  # printable: no lone surrogates (unencodable), no terminal control or escape characters
+def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
     return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
 
 def _plain(value):
@@ -1202,7 +1206,7 @@ def _first_broken(settings, rules):  # rules: (field, whether it is right, what 
     return settings
 
 def printable(text):
-    """text with each character a terminal acts on (escapes, controls, lone surrogates) as a \\x.. escape."""
+    """text with each character a terminal acts on (controls, surrogates) as a \\x.. escape."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 @dataclass
@@ -1225,13 +1229,14 @@ class ModelConfig:
     run_id: str = ""
 
     def check(self):
-        """self, if every field has its type and range; else ValueError naming the first that has not."""
+        """self, if every field has its type and range; else ValueError naming the first."""
         names, ids, sizes = self.class_names, self.class_ids, f"a whole number 8-{MAX_IMAGE_SIZE}"
         rules = [("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
                  ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
                  ("class_names", type(names) is list and len(names) == self.num_classes
-                  and all(map(_text, names)), f"num_classes names, each {MAX_TEXT} printable characters or less"),
-                 ("class_ids", type(ids) is list and all(_text(c) or _whole(c) for c in ids), "a list of names"),
+                  and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
+                 ("class_ids", type(ids) is list and all(_text(c) or _whole(c) for c in ids),
+                  "names"),
                  ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
                  ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
                  ("mean", type(self.mean) in (list, tuple) and len(self.mean) == 3
@@ -1240,10 +1245,11 @@ class ModelConfig:
                   and all(_number(v, 1e-3, 10) for v in self.std), "three numbers in [0.001, 10]"),
                  ("model_options", _flags(self.model_options), "a dict of flags"),
                  ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
-                 ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch or null")]
-        rules += [(name, _text(getattr(self, name)), "printable text") for name in ("dataset", "run_id")]
-        rules += [(name, getattr(self, name) is None or _number(getattr(self, name), 0, 1), "a fraction or null")
-                  for name in ("best_top1", "val_top1")]
+                 ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch")]
+        rules += [(name, _text(getattr(self, name)), "text") for name in ("dataset", "run_id")]
+        for name in ("best_top1", "val_top1"):
+            value = getattr(self, name)
+            rules.append((name, value is None or _number(value, 0, 1), "a fraction or null"))
         return _first_broken(self, rules)
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
@@ -1274,8 +1280,8 @@ def _atomic_write(path, write):
 
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None, cli_args=None,
                     scaler=None, position=None):
-    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and RNG
-    states as tensors; configs, history, flags, scaler state and position in the epoch as JSON metadata."""
+    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and
+    RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
     from safetensors.torch import save
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     for name, param in model.named_parameters() if optimizer is not None else ():
@@ -1285,56 +1291,67 @@ def save_checkpoint(path, model, optimizer, config, train_config=None, history=N
         tensors[f"position.{key}"] = position.pop(key, None)
     tensors["examples"] = examples["images"] if examples is not None else None
     metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
-                "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
-                "examples": list(examples["labels"]) if examples is not None else None,
-                "args": dict(cli_args or {}), "position": position, "torch_version": str(torch.__version__),
-                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+                "args": dict(cli_args or {}), "position": position,
+                "torch_version": torch.__version__}
+    if train_config is not None:
+        metadata["train_config"] = dataclasses.asdict(train_config)
+    if examples is not None:
+        metadata["examples"] = list(examples["labels"])
+    if scaler is not None and scaler.is_enabled():
+        metadata["scaler"] = scaler.state_dict()
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
     metadata = {key: json.dumps(value) for key, value in metadata.items()}
     data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
 def is_epoch_record(record):
-    return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6) and _number(record.get("val_top1"), 0, 1)
-            and all(_number(record[k], 0, 1) for k in ("val_top5", "train_top1") if k in record)
+    return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6)
+            and all(_number(record.get(k), 0, 1) for k in ("val_top1", "val_top5", "train_top1")
+                    if k in record or k == "val_top1")
             and all(_text(k) and (_plain(v) or type(v) is list and all(map(_number, v)))
                     for k, v in record.items()))
 
 def _is_position(value):  # the JSON part of a mid-epoch position; its RNG states are tensors
     sizes = ("world_size", "batch_size", "steps_per_epoch")  # optional: what the epoch's steps were
     sums = value.get("sums") if type(value) is dict else None
-    return (type(sums) is list and len(sums) == 5 and all(_number(s, 0, 1e15) for s in sums) and sums[3] >= 1
-            and set(value) <= {"epoch", "step", "sums", "seconds", *sizes}
+    return (type(sums) is list and len(sums) == 5 and all(_number(s, 0, 1e15) for s in sums)
+            and sums[3] >= 1 and set(value) <= {"epoch", "step", "sums", "seconds", *sizes}
             and _whole(value.get("epoch"), 0, 10**6) and _whole(value.get("step"), 1, 10**9)
-            and _number(value.get("seconds"), 0) and all(_whole(value[key], 1, 2**31) for key in sizes if key in value))
+            and _number(value.get("seconds"), 0)
+            and all(_whole(value[key], 1, 2**31) for key in sizes if key in value))
 
 _SCALER_RANGES = {"scale": (2**-64, 2**64), "growth_factor": (1, 1e3), "backoff_factor": (1e-3, 1),
                   "growth_interval": (1, 2**31), "_growth_tracker": (0, 2**31)}
 
-# What each metadata entry must be beyond JSON; config and train_config are checked by their dataclasses.
+# What each metadata entry must be beyond JSON; config and train_config check themselves.
 _SECTIONS = {
-    "history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "a list of per-epoch records"),
+    "history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "per-epoch records"),
     "args": (_flags, "a dict of flags"), "torch_version": (_text, "a version"),
-    "examples": (lambda v: type(v) is list and len(v) <= MAX_EXAMPLES and all(map(_whole, v)), "labels"),
+    "examples": (lambda v: type(v) is list and len(v) <= MAX_EXAMPLES and all(map(_whole, v)),
+                 "labels"),
     "scaler": (lambda v: type(v) is dict and set(v) == set(_SCALER_RANGES)
                and all(_number(v[k], *_SCALER_RANGES[k]) for k in v), "a GradScaler state"),
     "position": (_is_position, "an epoch, step, seconds and 5 metric sums")}
 
 def _open_checkpoint(path):
-    """path, if it is a file that starts as a safetensors file of a bounded header does; else CheckpointError."""
+    """path, if it is a file that starts as a safetensors file of a bounded header does."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, "
+                              f"e.g. {path / BEST_FILE}")
     if not path.is_file():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. {path / BEST_FILE}"
-                              if path.is_dir() else f"checkpoint {path} does not exist: train one with "
-                              f"`python googlenet.py` or pass the path of a {LAST_FILE} or {BEST_FILE} it wrote")
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with `python "
+                              f"googlenet.py` or pass the {LAST_FILE} or {BEST_FILE} it wrote")
     with open(path, "rb") as f:
         start = f.read(8)
-    if start.startswith(b"PK\x03\x04"):  # torch.save's zip archive: googlenet.py's format before safetensors
-        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py (a pickled .pt, "
-                              f"no longer read): train anew, or use the version that wrote it")
+    if start.startswith(b"PK\x03\x04"):  # torch.save's zip: the format before safetensors
+        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py "
+                              f"(a pickled .pt, no longer read): train anew, or use the version "
+                              f"that wrote it")
     if len(start) < 8 or int.from_bytes(start, "little") > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header under "
-                              f"{MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): pass a "
+        raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header "
+                              f"under {MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): "
+                              f"pass a "
                               f"{LAST_FILE} or {BEST_FILE} written by googlenet.py")
     return path
 
@@ -1344,14 +1361,15 @@ def _checked_metadata(path, metadata):
         raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
 
     if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker): "
-                              f"pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
+        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              f"marker): pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
     if "config" not in metadata:
         raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
     checkpoint = {"format": metadata.pop("format"), "train_config": None, "history": [], "args": {}}
     for key, text in metadata.items():
         if key not in ("config", "train_config", *_SECTIONS):
-            refuse(f"unknown entry {key!r:.60} (it holds config, train_config, {', '.join(_SECTIONS)})")
+            refuse(f"unknown entry {key!r:.60} (known: config, train_config, "
+                   f"{', '.join(_SECTIONS)})")
         try:
             checkpoint[key] = json.loads(text)
         except (ValueError, RecursionError) as e:
@@ -1365,12 +1383,13 @@ def _checked_metadata(path, metadata):
     for key, (ok, what) in _SECTIONS.items():
         if checkpoint.get(key) is not None and not ok(checkpoint[key]):
             refuse(f"{key!r} must be {what}")
-    if any(label >= checkpoint["config"]["num_classes"] for label in checkpoint.get("examples") or []):
+    labels = checkpoint.get("examples") or []
+    if any(label >= checkpoint["config"]["num_classes"] for label in labels):
         refuse("an example's label is not one of its classes")
     return checkpoint
 
 def _expected_tensors(path, checkpoint):
-    """(required, optional): name -> (dtype, shape) of each tensor the metadata calls for, from a net on meta."""
+    """(required, optional): name -> (dtype, shape) of the tensors the metadata calls for."""
     config, labels = checkpoint["config"], checkpoint.get("examples") or []
     try:
         with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
@@ -1382,44 +1401,52 @@ def _expected_tensors(path, checkpoint):
     required = {f"model.{k}": (names[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
     if labels:
-        required["examples"] = ("U8", [len(labels), 3, config["source_size"], config["source_size"]])
+        size = config["source_size"]
+        required["examples"] = ("U8", [len(labels), 3, size, size])
     if checkpoint.get("position") is not None:
         required["position.rng"] = ("U8", list(torch.get_rng_state().shape))
         optional["position.cuda_rng"] = ("U8", [16])  # CUDA's Philox generator: seed and offset
     return required, optional
 
 def load_checkpoint(path):
-    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing from the
-    file is used before it passed: metadata through the configs' checks, tensors' names, dtypes and shapes
-    exactly those of a reference net (built on meta), then the tensors read, copied and checked finite."""
+    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing
+    from the file is used before it passed: metadata through the configs' checks, tensors' names,
+    dtypes and shapes exactly a reference net's (built on meta); then read, copied, finite."""
     from safetensors import SafetensorError, safe_open
     path = _open_checkpoint(path)
     try:
-        with safe_open(path, "pt") as file:  # parses the tensors' table: dtypes, shapes, bytes inside the file
+        with safe_open(path, "pt") as file:  # parses the table: dtypes, shapes, byte ranges
             checkpoint = _checked_metadata(path, file.metadata() or {})
             required, optional = _expected_tensors(path, checkpoint)
             found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
                      for name in file.keys()}
+            expected = {**optional, **required}
             misfit = sorted(set(required) - set(found)) + sorted(
-                name for name, kind in found.items() if required.get(name, optional.get(name)) != kind)
+                name for name, kind in found.items() if expected.get(name) != kind)
             if misfit:
-                raise CheckpointError(f"{path}: its tensors do not fit its own config ({checkpoint['config']['arch']}"
-                                      f", {checkpoint['config']['num_classes']} classes): {misfit[0]!r:.80} "
+                config = checkpoint["config"]
+                raise CheckpointError(f"{path}: its tensors do not fit its own config "
+                                      f"({config['arch']}, {config['num_classes']} classes): "
+                                      f"{misfit[0]!r:.80} "
                                       f"and {len(misfit) - 1} more")
-            # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten in place.
+            # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
             tensors = {name: file.get_tensor(name).clone() for name in found}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
                               f"googlenet.py): {str(e)[:200]}") from None
-    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    bad = sorted(name for name, t in tensors.items()
+                 if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
         raise CheckpointError(f"{path}: {bad[0]} is NaN or infinite; use an earlier checkpoint")
-    checkpoint["model"] = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("model.")}
-    checkpoint["momentum"] = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("momentum.")}
+    for section in ("model", "momentum"):
+        prefix = section + "."
+        checkpoint[section] = {name[len(prefix):]: tensor for name, tensor in tensors.items()
+                               if name.startswith(prefix)}
     if checkpoint.get("examples"):
         checkpoint["examples"] = {"images": tensors["examples"], "labels": checkpoint["examples"]}
     if checkpoint.get("position") is not None:
-        checkpoint["position"].update(rng=tensors["position.rng"], cuda_rng=tensors.get("position.cuda_rng"))
+        checkpoint["position"]["rng"] = tensors["position.rng"]
+        checkpoint["position"]["cuda_rng"] = tensors.get("position.cuda_rng")
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
@@ -1511,8 +1538,8 @@ def build_parser():
 NOT_RESUMED = ("resume", "evaluate", "device", "num_cores", "checkpoint_dir", "download")  # this call's, not the run's
 
 def resumed_flags(parser, saved, path):
-    """The flags a checkpoint saved, each through the checks a typed one gets (type, choices, a switch's True or
-    False): a file sets nothing the command line could not."""
+    """The flags a checkpoint saved, each through the checks a typed one gets (type, choices, a
+    switch's True or False): a file sets nothing the command line could not."""
     flags = {}
     for action in parser._actions:
         if action.dest in NOT_RESUMED or action.dest not in saved:
@@ -1523,8 +1550,9 @@ def resumed_flags(parser, saved, path):
         except (argparse.ArgumentTypeError, ValueError):
             ok = False
         if not ok:
-            raise CheckpointError(f"{path}: its flag {action.option_strings[0]} = {value!r:.60} is not one the "
-                                  f"command line accepts; use a checkpoint written by googlenet.py")
+            raise CheckpointError(f"{path}: its flag {action.option_strings[0]} = {value!r:.60} "
+                                  f"is not one the command line accepts; use a checkpoint written "
+                                  f"by googlenet.py")
         flags[action.dest] = value
     return flags
 
@@ -1695,8 +1723,10 @@ def main(argv=None):
             print(e, file=sys.stderr)
         return e.exit_code
     except UserError as e:
-        if rank0:  # a DataLoader worker's error arrives wrapped in its traceback text: the last line is ours
-            line = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "Traceback" in str(e) else str(e)
+        if rank0:  # a DataLoader worker's error arrives wrapped in its traceback text
+            line = str(e)
+            if "Traceback" in line:  # a DataLoader worker's: the last line is ours
+                line = line.strip().splitlines()[-1].split(": ", 1)[-1]
             print(f"error: {printable(line)}", file=sys.stderr, flush=True)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
