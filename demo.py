@@ -335,8 +335,7 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="*", type=Path,
                         help="image files to classify on the command line (no web app)")
     parser.add_argument("--checkpoint", type=Path,
-                        help=f"checkpoint to serve (default: the newest runs/**/"
-                             f"{googlenet.BEST_FILE})")
+                        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
     parser.add_argument("--examples", type=Path, default=None,
                         help="folder of example images to offer (default: those stored in the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
