@@ -132,7 +132,7 @@ def epoch_record(line: bytes) -> dict | None:
 
 class MetricsTail:
     """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
-    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS good records. A shorter file
+    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS records. A shorter file
     (a resumed run rewrote it) is read again from its end."""
 
     def __init__(self, path):
