@@ -848,7 +848,7 @@ def test_metrics_jsonl_and_checkpoint_contents(tmp_path, capsys):
     cfg = ckpt["config"]
     assert cfg["arch"] == "tiny" and cfg["num_classes"] == 10 and cfg["epoch"] == 2
     assert cfg["image_size"] == 32 and len(cfg["mean"]) == 3 and len(cfg["class_names"]) == 10
-    assert {"model", "optimizer", "train_config", "history", "args"} <= set(ckpt)
+    assert {"model", "momentum", "train_config", "history", "args"} <= set(ckpt)
     assert ckpt["history"] == records
     assert (tmp_path / "best.safetensors").is_file()
     assert "epoch 2/2" in out and "device: cpu" in out and "precision" in out
