@@ -4,8 +4,8 @@
   python googlenet.py --dataset tiny --device xla                        # TPU (all cores)
   torchrun --standalone --nproc_per_node 8 googlenet.py --dataset tiny   # 8 GPUs, DDP
   python googlenet.py --dataset folder --data-dir my_photos             # DIR/train/<class>/*, DIR/val/<class>/*
-  python googlenet.py --resume runs/tiny/last.pt                          # continue a run
-  python googlenet.py --evaluate --resume runs/tiny/best.pt               # only evaluate
+  python googlenet.py --resume runs/tiny/last.safetensors                    # continue a run
+  python googlenet.py --evaluate --resume runs/tiny/best.safetensors         # only evaluate
 
 From Python: load_dataset, build_model, make_loaders, train, load_for_inference (README has an example).
 """
@@ -815,7 +815,7 @@ class TrainConfig:
     tta: bool = False                 # validation: mean logits of each image and its mirror
     seed: int = 0
     log_interval: int = 50            # steps between progress lines, and every ~30 s (0: epoch lines only)
-    save_every: float = 0.0           # minutes between mid-epoch saves of last.pt (0: epoch ends only)
+    save_every: float = 0.0           # minutes between mid-epoch saves of last (0: epoch ends only)
 
     def check(self):
         """self, if every field has its type and range (typed flags and a checkpoint's alike)."""
@@ -1041,13 +1041,13 @@ def evaluate(model, loader, device, model_config, precision="fp32", tta=False):
     count = max(count, 1)
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
 
-def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.pt:3 kills right after epoch 3's
+def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.safetensors:3 kills after epoch 3's
     if os.environ.get("GOOGLENET_KILL_AFTER") == f"{written}:{epoch + 1}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None, resume=None,
           examples=None, cli_args=None, log=print):
-    """Train to config.epochs, validating each; returns the history. checkpoint_dir: last.pt, best.pt, metrics.jsonl;
+    """Train to config.epochs, validating each; returns the history. checkpoint_dir: CHECKPOINT_FILES;
     resume: a load_checkpoint result (its weights already in model). SIGTERM / Ctrl-C: saves, raises Stopped."""
     config.check()
     device, run_start = device or make_device(resolve_device_kind("auto")), time.perf_counter()
@@ -1081,7 +1081,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         for stale in [p for name in CHECKPOINT_FILES for p in out_dir.glob(f".{name}.*.tmp")]:
             stale.unlink()  # the temporary of a save that a kill interrupted
             log(f"removed {stale.name}, the temporary file of an interrupted save, in {out_dir}")
-        if history:  # a kill after last.pt but before metrics.jsonl: rewrite it from the checkpoint
+        if history:  # a kill after last but before metrics.jsonl: rewrite it from the checkpoint
             write_metrics(out_dir / "metrics.jsonl", history)
     best = max(history, key=lambda h: h["val_top1"], default=None)
     if start_epoch >= config.epochs:
@@ -1091,7 +1091,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         model_config.best_top1, model_config.best_epoch = (best["val_top1"], best["epoch"]) if best else (None, None)
         save_checkpoint(path, model, optimizer, model_config, config, history, examples, cli_args, scaler, **extra)
 
-    def save_position(where, stop):  # mid-epoch: last.pt with the position; history and best.pt as they are
+    def save_position(where, stop):  # mid-epoch: last with the position; history and best as they are
         if out_dir is not None:
             model_config.epoch = epoch
             save(out_dir / LAST_FILE, position={"epoch": epoch, **where})
@@ -1099,7 +1099,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                 log(f"saved the position (epoch {epoch + 1} step {where['step']}) in {out_dir / LAST_FILE}")
         if stop:
             if device.distributed == "ddp":
-                torch.distributed.barrier()  # the others wait until rank 0 has written last.pt
+                torch.distributed.barrier()  # the others wait until rank 0 has written last
             signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
             raise Stopped(f"stopped by {signal.Signals(signum).name} after step {where['step']} of epoch {epoch + 1}"
                           + (f": saved in {out_dir / LAST_FILE}; continue with --resume" if out_dir else ""), signum)
@@ -1530,8 +1530,8 @@ def build_parser():
     add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto = CUDA, else XLA, else CPU")
     add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
     add("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over all processes")
-    add("--checkpoint-dir", help="for last.pt, best.pt, metrics.jsonl (default: runs/<dataset>, or --resume's folder)")
-    add("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: <checkpoint-dir>/last.pt)")
+    add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl (default: runs/<dataset>, or --resume's folder)")
+    add("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: <checkpoint-dir>/last.safetensors)")
     add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     return p
 
@@ -1630,7 +1630,7 @@ def run(args, checkpoint=None):
     if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
         log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
             f"(> {checkpoint['config']['epoch']}) to train longer")
-        if device.is_master and checkpoint.get("history"):  # a kill after last.pt, before metrics.jsonl
+        if device.is_master and checkpoint.get("history"):  # a kill after last, before metrics.jsonl
             write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint.get("history") or []
     if args.sync_bn and device.kind != "cuda":
