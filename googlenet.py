@@ -1450,8 +1450,7 @@ def load_checkpoint(path):
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in checkpoint["config"].items() if k in fields})
+    config = ModelConfig(**checkpoint["config"])  # checked when read: exactly its fields
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     model = build_model(config.arch, config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
