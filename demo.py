@@ -1,8 +1,8 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
-    python demo.py --checkpoint runs/tiny/best.pt          # web app on 127.0.0.1:7860
-    python demo.py                                         # newest runs/**/best.pt
-    python demo.py --checkpoint runs/tiny/best.pt a.jpg b.png   # no browser: print top-5
+    python demo.py --checkpoint runs/tiny/best.safetensors          # web app on 127.0.0.1:7860
+    python demo.py                                                  # newest runs/**/best.*
+    python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
 
 Everything about the model (architecture, classes, input size, normalisation) comes from the
 checkpoint via ``googlenet.load_checkpoint`` (weights and plain metadata only, checked); nothing
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import json
+import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,9 +41,12 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
 REFRESH_SECONDS = 10
+MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
+MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
+MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
 RUNS_DIR = Path("runs")
 TRAIN_HINT = ("train one with `python googlenet.py --dataset tiny --data-dir data --download` "
-              "(it writes runs/tiny/best.pt) or pass --checkpoint PATH")
+              f"(it writes runs/tiny/{googlenet.BEST_FILE}) or pass --checkpoint PATH")
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
 
 
@@ -62,7 +68,8 @@ def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal text in gr.Markdown."""
     # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and $$ LaTeX,
     # so html.escape is not enough: escape every ASCII punctuation mark, and fold whitespace so no block opens.
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).split()))
+    # Characters that are not printable (escapes, lone surrogates) become visible \x.. escapes.
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
 
 
 def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
@@ -111,18 +118,67 @@ def example_images(checkpoint: dict | None = None, examples_dir=None, limit: int
     return paths
 
 
-def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
-    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains), else
-    the checkpoint's history; anything ``googlenet.is_epoch_record`` rejects is skipped."""
-    records = []
-    metrics = Path(checkpoint_path).parent / "metrics.jsonl" if checkpoint_path is not None else None
-    if metrics is not None and metrics.is_file():
-        for line in metrics.read_text(errors="replace").splitlines():
+def epoch_record(line: bytes) -> dict | None:
+    """One metrics.jsonl line as a record, or None: too long, not JSON, or not what
+    ``googlenet.is_epoch_record`` accepts (huge or non-finite numbers, odd strings)."""
+    if len(line) > MAX_ROW_BYTES:
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # a torn or hostile line: skip it, keep the rest
+        return None
+    return record if googlenet.is_epoch_record(record) else None
+
+
+class MetricsTail:
+    """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
+    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS records. A shorter file
+    (a resumed run rewrote it) is read again from its end."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.offset = 0  # where the next read starts: the end of the last whole line read
+        self.rows = collections.deque(maxlen=MAX_METRICS_ROWS)
+        self.lock = threading.Lock()
+
+    def read(self) -> list[dict]:
+        with self.lock:
             try:
-                records.append(json.loads(line))
-            except (ValueError, RecursionError):  # a torn or hostile line: skip it, keep the rest
-                continue
-    records = [r for r in records if googlenet.is_epoch_record(r)]
+                self._read_new_lines()
+            except OSError:  # no file (yet), or it is being replaced: the rows read so far
+                pass
+            return list(self.rows)
+
+    def _read_new_lines(self):
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self.offset:
+                self.rows.clear()
+                self.offset = 0
+            start = max(self.offset, size - MAX_READ_BYTES)
+            f.seek(start)
+            data = f.read(size - start)
+        first = 0
+        if start > self.offset:  # skipped ahead: the first line is cut
+            first = data.find(b"\n") + 1
+        end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits for its end
+        if end == 0 and len(data) == MAX_READ_BYTES:  # no line end in a whole window: skip it
+            end = len(data)
+        self.offset = start + end
+        for line in data[first:end].split(b"\n"):
+            record = epoch_record(line)
+            if record is not None:
+                self.rows.append(record)
+
+
+def read_history(checkpoint_path, checkpoint: dict | None = None,
+                 tail: MetricsTail | None = None) -> list[dict]:
+    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains;
+    `tail` keeps what was read), else the checkpoint's history."""
+    records = []
+    if checkpoint_path is not None:
+        tail = tail or MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
+        records = tail.read()
     return records or [h for h in (checkpoint or {}).get("history") or [] if googlenet.is_epoch_record(h)]
 
 
@@ -188,6 +244,13 @@ def classify_uploads(payloads, model, config):
     return labels, messages
 
 
+def batch_size(config) -> int:
+    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a burst's
+    memory does not grow with the input size a checkpoint sets (16 at 1024x1024 took 8.9 GB)."""
+    side = max(config.source_size, config.image_size)
+    return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
+
+
 def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5 label, message) out) and a "Training" tab of the run's curves."""
@@ -201,9 +264,16 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     def classify(images):  # batched: one upload per queued request
         return inference_thread.submit(classify_uploads, images, model, config).result()
 
+    tail = None
+    if checkpoint_path is not None:
+        tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
+
     def training_view():
-        history = read_history(checkpoint_path, checkpoint)
+        history = read_history(checkpoint_path, checkpoint, tail)
         return describe_run(history, checkpoint), *curves(history)
+
+    def open_training():  # refreshes run only while the Training tab is open
+        return gr.Timer(active=True), *training_view()
 
     top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
     # No local paths on the page: a --share link would publish them.
@@ -214,7 +284,7 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     # delete_cache: uploads leave Gradio's temp folder after an hour instead of piling up.
     with gr.Blocks(title="GoogLeNet demo", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown("## What does this GoogLeNet see?\n" + header)
-        with gr.Tab("Classify"):
+        with gr.Tab("Classify") as classify_tab:
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(label="Image", type="filepath",
@@ -223,18 +293,22 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
             if examples:
                 gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
-        with gr.Tab("Training", elem_id="training-tab"):
+        with gr.Tab("Training", elem_id="training-tab") as training_tab:
             summary = gr.Markdown(elem_id="run-summary")
             with gr.Row():
                 plots = [gr.LinePlot(x="epoch", y="value", color="series", title=title, elem_id=f"{name}-plot")
                          for name, title in [("loss", "Loss"), ("accuracy", "Validation accuracy"),
                                              ("lr", "Learning rate (epoch start)")]]
         outputs = [summary, *plots]
-        demo.load(training_view, outputs=outputs, api_visibility="private", queue=False)
-        gr.Timer(REFRESH_SECONDS).tick(training_view, outputs=outputs, api_visibility="private", queue=False)
+        timer = gr.Timer(REFRESH_SECONDS, active=False)
+        # Only visitors who open the Training tab read metrics.jsonl, one at a time, new bytes only.
+        queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
+        training_tab.select(open_training, outputs=[timer, *outputs], **queued)
+        classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
+        timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
         # change (not upload), so that picking an example or clearing the image updates the prediction too.
         image.change(classify, inputs=image, outputs=[label, message], api_name="predict",
-                     preprocess=False, batch=True, max_batch_size=MAX_BATCH_SIZE,
+                     preprocess=False, batch=True, max_batch_size=batch_size(config),
                      concurrency_limit=1, trigger_mode="always_last")
     return demo.queue(max_size=MAX_QUEUE_SIZE)
 
@@ -261,7 +335,7 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="*", type=Path,
                         help="image files to classify on the command line (no web app)")
     parser.add_argument("--checkpoint", type=Path,
-                        help="checkpoint to serve (default: the newest runs/**/best.pt)")
+                        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
     parser.add_argument("--examples", type=Path, default=None,
                         help="folder of example images to offer (default: those stored in the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -273,16 +347,17 @@ def main(argv=None) -> int:
             raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
         checkpoint_path = args.checkpoint
         if checkpoint_path is None:
-            found = [p for p in RUNS_DIR.rglob("best.pt") if p.is_file()]
+            found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
             if not found:
-                raise googlenet.UserError(f"no --checkpoint given and no best.pt under {RUNS_DIR}/: {TRAIN_HINT}")
+                raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under "
+                                          f"{RUNS_DIR}/: {TRAIN_HINT}")
             checkpoint_path = max(found, key=lambda p: p.stat().st_mtime)
             print(f"Using the newest checkpoint under {RUNS_DIR}/: {checkpoint_path}", file=sys.stderr)
         checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights and metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
         model = model.to(default_device()).eval()
     except googlenet.UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
 
     if args.images:  # no web app: the top-5 per image; an unreadable one gets one line on stderr
@@ -291,7 +366,7 @@ def main(argv=None) -> int:
             try:
                 result = predict(path, model, config)
             except googlenet.UserError as err:
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {googlenet.printable(err)}", file=sys.stderr)
                 status = 2
                 continue
             print(path)

@@ -4,8 +4,8 @@
   python googlenet.py --dataset tiny --device xla                        # TPU (all cores)
   torchrun --standalone --nproc_per_node 8 googlenet.py --dataset tiny   # 8 GPUs, DDP
   python googlenet.py --dataset folder --data-dir my_photos             # DIR/train/<class>/*, DIR/val/<class>/*
-  python googlenet.py --resume runs/tiny/last.pt                          # continue a run
-  python googlenet.py --evaluate --resume runs/tiny/best.pt               # only evaluate
+  python googlenet.py --resume runs/tiny/last.safetensors                    # continue a run
+  python googlenet.py --evaluate --resume runs/tiny/best.safetensors         # only evaluate
 
 From Python: load_dataset, build_model, make_loaders, train, load_for_inference (README has an example).
 """
@@ -830,21 +830,28 @@ class TrainConfig:
     tta: bool = False                 # validation: mean logits of each image and its mirror
     seed: int = 0
     log_interval: int = 50            # steps between progress lines, and every ~30 s (0: epoch lines only)
-    save_every: float = 0.0           # minutes between mid-epoch saves of last.pt (0: epoch ends only)
+    save_every: float = 0.0           # minutes between mid-epoch saves of last (0: epoch ends only)
 
     def check(self):
-        rules = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-                 ("lr", self.lr > 0, "above 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                 ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+        """self, if every field has its type and range (typed flags and a checkpoint's alike)."""
+        rules = [("epochs", _whole(self.epochs, 1, 10**6), "1-1000000"),
+                 ("batch_size", _whole(self.batch_size, 1, 2**20), "1-1048576"),
+                 ("lr", _number(self.lr) and self.lr > 0, "above 0"),
+                 ("momentum", _number(self.momentum, 0, 0.999999), "in [0, 1)"),
+                 ("label_smoothing", _number(self.label_smoothing, 0, 0.999999),
+                  "in [0, 1)"),
                  ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
                  ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-                 ("crop", self.crop in ("pad", "resized"), "pad or resized")]
-        rules += [(name, getattr(self, name) >= 0, "0 or more")
-                  for name in ("warmup_epochs", "weight_decay", "aux_weight", "log_interval", "save_every")]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        return self
+                 ("crop", self.crop in ("pad", "resized"), "pad or resized"),
+                 ("channels_last", self.channels_last in (None, True, False), "on, off or None"),
+                 ("compile", type(self.compile) is bool or _text(self.compile), "a backend"),
+                 ("seed", _whole(self.seed, 0, 2**32 - 1), "a whole number 0-4294967295"),
+                 ("log_interval", _whole(self.log_interval, 0, 2**31), "a whole number, 0 or more")]
+        rules += [(name, type(getattr(self, name)) is bool, "on or off")
+                  for name in ("nesterov", "tta")]
+        rules += [(name, _number(getattr(self, name), 0), "0 or more")
+                  for name in ("warmup_epochs", "weight_decay", "aux_weight", "save_every")]
+        return _first_broken(self, rules)
 
 def peak_lr(config, world_size=1):
     return config.lr * config.batch_size * world_size / 256
@@ -872,6 +879,14 @@ def make_optimizer(model, config, device_kind="cpu"):
     for p in model.parameters() if config.momentum and device_kind == "xla" else ():
         optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)
     return optimizer
+
+def load_momentum(optimizer, model, momentum):
+    """Saved momentum buffers (by parameter name) into an optimizer made from this run's settings:
+    a file sets no optimizer flag (fused, foreach, maximize). Each in its parameter's layout."""
+    for name, param in model.named_parameters():
+        if name in momentum:
+            buffer = torch.empty_like(param)
+            optimizer.state[param]["momentum_buffer"] = buffer.copy_(momentum[name])
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
@@ -1166,20 +1181,6 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     count = max(count, 1)
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
 
-def load_optimizer_state(optimizer, state, config):
-    """A checkpoint's optimizer state under today's recipe and this device's kernels: another
-    device's fused / foreach flags fail at step 1 (fused on XLA; foreach under CUDA's fp16 scaler,
-    which hands its scale to an optimizer made fused)."""
-    kernels = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer "
-                              f"({e}): it was written by another version of googlenet.py") from None
-    nesterov = config.nesterov and config.momentum > 0
-    for group, decay, kernel in zip(optimizer.param_groups, (config.weight_decay, 0.0), kernels):
-        group.update(momentum=config.momentum, nesterov=nesterov, weight_decay=decay, **kernel)
-
 def resumed_position(resume, device, config, steps_per_epoch, log):
     """The checkpoint's mid-epoch position, if in the epoch resumed and from a run of this shape."""
     position = resume.get("position")
@@ -1219,13 +1220,13 @@ def resume_point(checkpoint):
         return f"after step {position['step']} of epoch {done + 1}"
     return f"after epoch {done}"
 
-def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.pt:3 kills right after epoch 3's
+def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.safetensors:3 kills after epoch 3's
     if os.environ.get("GOOGLENET_KILL_AFTER") == f"{written}:{epoch + 1}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None, resume=None,
           examples=None, cli_args=None, log=print):
-    """Train to config.epochs, validating each; returns the history. checkpoint_dir: last.pt, best.pt, metrics.jsonl;
+    """Train to config.epochs, validating each; returns the history. checkpoint_dir: CHECKPOINT_FILES;
     resume: a load_checkpoint result (its weights already in model). SIGTERM / Ctrl-C: saves, raises Stopped."""
     config.check()
     device, run_start = device or make_device(resolve_device_kind("auto")), time.perf_counter()
@@ -1242,7 +1243,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
     start_epoch, history, position = 0, [], None
     if resume is not None:
-        load_optimizer_state(optimizer, resume["optimizer"], config)
+        load_momentum(optimizer, model, resume["momentum"])
         if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on where it was
             scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["config"]["epoch"]
@@ -1255,7 +1256,7 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         for stale in [p for name in CHECKPOINT_FILES for p in out_dir.glob(f".{name}.*.tmp")]:
             stale.unlink()  # the temporary of a save that a kill interrupted
             log(f"removed {stale.name}, the temporary file of an interrupted save, in {out_dir}")
-        if history:  # a kill after last.pt but before metrics.jsonl: rewrite it from the checkpoint
+        if history:  # a kill after last but before metrics.jsonl: rewrite it from the checkpoint
             write_metrics(out_dir / "metrics.jsonl", history)
     best = max(history, key=lambda h: h["val_top1"], default=None)
     if start_epoch >= config.epochs:
@@ -1265,18 +1266,18 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         model_config.best_top1, model_config.best_epoch = (best["val_top1"], best["epoch"]) if best else (None, None)
         save_checkpoint(path, model, optimizer, model_config, config, history, examples, cli_args, scaler, **extra)
 
-    def save_position(where, stop):  # mid-epoch: last.pt with the position; history and best.pt as they are
+    def save_position(where, stop):  # mid-epoch: last with the position; history and best as they are
         if out_dir is not None:
             model_config.epoch = epoch
-            save(out_dir / "last.pt", position={"epoch": epoch, **where})
+            save(out_dir / LAST_FILE, position={"epoch": epoch, **where})
             if not stop:
-                log(f"saved the position (epoch {epoch + 1} step {where['step']}) in {out_dir / 'last.pt'}")
+                log(f"saved the position (epoch {epoch + 1} step {where['step']}) in {out_dir / LAST_FILE}")
         if stop:
             if device.distributed == "ddp":
-                torch.distributed.barrier()  # the others wait until rank 0 has written last.pt
+                torch.distributed.barrier()  # the others wait until rank 0 has written last
             signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
             raise Stopped(f"stopped by {signal.Signals(signum).name} after step {where['step']} of epoch {epoch + 1}"
-                          + (f": saved in {out_dir / 'last.pt'}; continue with --resume" if out_dir else ""), signum)
+                          + (f": saved in {out_dir / LAST_FILE}; continue with --resume" if out_dir else ""), signum)
 
     with _graceful_stop():
         for epoch in range(start_epoch, config.epochs):
@@ -1322,19 +1323,19 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                 f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
             if out_dir is not None:
                 model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
-                if improved:  # best.pt first: a crash between the two writes never loses the best epoch
-                    save(out_dir / "best.pt")
-                    _crash_point("best.pt", epoch)
-                    _atomic_write(out_dir / "last.pt", lambda f: f.write((out_dir / "best.pt").read_bytes()))
+                if improved:  # best first: a crash between the two writes never loses the best epoch
+                    save(out_dir / BEST_FILE)
+                    _crash_point(BEST_FILE, epoch)
+                    _atomic_write(out_dir / LAST_FILE, lambda f: f.write((out_dir / BEST_FILE).read_bytes()))
                 else:
-                    save(out_dir / "last.pt")
-                _crash_point("last.pt", epoch)
+                    save(out_dir / LAST_FILE)
+                _crash_point(LAST_FILE, epoch)
                 write_metrics(out_dir / "metrics.jsonl", history)  # last, whole (and again at the next start)
                 _crash_point("metrics.jsonl", epoch)
     if history and device.is_master:
         log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 {best['val_top1']:.4f} "
             f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
-            + (f"; {out_dir / 'last.pt'}, {out_dir / 'best.pt'}, {out_dir / 'metrics.jsonl'}" if out_dir else ""))
+            + (f"; {', '.join(str(out_dir / name) for name in CHECKPOINT_FILES)}" if out_dir else ""))
     return history
 
 def _lr_span(first, last):  # the rates the epoch's first and last steps used
@@ -1354,13 +1355,41 @@ def predict_proba(model, config, images):
 # Checkpoint: atomic writes, self-describing files, and a whole check of every file read
 # ---------------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "googlenet-checkpoint-v1"
-CHECKPOINT_FILES = ("last.pt", "best.pt", "metrics.jsonl")
-CHECKPOINT_KEYS = ("format", "config", "model", "optimizer", "train_config", "history", "examples", "args",
-                   "torch_version", "scaler", "position")
+CHECKPOINT_FORMAT = "googlenet-checkpoint-v2"  # v1 was torch.save's pickle (.pt): no longer read
+LAST_FILE = "last.safetensors"
+BEST_FILE = "best.safetensors"
+CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
 MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
-MAX_METADATA_BYTES = 16 * 2**20  # a checkpoint's pickle (everything but tensors): bounds unpickling memory
+MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata)
 MAX_EXAMPLES = 16
+MAX_NUMBER = 1e30  # any number a checkpoint holds: sums, products of a few stay finite
+MAX_TEXT = 1000  # characters in any string a checkpoint holds
+
+def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
+    # Compared, never converted: float() of a 400-digit int overflows; NaN fails both comparisons.
+    return type(value) in (int, float) and low <= value <= high
+
+def _whole(value, low=0, high=2**53):
+    return type(value) is int and low <= value <= high
+
+def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
+    return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
+
+def _plain(value):
+    return value is None or type(value) is bool or _number(value) or _text(value)
+
+def _flags(value):
+    return type(value) is dict and all(_text(key) and _plain(v) for key, v in value.items())
+
+def _first_broken(settings, rules):  # rules: (field, whether it is right, what it must be)
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {getattr(settings, name)!r:.60}")
+    return settings
+
+def printable(text):
+    """text with each character a terminal acts on (controls, surrogates) as a \\x.. escape."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 @dataclass
 class ModelConfig:
@@ -1380,6 +1409,30 @@ class ModelConfig:
     best_epoch: int | None = None
     val_top1: float | None = None
     run_id: str = ""
+
+    def check(self):
+        """self, if every field has its type and range; else ValueError naming the first."""
+        names, ids, sizes = self.class_names, self.class_ids, f"a whole number 8-{MAX_IMAGE_SIZE}"
+        rules = [("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
+                 ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
+                 ("class_names", type(names) is list and len(names) == self.num_classes
+                  and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
+                 ("class_ids", type(ids) is list and all(_text(c) or _whole(c) for c in ids),
+                  "names"),
+                 ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
+                 ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
+                 ("mean", type(self.mean) in (list, tuple) and len(self.mean) == 3
+                  and all(_number(v, -10, 10) for v in self.mean), "three numbers in [-10, 10]"),
+                 ("std", type(self.std) in (list, tuple) and len(self.std) == 3
+                  and all(_number(v, 1e-3, 10) for v in self.std), "three numbers in [0.001, 10]"),
+                 ("model_options", _flags(self.model_options), "a dict of flags"),
+                 ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
+                 ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch")]
+        rules += [(name, _text(getattr(self, name)), "text") for name in ("dataset", "run_id")]
+        for name in ("best_top1", "val_top1"):
+            value = getattr(self, name)
+            rules.append((name, value is None or _number(value, 0, 1), "a fraction or null"))
+        return _first_broken(self, rules)
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
     return ModelConfig(arch, len(info.class_names), list(info.class_names), image_size or info.source_size,
@@ -1407,182 +1460,181 @@ def _atomic_write(path, write):
                             f"another --checkpoint-dir; the files already there are intact") from None
         raise
 
-def _to_cpu(obj, copy=False):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone() if copy else obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v, copy) for k, v in obj.items()}
-    return type(obj)(_to_cpu(v, copy) for v in obj) if isinstance(obj, (list, tuple)) else obj
-
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None, cli_args=None,
                     scaler=None, position=None):
-    """An atomic, self-describing checkpoint of tensors and plain values only (it loads with weights_only=True)."""
-    checkpoint = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config),
-                  "model": _to_cpu(model.state_dict()),
-                  "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
-                  "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
-                  "history": list(history or []), "examples": _to_cpu(examples), "args": dict(cli_args or {}),
-                  "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                  "position": position, "torch_version": str(torch.__version__)}
-    _atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-def _number(v, low=-math.inf, high=math.inf):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
-
-def _whole(v, low, high=math.inf):
-    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-def _plain(v):
-    return v is None or isinstance(v, (str, bool)) or _number(v)
-
-def _flags(v):
-    return isinstance(v, dict) and all(isinstance(k, str) and _plain(x) for k, x in v.items())
-
-def _rng_state(v):
-    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.numel() <= 2**16
-
-
-# Every config field: (check, what it must be). The first seven are required.
-_CONFIG_RULES = {
-    "arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
-    "num_classes": (lambda v: _whole(v, 2, 100_000), "a whole number 2-100000"),
-    "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
-    "image_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
-    "source_size": (lambda v: _whole(v, 8, MAX_IMAGE_SIZE), f"a whole number 8-{MAX_IMAGE_SIZE}"),
-    "mean": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(_number, v)), "three finite numbers"),
-    "std": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_number(x) and x > 0 for x in v),
-            "three finite numbers above 0"),
-    "dataset": (lambda v: isinstance(v, str), "a string"), "run_id": (lambda v: isinstance(v, str), "a string"),
-    "model_options": (_flags, "a dict of flags"),
-    "class_ids": (lambda v: isinstance(v, list) and all(isinstance(c, (str, int)) for c in v), "a list of strings"),
-    "epoch": (lambda v: _whole(v, 0), "a whole number"),
-    "best_epoch": (lambda v: v is None or _whole(v, 0), "a whole number or null"),
-    "best_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
-    "val_top1": (lambda v: v is None or _number(v, 0, 1), "a fraction in [0, 1] or null"),
-}
+    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and
+    RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
+    from safetensors.torch import save
+    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    for name, param in model.named_parameters() if optimizer is not None else ():
+        tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
+    position = dict(position) if position is not None else None
+    for key in ("rng", "cuda_rng") if position is not None else ():
+        tensors[f"position.{key}"] = position.pop(key, None)
+    tensors["examples"] = examples["images"] if examples is not None else None
+    metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
+                "args": dict(cli_args or {}), "position": position,
+                "torch_version": torch.__version__}
+    if train_config is not None:
+        metadata["train_config"] = dataclasses.asdict(train_config)
+    if examples is not None:
+        metadata["examples"] = list(examples["labels"])
+    if scaler is not None and scaler.is_enabled():
+        metadata["scaler"] = scaler.state_dict()
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
+    metadata = {key: json.dumps(value) for key, value in metadata.items()}
+    data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
+    _atomic_write(path, lambda f: f.write(data))
 
 def is_epoch_record(record):
-    return (isinstance(record, dict) and _whole(record.get("epoch"), 1) and _number(record.get("val_top1"), 0, 1)
-            and all(_number(record[k], 0, 1) for k in ("val_top5", "train_top1") if k in record)
-            and all(isinstance(k, str) and (_plain(v) or isinstance(v, list) and all(map(_number, v)))
+    return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6)
+            and all(_number(record.get(k), 0, 1) for k in ("val_top1", "val_top5", "train_top1")
+                    if k in record or k == "val_top1")
+            and all(_text(k) and (_plain(v) or type(v) is list and all(map(_number, v)))
                     for k, v in record.items()))
 
-def check_checkpoint(path, checkpoint):
-    """Every entry checked before use: known keys, config types and ranges, metadata, weights that fit the config
-    exactly and are finite, tensor bytes bounded by that net's. CheckpointError, one line."""
+def _is_position(value):  # the JSON part of a mid-epoch position; its RNG states are tensors
+    keys = {"epoch", "step", "sums", "seconds", "world_size", "batch_size", "steps_per_epoch"}
+    if type(value) is not dict or set(value) != keys:
+        return False
+    sums = value["sums"]
+    return (type(sums) is list and len(sums) == 5 and all(_number(s, 0, 1e15) for s in sums)
+            and sums[3] >= 1 and _whole(value["epoch"], 0, 10**6)
+            and all(_whole(value[key], 1, 2**31) for key in run_shape(0, 0, 0))
+            and _whole(value["step"], 1, value["steps_per_epoch"] - 1)
+            and _number(value["seconds"], 0))
+
+_SCALER_RANGES = {"scale": (2**-64, 2**64), "growth_factor": (1, 1e3), "backoff_factor": (1e-3, 1),
+                  "growth_interval": (1, 2**31), "_growth_tracker": (0, 2**31)}
+
+# What each metadata entry must be beyond JSON; config and train_config check themselves.
+_SECTIONS = {
+    "history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "per-epoch records"),
+    "args": (_flags, "a dict of flags"), "torch_version": (_text, "a version"),
+    "examples": (lambda v: type(v) is list and len(v) <= MAX_EXAMPLES and all(map(_whole, v)),
+                 "labels"),
+    "scaler": (lambda v: type(v) is dict and set(v) == set(_SCALER_RANGES)
+               and all(_number(v[k], *_SCALER_RANGES[k]) for k in v), "a GradScaler state"),
+    "position": (_is_position, "an epoch, a step inside it, seconds, 5 metric sums and the run's shape")}
+
+def _open_checkpoint(path):
+    """path, if it is a file that starts as a safetensors file of a bounded header does."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, "
+                              f"e.g. {path / BEST_FILE}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with `python "
+                              f"googlenet.py` or pass the {LAST_FILE} or {BEST_FILE} it wrote")
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if start.startswith(b"PK\x03\x04"):  # torch.save's zip: the format before safetensors
+        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py "
+                              f"(a pickled .pt, no longer read): train anew, or use the version "
+                              f"that wrote it")
+    if len(start) < 8 or int.from_bytes(start, "little") > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header "
+                              f"under {MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): "
+                              f"pass a "
+                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py")
+    return path
+
+def _checked_metadata(path, metadata):
+    """The metadata's JSON entries parsed and checked, the configs by their own dataclasses."""
     def refuse(problem):
         raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
 
-    unknown = sorted(map(str, set(checkpoint) - set(CHECKPOINT_KEYS)))
-    if unknown:
-        refuse(f"unknown entry {unknown[0]!r} (a checkpoint holds {', '.join(CHECKPOINT_KEYS)})")
-    config = checkpoint.get("config")
-    if not isinstance(config, dict):
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              f"marker): pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
+    if "config" not in metadata:
         raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    for index, (key, (ok, what)) in enumerate(_CONFIG_RULES.items()):
-        if (index < 7 or key in config) and not ok(config.get(key)):
-            refuse(f"config field {key!r} must be {what}, not {config.get(key)!r:.60}")
-    odd = sorted(str(k) for k, v in config.items() if k not in _CONFIG_RULES and not _plain(v))
-    if odd:  # unknown plain fields are ignored; anything bigger (a tensor, a list) is refused
-        refuse(f"unknown config field {odd[0]!r} holds more than a plain value")
-    if len(config["class_names"]) != config["num_classes"]:
-        refuse(f"{config['num_classes']} classes but {len(config['class_names'])} class names")
-    size, classes = config["source_size"], config["num_classes"]
-    sections = {
-        "history": (lambda v: isinstance(v, list) and all(map(is_epoch_record, v)), "a list of per-epoch records"),
-        "args": (_flags, "a dict of flags"), "train_config": (_flags, "a dict of settings"),
-        "torch_version": (lambda v: isinstance(v, str), "a string"),
-        "scaler": (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "a GradScaler state"),
-        "position": (lambda v: isinstance(v, dict) and _whole(v.get("epoch"), 0, 10**6)
-                     and _whole(v.get("step"), 1, 10**9)
-                     and isinstance(v.get("sums"), list) and len(v["sums"]) == 5 and all(map(_number, v["sums"]))
-                     and _number(v.get("seconds"), 0) and _rng_state(v.get("rng"))
-                     and (v.get("cuda_rng") is None or _rng_state(v["cuda_rng"])),
-                     "an epoch, step, metric sums and RNG state"),
-        "examples": (lambda v: isinstance(v, dict) and set(v) == {"images", "labels"}
-                     and isinstance(v["images"], torch.Tensor) and v["images"].dtype == torch.uint8
-                     and v["images"].shape[1:] == (3, size, size) and 1 <= len(v["images"]) <= MAX_EXAMPLES
-                     and isinstance(v["labels"], list) and len(v["labels"]) == len(v["images"])
-                     and all(_whole(label, 0, classes - 1) for label in v["labels"]),
-                     f"1-{MAX_EXAMPLES} uint8 images [3, {size}, {size}] with their labels"),
-        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
-                      and all(isinstance(g, dict) and all(_plain(x) or isinstance(x, list) and all(map(_plain, x))
-                                                          for x in g.values()) for g in v["param_groups"])
-                      and isinstance(v.get("state"), dict) and all(
-                          isinstance(s, dict) and all(isinstance(x, torch.Tensor) or _plain(x) for x in s.values())
-                          for s in v["state"].values()), "an SGD optimizer state"),
-    }
-    for key, (ok, what) in sections.items():
+    checkpoint = {"format": metadata.pop("format"), "train_config": None, "history": [], "args": {}}
+    for key, text in metadata.items():
+        if key not in ("config", "train_config", *_SECTIONS):
+            refuse(f"unknown entry {key!r:.60} (known: config, train_config, "
+                   f"{', '.join(_SECTIONS)})")
+        try:
+            checkpoint[key] = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            refuse(f"its {key!r} is not the JSON googlenet.py writes ({str(e)[:80]})")
+    for key, settings in (("config", ModelConfig), ("train_config", TrainConfig)):
+        try:
+            if key == "config" or checkpoint[key] is not None:
+                checkpoint[key] = dataclasses.asdict(settings(**checkpoint[key]).check())
+        except (TypeError, ValueError) as e:
+            refuse(f"{key!r}: {str(e)[:200]}")
+    for key, (ok, what) in _SECTIONS.items():
         if checkpoint.get(key) is not None and not ok(checkpoint[key]):
             refuse(f"{key!r} must be {what}")
-    weights = checkpoint.get("model")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path} has no weights (a 'model' dict of tensors)")
+    labels = checkpoint.get("examples") or []
+    if any(label >= checkpoint["config"]["num_classes"] for label in labels):
+        refuse("an example's label is not one of its classes")
+    return checkpoint
+
+def _expected_tensors(path, checkpoint):
+    """(required, optional): name -> (dtype, shape) of the tensors the metadata calls for."""
+    config, labels = checkpoint["config"], checkpoint.get("examples") or []
     try:
-        expected = build_model(config["arch"], config["num_classes"], **config.get("model_options", {})).state_dict()
+        with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
+            net = build_model(config["arch"], config["num_classes"], **config["model_options"])
     except (RuntimeError, TypeError, ValueError) as e:
-        refuse(f"config field 'model_options' does not build a net ({str(e).strip()[:120]})")
-    misfit = sorted(map(str, set(weights) ^ set(expected))) + [
-        k for k, e in expected.items() if k in weights and not (
-            isinstance(weights[k], torch.Tensor) and weights[k].shape == e.shape and weights[k].dtype == e.dtype)]
-    if misfit:
-        raise CheckpointError(f"{path}: its weights do not fit its own config ({config['arch']}, "
-                              f"{config['num_classes']} "
-                              f"classes): {misfit[0]}{f' and {len(misfit) - 1} more' if len(misfit) > 1 else ''}")
-    # Storage bytes, not view bytes (a small view can pin a huge storage); mapped, not yet read.
-    moments = (checkpoint.get("optimizer") or {}).get("state", {}).values()
-    examples = checkpoint.get("examples")
-    tensors = [*weights.values(), *(x for s in moments for x in s.values() if isinstance(x, torch.Tensor)),
-               *([examples["images"]] if examples is not None else [])]
-    held = sum(t.untyped_storage().nbytes() for t in tensors)
-    allowed = 4 * sum(e.nbytes for e in expected.values()) + MAX_EXAMPLES * 3 * size * size
-    if held > allowed:
-        refuse(f"it holds {held / 2**20:.0f} MiB of tensors, more than a {config['arch']} net with "
-               f"{config['num_classes']} classes and its optimizer state take ({allowed / 2**20:.0f} MiB)")
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path}: weights are NaN or infinite ({bad[0]}"
-                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); use an earlier checkpoint")
+        raise CheckpointError(f"{path}: config field 'model_options' does not build a net "
+                              f"({str(e).strip()[:120]})") from None
+    names = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
+    required = {f"model.{k}": (names[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
+    optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
+    if labels:
+        size = config["source_size"]
+        required["examples"] = ("U8", [len(labels), 3, size, size])
+    if checkpoint.get("position") is not None:
+        required["position.rng"] = ("U8", list(torch.get_rng_state().shape))
+        optional["position.cuda_rng"] = ("U8", [16])  # CUDA's Philox generator: seed and offset
+    return required, optional
 
 def load_checkpoint(path):
-    """Read (weights_only, memory-mapped until checked) and check a checkpoint; CheckpointError with one line."""
-    import zipfile
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, e.g. {path / 'best.pt'}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: train one with "
-                              f"`python googlenet.py` or pass the path of a .pt file it wrote")
-    try:  # torch.save's format; anything else is not ours
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError):
-        raise CheckpointError(f"{path} is not a checkpoint (not a PyTorch file: an image, text, or "
-                              f"truncated): pass a last.pt or best.pt written by googlenet.py") from None
-    # torch.save stores entries uncompressed; a compressed one could unpack to any size.
-    if any(e.compress_type != zipfile.ZIP_STORED or e.filename.endswith("data.pkl") and e.file_size > MAX_METADATA_BYTES
-           for e in entries):
-        raise CheckpointError(f"{path} is compressed or holds over {MAX_METADATA_BYTES >> 20} MiB of metadata, "
-                              f"which googlenet.py never writes: pass a last.pt or best.pt written by googlenet.py")
+    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing
+    from the file is used before it passed: metadata through the configs' checks, tensors' names,
+    dtypes and shapes exactly a reference net's (built on meta); then read, copied, finite."""
+    from safetensors import SafetensorError, safe_open
+    path = _open_checkpoint(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "weights_only" in first_line or "Unsupported global" in first_line:
-            first_line = "it holds Python objects beyond weights and plain data, which are not loaded"
+        with safe_open(path, "pt") as file:  # parses the table: dtypes, shapes, byte ranges
+            checkpoint = _checked_metadata(path, file.metadata() or {})
+            required, optional = _expected_tensors(path, checkpoint)
+            found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
+                     for name in file.keys()}
+            expected = {**optional, **required}
+            misfit = sorted(set(required) - set(found)) + sorted(
+                name for name, kind in found.items() if expected.get(name) != kind)
+            if misfit:
+                config = checkpoint["config"]
+                raise CheckpointError(f"{path}: its tensors do not fit its own config "
+                                      f"({config['arch']}, {config['num_classes']} classes): "
+                                      f"{misfit[0]!r:.80} "
+                                      f"and {len(misfit) - 1} more")
+            # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
+            tensors = {name: file.get_tensor(name).clone() for name in found}
+    except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
-                              f"googlenet.py): {first_line[:200]}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              f"marker): pass a last.pt or best.pt written by googlenet.py")
-    check_checkpoint(path, checkpoint)
-    # Checked, so bounded: now copy the tensors into memory. Mapped ones would fault (SIGBUS) once
-    # the file is rewritten in place, e.g. by torch.save(checkpoint, path) after a change.
-    return _to_cpu(checkpoint, copy=True)
+                              f"googlenet.py): {str(e)[:200]}") from None
+    bad = sorted(name for name, t in tensors.items()
+                 if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} is NaN or infinite; use an earlier checkpoint")
+    for section in ("model", "momentum"):
+        prefix = section + "."
+        checkpoint[section] = {name[len(prefix):]: tensor for name, tensor in tensors.items()
+                               if name.startswith(prefix)}
+    if checkpoint.get("examples"):
+        checkpoint["examples"] = {"images": tensors["examples"], "labels": checkpoint["examples"]}
+    if checkpoint.get("position") is not None:
+        checkpoint["position"]["rng"] = tensors["position.rng"]
+        checkpoint["position"]["cuda_rng"] = tensors.get("position.cuda_rng")
+    return checkpoint
 
 def model_from_checkpoint(checkpoint):
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in checkpoint["config"].items() if k in fields})
+    config = ModelConfig(**checkpoint["config"])  # checked when read: exactly its fields
     config.mean, config.std = tuple(config.mean), tuple(config.std)
     model = build_model(config.arch, config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
@@ -1598,15 +1650,17 @@ def load_for_inference(path, device="cpu"):
 # CLI: flags -> the library calls above; one line and exit code 2 for every mistake
 # ---------------------------------------------------------------------------------------------
 
-def number(kind, minimum, inclusive=True):
+def number(kind, minimum, inclusive=True, maximum=MAX_NUMBER):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum or (value == minimum and not inclusive) or value != value:
+        if value < minimum or (value == minimum and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum}, got {text}")
+        if not value <= maximum:  # also NaN and infinity
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text:.60}")
         return value
     return parse
 
@@ -1646,7 +1700,8 @@ def build_parser():
     add("--weight-decay", type=number(float, 0), default=d.weight_decay, help="on conv and FC weights only (5e-4)")
     add("--label-smoothing", type=number(float, 0), default=d.label_smoothing, help="label smoothing (0.1)")
     add("--tta", default=d.tta, action=argparse.BooleanOptionalAction, help="validate on each image and its mirror")
-    add("--seed", type=int, default=d.seed, help="seeds data order, augmentation, init, dropout and --subset (0)")
+    add("--seed", type=number(int, 0, maximum=2**32 - 1), default=d.seed,
+        help="seeds data order, augmentation, init, dropout and --subset (0)")
     add("--precision", default=d.precision, choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA "
         "8.0+, TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last (default: not on XLA)")
@@ -1658,22 +1713,49 @@ def build_parser():
     add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto = CUDA, else XLA, else CPU")
     add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
     add("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over all processes")
-    add("--checkpoint-dir", help="for last.pt, best.pt, metrics.jsonl (default: runs/<dataset>, or --resume's folder)")
-    add("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: <checkpoint-dir>/last.pt)")
+    add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl (default: runs/<dataset>, or --resume's folder)")
+    add("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: <checkpoint-dir>/last.safetensors)")
     add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     return p
 
 NOT_RESUMED = ("resume", "evaluate", "device", "num_cores", "checkpoint_dir", "download")  # this call's, not the run's
+
+def resumed_flags(parser, saved, path):
+    """The flags a checkpoint saved, each through the checks a typed one gets (type, choices, a
+    switch's True or False): a file sets nothing the command line could not."""
+    flags = {}
+    for action in parser._actions:
+        if action.dest in NOT_RESUMED or action.dest not in saved:
+            continue
+        value = saved[action.dest]
+        try:
+            ok = _flag_ok(action, value)
+        except (argparse.ArgumentTypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: its flag {action.option_strings[0]} = {value!r:.60} "
+                                  f"is not one the command line accepts; use a checkpoint written "
+                                  f"by googlenet.py")
+        flags[action.dest] = value
+    return flags
+
+def _flag_ok(action, value):
+    if value is None:
+        return action.default is None
+    if action.nargs == 0:  # a switch
+        return type(value) is bool
+    if action.choices is not None:
+        return value in action.choices
+    return type(value) is not bool and value == (action.type or str)(str(value))
 
 def parse_args(argv=None, parser=None):
     """(args, checkpoint); with --resume the checkpoint's flags are the defaults and flags given override them."""
     parser = parser or build_parser()
     args, checkpoint = parser.parse_args(argv), None
     if args.resume:
-        path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / "last.pt" if args.resume == "last" else args.resume
+        path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE if args.resume == "last" else args.resume
         checkpoint = load_checkpoint(path)
-        saved = checkpoint.get("args") or {}
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in NOT_RESUMED and k in vars(args)})
+        parser.set_defaults(**resumed_flags(parser, checkpoint["args"], path))
         args = parser.parse_args(argv)
         args.resume, args.checkpoint_dir = str(path), args.checkpoint_dir or str(Path(path).parent)
     args.crop = args.crop or ("resized" if args.dataset == "folder" else "pad")  # photos: scale jitter
@@ -1687,7 +1769,7 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
     """Before any data is read, refuse a folder where another run's files would be lost."""
     out_dir = Path(out_dir)
     found = [out_dir / name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
-    checkpoints = [p for p in found if p.suffix == ".pt"]
+    checkpoints = [p for p in found if p.name != "metrics.jsonl"]
     if found and (resumed is None or not checkpoints):
         advice = f"continue that run with --resume {checkpoints[0]}, or " if checkpoints and resumed is None else ""
         raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: {advice}pass another "
@@ -1697,7 +1779,7 @@ def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
         if there.get("run_id", "") != mine.get("run_id", ""):
             raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the run of {resume_path}): "
                             f"pass another --checkpoint-dir")
-        if path.name == "last.pt" and there.get("epoch", 0) > mine.get("epoch", 0):
+        if path.name == LAST_FILE and there.get("epoch", 0) > mine.get("epoch", 0):
             raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
                             f"resume from {path}, or pass another --checkpoint-dir to branch off")
 
@@ -1772,7 +1854,7 @@ def run(args, checkpoint=None):
     if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
         log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
             f"(> {checkpoint['config']['epoch']}) to train longer")
-        if device.is_master and checkpoint.get("history"):  # a kill after last.pt, before metrics.jsonl
+        if device.is_master and checkpoint.get("history"):  # a kill after last, before metrics.jsonl
             write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint.get("history") or []
     if args.sync_bn and device.kind != "cuda":
@@ -1905,12 +1987,12 @@ def main(argv=None):
         _say(str(e), rank0)
         return e.exit_code
     except UserError as e:
-        _say(f"error: {_last_line(e)}", rank0)
+        _say(f"error: {printable(_last_line(e))}", rank0)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
-        last = Path(args.checkpoint_dir) / "last.pt" if args is not None else None
+        last = Path(args.checkpoint_dir) / LAST_FILE if args is not None else None
         _say(_interrupted_line(last), rank0)
         return 130
     finally:

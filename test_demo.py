@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 import demo
@@ -112,6 +113,21 @@ def small_checkpoint(path: Path, class_names=("cat", "dog", "bird"), cli_args=No
     return path
 
 
+def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
+    """A loaded checkpoint dict written back in googlenet's safetensors layout as it is, unchecked (hostile
+    variants for the tests); `metadata`: entries to add or replace, as Python values."""
+    tensors = {f"model.{name}": value.contiguous() for name, value in checkpoint.get("model", {}).items()}
+    entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "args", "scaler")
+               if checkpoint.get(key) is not None}
+    if checkpoint.get("examples"):
+        tensors["examples"] = checkpoint["examples"]["images"]
+        entries["examples"] = checkpoint["examples"]["labels"]
+    entries.update(metadata)
+    save_file(tensors, str(path), metadata={"format": googlenet.CHECKPOINT_FORMAT,
+                                            **{key: json.dumps(value) for key, value in entries.items()}})
+    return path
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -132,7 +148,7 @@ def checkpoint(tmp_path_factory) -> Path:
                                     "--subset", "64", "--batch-size", "32", "--device", "cpu",
                                     "--workers", "0", "--checkpoint-dir", str(out)])
     assert status == 0
-    return out / "best.pt"
+    return out / "best.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -392,16 +408,18 @@ def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
     with open(evil_data / "test_batch", "wb") as f:
         pickle.dump(Payload(), f)
     real = googlenet.load_checkpoint(checkpoint)
-    real["config"].update(dataset="cifar10", data_dir=str(evil_data.parent))
-    torch.save(real, tmp_path / "evil.pt")
-    result = run_cli("--checkpoint", str(tmp_path / "evil.pt"), str(odd_images["1x1.png"]))
+    real["config"].update(dataset="cifar10")
+    real["args"].update(dataset="cifar10", data_dir=str(evil_data.parent))
+    write_unchecked(tmp_path / "evil.safetensors", real)
+    result = run_cli("--checkpoint", str(tmp_path / "evil.safetensors"), str(odd_images["1x1.png"]))
     assert result.returncode == 0, result.stderr
-    demo.example_images(googlenet.load_checkpoint(tmp_path / "evil.pt"))
+    demo.example_images(googlenet.load_checkpoint(tmp_path / "evil.safetensors"))
     assert not marker.exists()
+    # A pickled object (the format before safetensors): not unpickled, one line.
     real["config"]["arch"] = Payload()
     torch.save(real, tmp_path / "evil2.pt")
     line = assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "evil2.pt"), str(odd_images["1x1.png"])))
-    assert "Python objects" in line and not marker.exists()
+    assert "earlier version of googlenet.py" in line and not marker.exists()
 
 
 def test_oversized_uploads_are_refused_quickly_with_a_message(loaded, tmp_path):
@@ -428,7 +446,7 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
     header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
     (tmp_path / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                                         + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.pt"))
+    model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.safetensors"))
     labels, messages = demo.classify_uploads([{"path": str(tmp_path / "wide.png"), "orig_name": "wide.png"}],
                                              model, config)
     assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
@@ -436,7 +454,7 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
 
 def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
     """The examples' temporary folder goes at exit: a script's normal exit, and the server's SIGTERM."""
-    checkpoint = small_checkpoint(tmp_path / "best.pt")
+    checkpoint = small_checkpoint(tmp_path / "best.safetensors")
     env = {**ENV, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     script = f"import demo, googlenet; print(demo.example_images(googlenet.load_checkpoint({str(checkpoint)!r}))[0])"
@@ -553,14 +571,14 @@ def test_cli_bad_image_gets_one_line_and_the_others_still_print(checkpoint, odd_
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "truncated", "foreign", "folder", "text", "jpeg",
                                      "no config", "arch disagrees", "nan weights"])
 def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_images, tmp_path, capsys):
-    path = tmp_path / "best.pt"
+    path = tmp_path / "best.safetensors"
     real = googlenet.load_checkpoint(checkpoint)
     if problem == "corrupt":
         path.write_bytes(os.urandom(4096))
     elif problem == "truncated":
         path.write_bytes(checkpoint.read_bytes()[:100_000])
     elif problem == "foreign":
-        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "someone-elses"})
     elif problem == "folder":
         path.mkdir()
     elif problem == "text":
@@ -569,13 +587,13 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
         gradient().save(path, format="JPEG")
     elif problem == "no config":
         del real["config"]
-        torch.save(real, path)
+        write_unchecked(path, real)
     elif problem == "arch disagrees":
         real["config"]["arch"] = "original"
-        torch.save(real, path)
+        write_unchecked(path, real)
     elif problem == "nan weights":
         real["model"]["fc.weight"][0, 0] = float("nan")
-        torch.save(real, path)
+        write_unchecked(path, real)
     # In this process (the other CLI tests start real ones): the same main(), without a second of imports each.
     code = demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])])
     line = assert_one_line_error(subprocess.CompletedProcess([], code, *capsys.readouterr()))
@@ -584,22 +602,27 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
 
 @pytest.mark.parametrize("field,value", [("mean", "0.5"), ("mean", (0.5,) * 7), ("std", (0.2, 0.0, 0.2)),
                                          ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
-                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none")])
+                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none"),
+                                         # the issue's table (#30): numbers and strings that crashed demo.py
+                                         ("val_top1", 10**400), ("std", (1e-300,) * 3), ("dataset", "cifar\udcff"),
+                                         ("class_names", ["\ud800", "dog", "bird"]),
+                                         ("class_names", ["\x1b[2J\x1b]0;owned\x07", "dog", "bird"])])
 def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value, odd_images, tmp_path, capsys):
-    path = small_checkpoint(tmp_path / "best.pt")
+    path = small_checkpoint(tmp_path / "best.safetensors")
     checkpoint = googlenet.load_checkpoint(path)
     if field == "examples":
-        checkpoint["examples"] = {"images": torch.zeros(0, 3, 32, 32, dtype=torch.uint8), "labels": []}
+        write_unchecked(path, checkpoint, examples=value)
     else:
         checkpoint["config"][field] = value
-    torch.save(checkpoint, path)
+        write_unchecked(path, checkpoint)
     assert demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and f"{field!r}" in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and field in err, err
+    assert "\x1b" not in err and "Traceback" not in err
 
 
 def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
-    path = small_checkpoint(tmp_path / "best.pt")
+    path = small_checkpoint(tmp_path / "best.safetensors")
     rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
             '{"epoch": 2, "train_loss": 1.5, "val_top1": null, "val_top5": 0.6}',  # an epoch not validated
             '{"epoch": "3", "val_top1": 0.9}', '{"epoch": 4, "val_top1": "0.9"}', '{"epoch": 5, "val_top1": NaN}',
@@ -612,6 +635,60 @@ def test_training_tab_shows_the_good_rows_and_skips_the_bad(tmp_path):
     assert "Best epoch 7" in summary and "val top-1 50.00%" in summary
     loss, accuracy, lr = demo.curves(history)
     assert list(loss["epoch"]) == [1, 7] and list(lr["value"]) == [0.1, 0.05]
+
+
+def test_training_tab_skips_a_row_with_a_401_digit_number(tmp_path):
+    path = small_checkpoint(tmp_path / "best.safetensors")
+    rows = ['{"epoch": 1, "train_loss": 2.0, "val_top1": 0.25, "val_top5": 0.5, "lr": 0.1}',
+            '{"epoch": 2, "val_top1": %s}' % ("1" * 401), '{"epoch": 3, "val_top1": 0.5, "lr": %s}' % ("9" * 401),
+            '{"epoch": 4, "val_top1": 0.5, "note": "\\ud800"}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    history = demo.read_history(path, googlenet.load_checkpoint(path))
+    assert [h["epoch"] for h in history] == [1]
+    assert "Best epoch 1" in demo.describe_run(history, googlenet.load_checkpoint(path))
+    assert [len(table) for table in demo.curves(history)] == [1, 2, 1]
+
+
+def own_memory_kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+def test_training_tab_reads_a_200_mib_metrics_file_in_bounded_time_and_memory_then_only_new_bytes(tmp_path):
+    row = {"epoch": 1, "train_loss": 1.0, "val_top1": 0.5, "val_top5": 0.75, "lr": 0.1, "pad": "x" * 1000}
+    line = json.dumps({**row, "epoch": 123456789}).replace("123456789", "%d") + "\n"
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for first in range(1, 210_001, 10_000):
+            f.write("".join(line % epoch for epoch in range(first, first + 10_000)))
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 200 * 2**20
+    tail = demo.MetricsTail(tmp_path / "metrics.jsonl")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) starts again from here
+    start, before = time.perf_counter(), own_memory_kib("VmRSS")
+    history = demo.read_history(tmp_path / "best.safetensors", None, tail)
+    demo.describe_run(history, None), demo.curves(history)
+    seconds, grown = time.perf_counter() - start, (own_memory_kib("VmHWM") - before) / 1024
+    assert len(history) == demo.MAX_METRICS_ROWS and history[-1]["epoch"] == 210_000
+    assert seconds < 5 and grown < 200, (seconds, grown)  # main: every row of the file, 3.3 GB in the server
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**row, "epoch": 210_001}) + "\n" + '{"epoch": 210002, "val_')  # a line being written
+    offset = tail.offset
+    assert tail.read()[-1]["epoch"] == 210_001
+    assert tail.offset == offset + len(json.dumps({**row, "epoch": 210_001})) + 1  # only the new whole line
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")  # rewritten shorter by a resumed run
+    assert [h["epoch"] for h in tail.read()] == [1]
+
+
+def test_every_demo_event_is_queued_and_nothing_reads_metrics_at_page_load(tmp_path):
+    path = small_checkpoint(tmp_path / "best.safetensors")
+    model, config = googlenet.load_for_inference(path)
+    app = demo.build_demo(model, config, checkpoint_path=path, checkpoint=googlenet.load_checkpoint(path))
+    events = app.config["dependencies"]
+    assert not [e for e in events if any(target[1] == "load" for target in e["targets"])]
+    handlers = app.fns.values() if isinstance(app.fns, dict) else app.fns
+    assert all(fn.queue and fn.concurrency_limit == 1 for fn in handlers), events
+    assert demo.batch_size(config) == demo.MAX_BATCH_SIZE
+    config.source_size = config.image_size = 1024
+    assert demo.batch_size(config) == 1
 
 
 @pytest.mark.parametrize("args", [["--port", "99999"], ["--no-such-flag"]])
@@ -634,7 +711,7 @@ def test_cli_without_any_checkpoint_says_how_to_train_one(tmp_path):
 def test_cli_uses_the_newest_best_pt_under_runs(checkpoint, odd_images, tmp_path):
     # The older "checkpoints" are junk: picking one of them would fail loudly.
     for name, age in [("a", 3600), ("b", 0), ("c/nested", 7200)]:
-        target = tmp_path / "runs" / name / "best.pt"
+        target = tmp_path / "runs" / name / "best.safetensors"
         target.parent.mkdir(parents=True)
         if age:
             target.write_bytes(b"an older run")
@@ -644,7 +721,7 @@ def test_cli_uses_the_newest_best_pt_under_runs(checkpoint, odd_images, tmp_path
             shutil.copy(checkpoint, target)
     result = run_cli(str(odd_images["1x1.png"]), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert str(Path("runs") / "b" / "best.pt") in result.stderr
+    assert str(Path("runs") / "b" / "best.safetensors") in result.stderr
     assert result.stdout.splitlines()[0] == str(odd_images["1x1.png"])
 
 
@@ -729,7 +806,7 @@ def test_browser_shows_a_hostile_checkpoints_markup_as_text_and_fetches_nothing(
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium browser: `apt-get install chromium` (Debian) or set GOOGLENET_CHROMIUM")
-    checkpoint = small_checkpoint(tmp_path / "best.pt", class_names=(HOSTILE, "dog", "bird"), dataset=HOSTILE,
+    checkpoint = small_checkpoint(tmp_path / "best.safetensors", class_names=(HOSTILE, "dog", "bird"), dataset=HOSTILE,
                                   cli_args={"device": HOSTILE, "precision": HOSTILE})
     junk = tmp_path / "<img src=https:attacker.invalid>.jpg"
     junk.write_bytes(b"not an image")
