@@ -38,7 +38,7 @@ MAX_QUEUE_SIZE = 1024
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
-CAM_SIZE = 256  # the map is shown over the photo as the model crops it, at this size (not 32x32)
+CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
 CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
 RUNS_DIR = Path("runs")
@@ -240,7 +240,7 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                     message = gr.Markdown(label="Message", elem_id="message")
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
                 overlay = gr.AnnotatedImage(label="Where it looked: the top class's activation map",
-                                            elem_id="cam")
+                                            format="jpeg", elem_id="cam")
             if examples:
                 gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
         with gr.Tab("Training", elem_id="training-tab"):
