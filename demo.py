@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import googlenet
@@ -40,6 +41,8 @@ MAX_QUEUE_SIZE = 1024
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
+CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
+CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
 MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
@@ -54,10 +57,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_image(image, config) -> torch.Tensor:
+def load_image(image, config, size: int | None = None) -> torch.Tensor:
     """One image (a path or a PIL image) as validation decodes it: uint8 [3, S, S], S the checkpoint's
-    source_size. Raises googlenet.ImageDecodeError (ImageTooLargeError beyond MAX_UPLOAD_PIXELS)."""
-    return googlenet.decode_image(image, config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
+    source_size or `size`. Raises googlenet.ImageDecodeError (ImageTooLargeError: too large)."""
+    return googlenet.decode_image(image, size or config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
 
 
 def decode_batch(images, config) -> torch.Tensor:
@@ -94,6 +97,14 @@ def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]
 def predict(image, model, config, k: int = TOP_K) -> dict[str, float]:
     """Top-k for one image; ``model, config`` as ``googlenet.load_for_inference`` returns them."""
     return predict_many([image], model, config, k)[0]
+
+
+def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
+    """gr.AnnotatedImage's value (photo, [(map, class_name)]), the map (0..1, from predict_with_cam)
+    resized smoothly to the photo (load_image at CAM_SIZE) and times CAM_OPACITY."""
+    side = photo.shape[-1]
+    cam = torch.nn.functional.interpolate(cam[None, None], size=(side, side), mode="bilinear")
+    return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
 
 
 def example_images(checkpoint: dict | None = None, examples_dir=None, limit: int = NUM_EXAMPLES) -> list[Path]:
@@ -216,9 +227,12 @@ def describe_run(history, checkpoint: dict | None) -> str:
 
 
 def classify_uploads(payloads, model, config):
-    """The web app's batched handler: Gradio file payloads in, (labels, messages) out."""
+    """The web app's batched handler: Gradio file payloads in, (labels, messages, overlays) out,
+    an overlay being the top class's activation map over the photo (cam_overlay)."""
     labels, messages = [None] * len(payloads), [""] * len(payloads)
+    overlays = [None] * len(payloads)
     decoded, decoded_slots = [], []
+    photos = []
     for slot, payload in enumerate(payloads):
         # preprocess=False: a payload is Gradio's file description (None once the image is cleared);
         # we decode the file ourselves instead of letting Gradio re-encode it.
@@ -228,7 +242,9 @@ def classify_uploads(payloads, model, config):
         try:
             if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
                 raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-            decoded.append(load_image(payload["path"], config))
+            model_input = load_image(payload["path"], config)
+            photos.append(load_image(payload["path"], config, CAM_SIZE))
+            decoded.append(model_input)
             decoded_slots.append(slot)
         except Exception as err:  # decoded one by one, so a bad file fails only its own request
             print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
@@ -239,9 +255,11 @@ def classify_uploads(payloads, model, config):
                               f"**Could not read {name} as an image.** Please upload a photo (JPEG, PNG, "
                               "WebP, GIF, BMP, TIFF, ...).")
     if decoded:
-        for slot, row in zip(decoded_slots, googlenet.predict_proba(model, config, torch.stack(decoded))):
+        probs, cams = googlenet.predict_with_cam(model, config, torch.stack(decoded))
+        for slot, row, photo, cam in zip(decoded_slots, probs, photos, cams):
             labels[slot] = top_k(row, config.class_names)
-    return labels, messages
+            overlays[slot] = cam_overlay(photo, cam, next(iter(labels[slot])))
+    return labels, messages, overlays
 
 
 def batch_size(config) -> int:
@@ -251,11 +269,32 @@ def batch_size(config) -> int:
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
 
+def write_gradio_cache_atomically():
+    """Gradio names a cached output image by its content's hash and rewrites that file in place, so
+    two identical answers at once (the same photo uploaded twice) truncate a file while it is being
+    served ("Too little data for declared Content-Length"): write a file once, whole, by rename."""
+    from gradio import processing_utils
+
+    def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
+        data = processing_utils.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        path = (folder / f"{name}.{format}").resolve()
+        if not path.exists():
+            temporary = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        return str(path)
+
+    processing_utils.save_pil_to_cache = save_pil_to_cache
+
+
 def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
-    image file in, (top-5 label, message) out) and a "Training" tab of the run's curves."""
+    image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
 
+    write_gradio_cache_atomically()
     device = str(next(model.parameters()).device)
     # Every batch runs on this one thread: Gradio calls handlers from a pool of up to 40 threads, and
     # PyTorch's CPU thread pool (OpenMP) is per calling thread, so each would grow its own threads and buffers.
@@ -291,6 +330,8 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                                      sources=["upload", "clipboard", "webcam"], elem_id="image")
                     message = gr.Markdown(label="Message", elem_id="message")
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
+                overlay = gr.AnnotatedImage(label="Where it looked: the top class's activation map",
+                                            format="jpeg", elem_id="cam")
             if examples:
                 gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
         with gr.Tab("Training", elem_id="training-tab") as training_tab:
@@ -307,10 +348,36 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
         # change (not upload), so that picking an example or clearing the image updates the prediction too.
-        image.change(classify, inputs=image, outputs=[label, message], api_name="predict",
+        image.change(classify, inputs=image, outputs=[label, message, overlay], api_name="predict",
                      preprocess=False, batch=True, max_batch_size=batch_size(config),
                      concurrency_limit=1, trigger_mode="always_last")
     return demo.queue(max_size=MAX_QUEUE_SIZE)
+
+
+def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
+    """No web app: the top-5 per image printed, and with cam_dir its map over the photo in red (as
+    the web app shows it) in cam_dir/NAME.cam.png; a bad image: one line on stderr. Exit code."""
+    from PIL import Image
+
+    status = 0
+    for path in paths:
+        try:
+            probs, cams = googlenet.predict_with_cam(model, config, load_image(path, config)[None])
+            result = top_k(probs[0], config.class_names)
+            if cam_dir is not None:
+                photo, [(alpha, _)] = cam_overlay(load_image(path, config, CAM_SIZE), cams[0], "")
+                red = photo * (1 - alpha[..., None]) + np.array([255, 0, 0]) * alpha[..., None]
+                Image.fromarray(red.round().astype(np.uint8)).save(cam_dir / f"{path.stem}.cam.png")
+        except (googlenet.UserError, OSError) as err:  # OSError: the map could not be written
+            print(f"error: {googlenet.printable(err)}", file=sys.stderr)
+            status = 2
+            continue
+        print(path)
+        for rank, (name, prob) in enumerate(result.items(), start=1):
+            print(f"  {rank}. {prob:6.1%}  {name}")
+        if cam_dir is not None:
+            print(f"  where it saw {next(iter(result))}: {cam_dir / f'{path.stem}.cam.png'}")
+    return status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -341,10 +408,16 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--cam", type=Path, metavar="DIR", help="with image files: also write each "
+                        "one's class activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
         if args.examples is not None and not args.examples.is_dir():
             raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
+        if args.cam is not None and not args.images:
+            raise googlenet.UserError("--cam DIR goes with image files (the web app shows the map)")
+        if args.cam is not None and not args.cam.is_dir():
+            raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
         checkpoint_path = args.checkpoint
         if checkpoint_path is None:
             found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
@@ -360,19 +433,8 @@ def main(argv=None) -> int:
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
 
-    if args.images:  # no web app: the top-5 per image; an unreadable one gets one line on stderr
-        status = 0
-        for path in args.images:
-            try:
-                result = predict(path, model, config)
-            except googlenet.UserError as err:
-                print(f"error: {googlenet.printable(err)}", file=sys.stderr)
-                status = 2
-                continue
-            print(path)
-            for rank, (name, prob) in enumerate(result.items(), start=1):
-                print(f"  {rank}. {prob:6.1%}  {name}")
-        return status
+    if args.images:
+        return classify_files(args.images, model, config, args.cam)
 
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)

@@ -1350,6 +1350,32 @@ def predict_proba(model, config, images):
     model.eval()
     return model(eval_transform(images.to(next(model.parameters()).device), config)).float().softmax(1).cpu()
 
+@torch.no_grad()
+def predict_with_cam(model, config, images):
+    """(class probabilities [N, num_classes], class activation maps [N, S, S]) of a uint8 batch
+    [N, 3, S, S], from one forward pass. A map (Zhou et al. 2016) is inception5b's output weighted
+    by fc's row for the image's top class: that class's logit before the global average pool,
+    upsampled bilinearly to S x S and scaled to 0 (weakest place) .. 1 (strongest)."""
+    net = next(m for m in model.modules() if isinstance(m, GoogLeNet))  # also inside a wrapper
+    caller = threading.get_ident()
+    features = []
+
+    def keep_features(module, inputs, output):  # this call's only: threads may share a model
+        if threading.get_ident() == caller:
+            features.append(output)
+
+    hook = net.inception5b.register_forward_hook(keep_features)
+    try:
+        probs = predict_proba(model, config, images)
+    finally:
+        hook.remove()
+    weights = net.fc.weight[probs.argmax(1).to(features[0].device)].float()  # N x 1024
+    maps = torch.einsum("nc,nchw->nhw", weights, features[0].float())     # 7x7 / 4x4 / 2x2
+    maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+    low = maps.amin((1, 2), keepdim=True)
+    span = maps.amax((1, 2), keepdim=True) - low
+    return probs, ((maps - low) / span.clamp_min(1e-12)).cpu()
+
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint: atomic writes, self-describing files, and a whole check of every file read

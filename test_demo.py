@@ -185,6 +185,7 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
     exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
     save("exif_rotated.jpg", base.transpose(Image.Transpose.ROTATE_90), exif=exif)
     save("1x1.png", Image.new("RGB", (1, 1), (200, 30, 30)))
+    save("strip_20000x50.png", gradient(20000, 50))
     save("animated.gif", base, save_all=True, append_images=[base.rotate(180)], duration=100)
     save("image.webp", base)
     save("image.bmp", base)
@@ -257,7 +258,8 @@ def client(server):
 def classify_served(client, path: Path | None):
     """(top-5 dict, message) from the running app's /predict endpoint."""
     from gradio_client import handle_file
-    label, message = client.predict(handle_file(str(path)) if path else None, api_name="/predict")
+    upload = handle_file(str(path)) if path else None
+    label, message, _ = client.predict(upload, api_name="/predict")
     return served_top5(label), message
 
 
@@ -337,12 +339,17 @@ def test_served_top5_equals_predict(client, loaded, odd_images):
 
 
 def test_every_mode_people_upload_decodes_like_predict_in_a_batch(loaded, odd_images):
+    """... and gets its map over the photo (1x1, 20000x50, grayscale, alpha, 16-bit, CMYK, ...)."""
     model, config = loaded
     payloads = [{"path": str(p), "orig_name": p.name} for p in odd_images.values()]
-    labels, messages = demo.classify_uploads(payloads, model, config)
+    labels, messages, overlays = demo.classify_uploads(payloads, model, config)
     assert messages == [""] * len(payloads)
-    for path, label in zip(odd_images.values(), labels):
+    for path, label, (photo, [(cam, name)]) in zip(odd_images.values(), labels, overlays):
         assert_same_top5(label, demo.predict(path, model, config), config)
+        assert np.array_equal(photo, demo.load_image(path, config, demo.CAM_SIZE).permute(1, 2, 0))
+        assert cam.shape == photo.shape[:2] == (demo.CAM_SIZE,) * 2 and name == next(iter(label))
+        assert cam.min() == pytest.approx(0, abs=1e-6)
+        assert cam.max() == pytest.approx(demo.CAM_OPACITY)
 
 
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, server, loaded,
@@ -427,11 +434,10 @@ def test_oversized_uploads_are_refused_quickly_with_a_message(loaded, tmp_path):
     Image.new("L", (13000, 13000)).save(tmp_path / "bomb.png")  # ~0.5 MB, 169 megapixels
     (tmp_path / "big.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * (demo.MAX_UPLOAD_BYTES + 1))
     start = time.perf_counter()
-    labels, messages = demo.classify_uploads([{"path": str(tmp_path / "bomb.png"), "orig_name": "bomb.png"},
-                                              {"path": str(tmp_path / "big.jpg"), "orig_name": "big.jpg"}],
-                                             model, config)
+    payloads = [{"path": str(tmp_path / n), "orig_name": n} for n in ["bomb.png", "big.jpg"]]
+    labels, messages, overlays = demo.classify_uploads(payloads, model, config)
     assert time.perf_counter() - start < 2  # refused from the header, never decoded
-    assert labels == [None, None]
+    assert labels == [None, None] and overlays == [None, None]
     assert all(f"{demo.plain(name)} is too large" in message for name, message in zip(["bomb.png", "big.jpg"], messages))
 
 
@@ -447,8 +453,8 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
     (tmp_path / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                                         + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     model, config = googlenet.load_for_inference(small_checkpoint(tmp_path / "best.safetensors"))
-    labels, messages = demo.classify_uploads([{"path": str(tmp_path / "wide.png"), "orig_name": "wide.png"}],
-                                             model, config)
+    payload = {"path": str(tmp_path / "wide.png"), "orig_name": "wide.png"}
+    labels, messages, _ = demo.classify_uploads([payload], model, config)
     assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
 
 
@@ -481,7 +487,8 @@ def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_fla
         start = time.perf_counter()
         jobs = [client.submit(handle_file(str(p)), api_name="/predict") for p in [huge] * 4 + [small] * 196]
         for job in jobs:
-            assert job.result(timeout=300)[1] == ""
+            _, message, overlay = job.result(timeout=300)
+            assert message == "" and overlay["annotations"][0]["label"]  # the map came back too
             latencies.append(time.perf_counter() - start)
         return 200 / (time.perf_counter() - start)
 
@@ -530,7 +537,7 @@ def test_concurrent_requests_are_batched_and_isolated(loaded, odd_images, tmp_pa
         results = [job.result(timeout=120) for job in jobs]
     finally:
         app.close()
-    for path, (label, message) in zip(paths, results):
+    for path, (label, message, _) in zip(paths, results):
         if path.name == "notes.png":
             assert served_top5(label) == {} and "Could not read" in message
         else:
@@ -557,6 +564,36 @@ def test_cli_prints_top5_for_a_real_photo(checkpoint, loaded):
     assert [m.group(3) for m in rows] == list(expected)
     assert [float(m.group(2)) for m in rows] == pytest.approx(
         [100 * p for p in expected.values()], abs=0.051)
+
+
+def test_cli_writes_the_map_only_with_cam_and_only_into_its_folder(checkpoint, loaded, tmp_path,
+                                                                   capsys):
+    """No file beside the photo; with --cam DIR, DIR/NAME.cam.png: the photo as the web app crops
+    it, blended with red by the top class's map (the web app's overlay), its path printed."""
+    model, config = loaded
+    image = tmp_path / "chelsea.png"
+    maps = tmp_path / "maps"
+    shutil.copy(photo("chelsea.png"), image)
+    assert demo.main(["--checkpoint", str(checkpoint), str(image)]) == 0
+    assert list(tmp_path.iterdir()) == [image]
+    maps.mkdir()
+    assert demo.main(["--checkpoint", str(checkpoint), "--cam", str(maps), str(image)]) == 0
+    top = next(iter(demo.predict(image, model, config)))
+    assert f"where it saw {top}: {maps / 'chelsea.cam.png'}" in capsys.readouterr().out
+    with Image.open(maps / "chelsea.cam.png") as png:
+        blended = np.asarray(png.convert("RGB")).astype(float)
+    _, cams = googlenet.predict_with_cam(model, config, demo.load_image(image, config)[None])
+    shown = demo.load_image(image, config, demo.CAM_SIZE)
+    plain, [(alpha, _)] = demo.cam_overlay(shown, cams[0], "")
+    alpha = alpha[..., None]
+    assert np.abs(blended - (plain * (1 - alpha) + np.array([255, 0, 0]) * alpha)).max() <= 1
+    assert alpha.min() == pytest.approx(0, abs=1e-6)  # the photo as it is where the map is lowest
+    assert alpha.max() == pytest.approx(demo.CAM_OPACITY)
+
+    for args in [["--cam", str(maps)], ["--cam", str(image), str(image)]]:  # no image; not a folder
+        assert demo.main(["--checkpoint", str(checkpoint), *args]) == 2
+        line = assert_one_line_error(subprocess.CompletedProcess([], 2, *capsys.readouterr()))
+        assert line.startswith("error: --cam")
 
 
 def test_cli_bad_image_gets_one_line_and_the_others_still_print(checkpoint, odd_images, tmp_path):
@@ -762,6 +799,13 @@ def test_browser_upload_shows_the_prediction_and_the_training_curves(request, tm
             top.wait_for(timeout=60_000)
             assert top.inner_text() == next(iter(expected))
             assert page.locator("#prediction dl dt").all_inner_texts() == list(expected)
+            # Beside it, the photo with the top class's map over it, the class named in the legend.
+            cam = page.locator("#cam")
+            cam.locator("img.mask").wait_for(timeout=60_000)
+            assert cam.locator(".legend-item").all_inner_texts() == [next(iter(expected))]
+            loaded_js = "[...document.querySelectorAll('#cam img')].every(i => i.complete)"
+            page.wait_for_function(loaded_js)
+            assert cam.locator("img.base-image").evaluate("i => i.naturalWidth") == demo.CAM_SIZE
             shot = Path(os.environ.get("GOOGLENET_DEMO_SCREENSHOT") or tmp_path / "demo.png")
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot))

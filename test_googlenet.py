@@ -1077,6 +1077,76 @@ def test_load_for_inference_matches_trained_model(tmp_path, capsys):
     assert torch.allclose(probs, logits.softmax(1), atol=1e-6) and probs.shape == (8, 10)
 
 
+@pytest.mark.parametrize("arch,size,cells", [("tiny", 32, 2), ("tiny", 64, 4), ("original", 224, 7)])
+def test_predict_with_cam_gives_predict_proba_and_a_map_per_image_from_one_forward(arch, size, cells):
+    torch.manual_seed(0)
+    model = g.build_model(arch, 5, aux_logits=False)
+    config = g.ModelConfig(arch, 5, list("abcde"), size, size, (0.5,) * 3, (0.25,) * 3)
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    calls, map_sizes = [], []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    model.inception5b.register_forward_hook(lambda m, i, out: map_sizes.append(tuple(out.shape[-2:])))
+    probs, maps = g.predict_with_cam(model, config, images)
+    assert len(calls) == 1 and map_sizes == [(cells, cells)]
+    assert torch.allclose(probs, g.predict_proba(model, config, images), atol=1e-6)
+    assert maps.shape == (2, size, size) and maps.min() == 0 and maps.max() == 1
+    assert len(model.inception5b._forward_hooks) == 1  # predict_with_cam's own hook is gone
+
+
+def _patch_images(n, size, seed):
+    """Grey noise, one quadrant a bright patch of the class's colour (red, green, blue): (images,
+    labels, the patch's quadrant 0-3 in reading order)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(100, 156, (n, 3, size, size), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(n) % 3
+    quadrants = torch.randint(0, 4, (n,), generator=generator)
+    half = size // 2
+    for image, label, quadrant in zip(images, labels.tolist(), quadrants.tolist()):
+        top = quadrant // 2 * half
+        left = quadrant % 2 * half
+        image[:, top:top + half, left:left + half] = 40
+        image[label, top:top + half, left:left + half] = 255
+    return images, labels, quadrants
+
+
+def _quadrant_of_peak(maps):
+    size = maps.shape[-1]
+    peak = maps.flatten(1).argmax(1)
+    return peak // size // (size // 2) * 2 + peak % size // (size // 2)
+
+
+def test_class_activation_map_peaks_on_the_patch_that_decides_the_class():
+    """A net whose classifier learnt that the class is a bright patch's colour, the patch in a random
+    quadrant: the map's peak falls inside the patch for most new images; a random map's, for a
+    quarter. The 64x64 net (a 4x4 map; README says why not 32). To take seconds, only fc is
+    trained, on the pooled 5b features of 96 images; the rest keeps its random init, its
+    BatchNorm statistics taken from those images."""
+    torch.manual_seed(0)
+    config = g.ModelConfig("tiny", 3, ["red", "green", "blue"], 64, 64, (0.5,) * 3, (0.25,) * 3)
+    model = g.build_model("tiny", 3, aux_logits=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics = these images' own
+    pooled = []
+    model.avgpool.register_forward_hook(lambda module, inputs, out: pooled.append(out.flatten(1)))
+    images, labels, _ = _patch_images(96, 64, seed=0)
+    with torch.no_grad():
+        model.train()(g.eval_transform(images, config))
+    optimizer = torch.optim.Adam(model.fc.parameters(), lr=0.01)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model.fc(pooled[0]), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    images, labels, quadrants = _patch_images(48, 64, seed=1)
+    probs, maps = g.predict_with_cam(model, config, images)
+    assert (probs.argmax(1) == labels).float().mean() > 0.9
+    assert (_quadrant_of_peak(maps) == quadrants).float().mean() >= 0.6
+    # the bar is one a random map does not reach
+    assert (_quadrant_of_peak(torch.rand(48, 64, 64)) == quadrants).float().mean() < 0.6
+
+
 # --- CLI ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,fragment", [
