@@ -777,9 +777,6 @@ def all_reduce_sum(tensor, device):
     torch.distributed.all_reduce(tensor)
     return tensor
 
-def in_my_slot(value, device):
-    return F.one_hot(torch.tensor(device.rank), device.world_size).to(value.dtype).to(device.torch_device) * value
-
 def first_on_each_node(device, fn):
     """fn(True) on the node's first process, then fn(False) on the others; its UserError stops them all."""
     if device.distributed != "ddp":
@@ -1220,10 +1217,6 @@ def resume_point(checkpoint):
         return f"after step {position['step']} of epoch {done + 1}"
     return f"after epoch {done}"
 
-def _crash_point(written, epoch):  # for the crash tests: GOOGLENET_KILL_AFTER=last.safetensors:3 kills after epoch 3's
-    if os.environ.get("GOOGLENET_KILL_AFTER") == f"{written}:{epoch + 1}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None, resume=None,
           examples=None, cli_args=None, log=print):
     """Train to config.epochs, validating each; returns the history. checkpoint_dir: CHECKPOINT_FILES;
@@ -1305,13 +1298,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                       "epoch_seconds": result["seconds"],
                       "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
                       "elapsed_seconds": time.perf_counter() - run_start}
-            if device.world_size > 1:  # equal sums: the processes train one model
-                weight_sum = sum(p.detach().abs().sum().double() for p in model.parameters())
-                record.update(processes=device.world_size,
-                              replica_weight_checksums=all_reduce_sum(in_my_slot(weight_sum, device), device).tolist())
-            if "torch_xla" in sys.modules:  # a compilation after epoch 1 would be a graph that changes
-                import torch_xla.debug.metrics as met
-                record["xla_compiles"] = (met.metric_data("CompileTime") or [0])[0]
+            if device.world_size > 1:
+                record["processes"] = device.world_size
             history.append(record)
             improved = best is None or val["top1"] > best["val_top1"]
             best = record if improved else best
@@ -1325,13 +1313,10 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                 model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
                 if improved:  # best first: a crash between the two writes never loses the best epoch
                     save(out_dir / BEST_FILE)
-                    _crash_point(BEST_FILE, epoch)
                     _atomic_write(out_dir / LAST_FILE, lambda f: f.write((out_dir / BEST_FILE).read_bytes()))
                 else:
                     save(out_dir / LAST_FILE)
-                _crash_point(LAST_FILE, epoch)
                 write_metrics(out_dir / "metrics.jsonl", history)  # last, whole (and again at the next start)
-                _crash_point("metrics.jsonl", epoch)
     if history and device.is_master:
         log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 {best['val_top1']:.4f} "
             f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
