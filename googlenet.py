@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import json
 import math
@@ -1217,110 +1218,187 @@ def resume_point(checkpoint):
         return f"after step {position['step']} of epoch {done + 1}"
     return f"after epoch {done}"
 
-def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None, resume=None,
-          examples=None, cli_args=None, log=print):
-    """Train to config.epochs, validating each; returns the history. checkpoint_dir: CHECKPOINT_FILES;
-    resume: a load_checkpoint result (its weights already in model). SIGTERM / Ctrl-C: saves, raises Stopped."""
-    config.check()
-    device, run_start = device or make_device(resolve_device_kind("auto")), time.perf_counter()
+def _model_to_train(model, device, config):
+    """Moves model to the device; returns what runs forward/backward (DDP, torch.compile) while
+    `model` keeps the weights under their plain names (no module. or _orig_mod. keys)."""
     model.to(device.torch_device)
     if uses_channels_last(config, device):
         model.to(memory_format=torch.channels_last)
-    step_model = model  # what runs forward/backward; `model` holds the weights (no module. or _orig_mod. keys)
+    step_model = model
     if device.distributed == "ddp":
-        step_model = nn.parallel.DistributedDataParallel(model, [device.torch_device.index] if device.kind == "cuda"
-                                                         else None)
-    if config.compile:
-        step_model = torch.compile(step_model, **{"backend": config.compile} if isinstance(config.compile, str) else {})
+        device_ids = [device.torch_device.index] if device.kind == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids)
+    if isinstance(config.compile, str):
+        step_model = torch.compile(step_model, backend=config.compile)
+    elif config.compile:
+        step_model = torch.compile(step_model)
+    return step_model
+
+def _best(history):
+    """The record of the best validation top-1 (the earliest of equals)."""
+    return max(history, key=lambda h: h["val_top1"], default=None)
+
+@dataclass
+class RunFiles:
+    """What a checkpoint of this run holds, and the folder rank 0 writes it to."""
+    out_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    model_config: ModelConfig
+    config: TrainConfig
+    history: list
+    examples: dict | None
+    cli_args: dict | None
+
+    def clean_up_after_a_kill(self, log):
+        for stale in [p for name in CHECKPOINT_FILES for p in self.out_dir.glob(f".{name}.*.tmp")]:
+            stale.unlink()  # the temporary of a save that a kill interrupted
+            log(f"removed {stale.name}, the temporary file of an interrupted save, in "
+                f"{self.out_dir}")
+        if self.history:  # a kill after last, before metrics.jsonl: rewrite it from the checkpoint
+            write_metrics(self.out_dir / "metrics.jsonl", self.history)
+
+    def save(self, name, **extra):
+        best = _best(self.history)
+        self.model_config.best_top1 = best["val_top1"] if best else None
+        self.model_config.best_epoch = best["epoch"] if best else None
+        save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.model_config,
+                        self.config, self.history, self.examples, self.cli_args, self.scaler,
+                        **extra)
+
+    def save_position(self, epoch, where):
+        """Mid-epoch: last with the position; the history and best as they are."""
+        self.model_config.epoch = epoch
+        self.save(LAST_FILE, position={"epoch": epoch, **where})
+
+    def save_epoch(self, record):
+        self.model_config.epoch = record["epoch"]
+        self.model_config.val_top1 = record["val_top1"]
+        if _best(self.history) is record:  # best first: a crash between the writes never loses it
+            self.save(BEST_FILE)
+            best_bytes = (self.out_dir / BEST_FILE).read_bytes()
+            _atomic_write(self.out_dir / LAST_FILE, lambda f: f.write(best_bytes))
+        else:
+            self.save(LAST_FILE)
+        write_metrics(self.out_dir / "metrics.jsonl", self.history)  # last, whole (again at start)
+
+def _save_position(files, device, epoch, log, where, stop):
+    """train_one_epoch's save_position: rank 0 saves; a stop raises Stopped on every process."""
+    if files is not None:
+        files.save_position(epoch, where)
+        if not stop:
+            log(f"saved the position (epoch {epoch + 1} step {where['step']}) in "
+                f"{files.out_dir / LAST_FILE}")
+    if not stop:
+        return
+    if device.distributed == "ddp":
+        torch.distributed.barrier()  # the others wait until rank 0 has written last
+    signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
+    name = signal.Signals(signum).name
+    message = f"stopped by {name} after step {where['step']} of epoch {epoch + 1}"
+    if files is not None:
+        message += f": saved in {files.out_dir / LAST_FILE}; continue with --resume"
+    raise Stopped(message, signum)
+
+def _begin_epoch(train_loader, config, epoch, device):
+    seed_everything(config.seed * 1000 + epoch, device)
+    sampler = getattr(train_loader, "sampler", None)  # a DistributedSampler too
+    for has_epochs in (train_loader, sampler):
+        if hasattr(has_epochs, "set_epoch"):
+            has_epochs.set_epoch(epoch)
+
+def _epoch_record(epoch, result, val, config, device, steps, run_start):
+    record = {"epoch": epoch + 1, "train_loss": result["loss"],
+              "train_aux_loss": result["aux_loss"], "train_top1": result["top1"],
+              "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+              "val_images": val["images"], "val_tta": config.tta, "train_images": result["images"],
+              "lr": learning_rate(config, epoch, 0, steps, device.world_size),
+              "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
+              "epoch_seconds": result["seconds"],
+              "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
+              "elapsed_seconds": time.perf_counter() - run_start}
+    if device.world_size > 1:
+        record["processes"] = device.world_size
+    return record
+
+def _log_epoch(log, record, config, seconds_left):
+    tta = "(flip TTA) " if config.tta else ""
+    log(f"epoch {record['epoch']}/{config.epochs} train loss {record['train_loss']:.4f} "
+        f"(aux {record['train_aux_loss']:.4f}) top1 {record['train_top1']:.4f} | "
+        f"val loss {record['val_loss']:.4f} top1 {record['val_top1']:.4f} "
+        f"top5 {record['val_top5']:.4f} "
+        f"{tta}| lr {_lr_span(record['lr'], record['last_lr'])} | {record['epoch_seconds']:.1f}s "
+        f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(seconds_left)}")
+
+def _weights_broke_in_epoch(epoch, config):
+    # The last step's update can break the weights after a finite loss: never save those.
+    return TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr "
+                            f"(now {config.lr} per 256 images) or --precision fp32; earlier "
+                            f"checkpoints are kept")
+
+def _log_done(log, history, run_start, files):
+    best = _best(history)
+    took = _clock(time.perf_counter() - run_start)
+    line = (f"done in {took}: best val top1 {best['val_top1']:.4f} "
+            f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}")
+    if files is not None:
+        line += f"; {', '.join(str(files.out_dir / name) for name in CHECKPOINT_FILES)}"
+    log(line)
+
+def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
+          resume=None, examples=None, cli_args=None, log=print):
+    """Train to config.epochs, validating each; returns the history. checkpoint_dir:
+    CHECKPOINT_FILES; resume: a load_checkpoint result (its weights already in model).
+    SIGTERM / Ctrl-C: saves, raises Stopped."""
+    config.check()
+    device = device or make_device(resolve_device_kind("auto"))
+    run_start = time.perf_counter()
+    step_model = _model_to_train(model, device, config)
     optimizer = make_optimizer(model, config, device.kind)
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
-    start_epoch, history, position = 0, [], None
+    start_epoch = 0
+    history = []
+    position = None
     if resume is not None:
         load_momentum(optimizer, model, resume["momentum"])
-        if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on where it was
+        if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on as it was
             scaler.load_state_dict(resume["scaler"])
         start_epoch = resume["config"]["epoch"]
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
         position = resumed_position(resume, device, config, len(train_loader), log)
     model_config.run_id = model_config.run_id or os.urandom(8).hex()
-    out_dir = Path(checkpoint_dir) if checkpoint_dir is not None and device.is_master else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [p for name in CHECKPOINT_FILES for p in out_dir.glob(f".{name}.*.tmp")]:
-            stale.unlink()  # the temporary of a save that a kill interrupted
-            log(f"removed {stale.name}, the temporary file of an interrupted save, in {out_dir}")
-        if history:  # a kill after last but before metrics.jsonl: rewrite it from the checkpoint
-            write_metrics(out_dir / "metrics.jsonl", history)
-    best = max(history, key=lambda h: h["val_top1"], default=None)
+    files = None
+    if checkpoint_dir is not None and device.is_master:
+        files = RunFiles(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
+                         history, examples, cli_args)
+        files.out_dir.mkdir(parents=True, exist_ok=True)
+        files.clean_up_after_a_kill(log)
     if start_epoch >= config.epochs:
-        log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train longer")
-
-    def save(path, **extra):
-        model_config.best_top1, model_config.best_epoch = (best["val_top1"], best["epoch"]) if best else (None, None)
-        save_checkpoint(path, model, optimizer, model_config, config, history, examples, cli_args, scaler, **extra)
-
-    def save_position(where, stop):  # mid-epoch: last with the position; history and best as they are
-        if out_dir is not None:
-            model_config.epoch = epoch
-            save(out_dir / LAST_FILE, position={"epoch": epoch, **where})
-            if not stop:
-                log(f"saved the position (epoch {epoch + 1} step {where['step']}) in {out_dir / LAST_FILE}")
-        if stop:
-            if device.distributed == "ddp":
-                torch.distributed.barrier()  # the others wait until rank 0 has written last
-            signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
-            raise Stopped(f"stopped by {signal.Signals(signum).name} after step {where['step']} of epoch {epoch + 1}"
-                          + (f": saved in {out_dir / LAST_FILE}; continue with --resume" if out_dir else ""), signum)
-
+        log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train "
+            f"longer")
+    announce_compiling = bool(config.compile) or device.kind == "xla"
     with _graceful_stop():
         for epoch in range(start_epoch, config.epochs):
-            seed_everything(config.seed * 1000 + epoch, device)
-            for has_epochs in (train_loader, getattr(train_loader, "sampler", None)):  # also a DistributedSampler
-                if hasattr(has_epochs, "set_epoch"):
-                    has_epochs.set_epoch(epoch)
-            lr = learning_rate(config, epoch, 0, len(train_loader), device.world_size)
-            steps = len(train_loader)
-            last_lr = learning_rate(config, epoch, steps - 1, steps, device.world_size)
-            result = train_one_epoch(model, train_loader, optimizer, device, model_config, config, epoch, log,
-                                     step_model, epoch == start_epoch and (config.compile or device.kind == "xla"),
-                                     scaler, position if epoch == start_epoch else None, save_position,
+            _begin_epoch(train_loader, config, epoch, device)
+            first = epoch == start_epoch
+            save_position = functools.partial(_save_position, files, device, epoch, log)
+            result = train_one_epoch(model, train_loader, optimizer, device, model_config, config,
+                                     epoch, log, step_model, first and announce_compiling, scaler,
+                                     position if first else None, save_position,
                                      config.save_every * 60)
             average_buffers(model, device)  # validate the BatchNorm statistics that are saved
             val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
             if not weights_finite(model):
-                # The last step's update can break the weights after a finite loss: never save those.
-                raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr (now "
-                                       f"{config.lr} per 256 images) or --precision fp32; earlier checkpoints are kept")
-            record = {"epoch": epoch + 1, "train_loss": result["loss"], "train_aux_loss": result["aux_loss"],
-                      "train_top1": result["top1"], "val_loss": val["loss"], "val_top1": val["top1"],
-                      "val_top5": val["top5"], "val_images": val["images"], "val_tta": config.tta,
-                      "train_images": result["images"], "lr": lr, "last_lr": last_lr,
-                      "epoch_seconds": result["seconds"],
-                      "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
-                      "elapsed_seconds": time.perf_counter() - run_start}
-            if device.world_size > 1:
-                record["processes"] = device.world_size
+                raise _weights_broke_in_epoch(epoch, config)
+            record = _epoch_record(epoch, result, val, config, device, len(train_loader), run_start)
             history.append(record)
-            improved = best is None or val["top1"] > best["val_top1"]
-            best = record if improved else best
-            left = (config.epochs - epoch - 1) * (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
-            log(f"epoch {epoch + 1}/{config.epochs} train loss {result['loss']:.4f} (aux {result['aux_loss']:.4f}) "
-                f"top1 {result['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f} top5 {val['top5']:.4f} "
-                f"{'(flip TTA) ' if config.tta else ''}| lr {_lr_span(lr, last_lr)} | "
-                f"{result['seconds']:.1f}s "
-                f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
-            if out_dir is not None:
-                model_config.epoch, model_config.val_top1 = epoch + 1, val["top1"]
-                if improved:  # best first: a crash between the two writes never loses the best epoch
-                    save(out_dir / BEST_FILE)
-                    _atomic_write(out_dir / LAST_FILE, lambda f: f.write((out_dir / BEST_FILE).read_bytes()))
-                else:
-                    save(out_dir / LAST_FILE)
-                write_metrics(out_dir / "metrics.jsonl", history)  # last, whole (and again at the next start)
+            seconds_per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+            _log_epoch(log, record, config, (config.epochs - epoch - 1) * seconds_per_epoch)
+            if files is not None:
+                files.save_epoch(record)
     if history and device.is_master:
-        log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 {best['val_top1']:.4f} "
-            f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}"
-            + (f"; {', '.join(str(out_dir / name) for name in CHECKPOINT_FILES)}" if out_dir else ""))
+        _log_done(log, history, run_start, files)
     return history
 
 def _lr_span(first, last):  # the rates the epoch's first and last steps used
