@@ -1927,13 +1927,103 @@ def _small_original_warning(size):
             f"inception 5b (the paper's 224 gives 7x7): use --image-size "
             f"{ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small images")
 
-def run(args, checkpoint=None):
-    """Train (or evaluate) as args say, in this process (one of several under torchrun or torch_xla's launcher)."""
-    checkpoint = checkpoint or (load_checkpoint(args.resume) if args.resume else None)  # each launched process reads it
+def _train_config(args):
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}).check()
+        return TrainConfig(**fields).check()
     except ValueError as e:
         raise UserError(f"--{str(e).replace('_', '-')}") from None
+
+def _nothing_left_to_train(args, checkpoint, device, log):
+    done = checkpoint["config"]["epoch"]
+    log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to train "
+        f"longer")
+    if device.is_master and checkpoint.get("history"):  # a kill after last, before metrics.jsonl
+        write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
+    return checkpoint.get("history") or []
+
+def _check_device_flags(args, config, device):
+    if args.sync_bn and device.kind != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on "
+                        "GPUs)")
+    if config.precision == "fp16" and device.kind == "xla":
+        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
+                        "(--precision auto)")
+
+def _check_checkpoint_fits(args, saved, info):
+    """The checkpoint's net must be the one these flags and this data set build."""
+    num_classes = len(info.class_names)
+    if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
+        raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with "
+                              f"{saved['num_classes']} classes, but this run builds {args.arch} "
+                              f"with {num_classes}")
+    if saved.get("class_ids") and saved["class_ids"] != info.class_ids:
+        raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
+                              f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
+
+def _model_for_run(args, checkpoint, info):
+    """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
+    options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
+    run_id = ""
+    if checkpoint is not None:
+        _check_checkpoint_fits(args, checkpoint["config"], info)
+        options = checkpoint["config"].get("model_options") or {}
+        run_id = checkpoint["config"].get("run_id", "")
+    model_config = model_config_for(info, args.arch, args.image_size, **options)
+    model_config.run_id = run_id
+    model = build_model(args.arch, len(info.class_names), **options)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    return model, model_config
+
+def _log_setup(log, args, config, device, model, num_classes):
+    precision = resolve_precision(config.precision, device)
+    where = str(device.torch_device) + (device.note and ", ") + device.note
+    if device.world_size > 1:
+        where += (f", {device.world_size} processes: global batch "
+                  f"{config.batch_size * device.world_size}, "
+                  f"peak lr {peak_lr(config, device.world_size):.4g}")
+    scaler_note = " (autocast + GradScaler)" if precision == "fp16" else ""
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"device: {device.kind} ({where}); precision {precision}{scaler_note}; model {args.arch}: "
+        f"{millions:.2f}M parameters, {num_classes} classes, {args.image_size}x{args.image_size} "
+        f"input")
+    if device.kind == "cuda" and device.world_size == 1 and torch.cuda.device_count() > 1:
+        gpus = torch.cuda.device_count()
+        log(f"note: this host has {gpus} GPUs and this run uses one; to use all: torchrun "
+            f"--standalone --nproc_per_node {gpus} googlenet.py ...")
+
+def _choose_loader(args, info, device, log):
+    """args.loader, unless the fast loader's decoded store would not fit in memory; and where the
+    store lives (None: the host). Decided before decoding: a store that cannot fit is killed."""
+    if args.loader != "fast":
+        return args.loader, None
+    one = store_bytes(info, args.subset)
+    available = available_memory_bytes()
+    needed = one * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process here decodes its own
+    if available is not None and needed > 0.7 * available:
+        log(f"the decoded uint8 stores (one per process on this host) would take "
+            f"{needed / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB available: using "
+            f"--loader torch (decoding per batch) instead")
+        return "torch", None
+    if device.kind == "cuda" and one < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
+        return "fast", device.torch_device  # fits on the GPU: batches never cross the PCIe bus
+    return "fast", None
+
+def _evaluate_checkpoint(args, model, val_loader, device, model_config, config, log):
+    model.to(device.torch_device)
+    result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
+    tta = " (flip TTA)" if config.tta else ""
+    log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
+        f"top5 {result['top5']:.4f} over {result['images']} images{tta}")
+    return result
+
+def run(args, checkpoint=None):
+    """Train (or evaluate) as args say, in this process (one of several under torchrun or
+    torch_xla's launcher)."""
+    if checkpoint is None and args.resume:
+        checkpoint = load_checkpoint(args.resume)  # each launched process reads it
+    config = _train_config(args)
     device = make_device(args.device)
     log = (lambda line: print(line, flush=True)) if device.is_master else (lambda line: None)
     if args.evaluate and checkpoint is None:
@@ -1941,71 +2031,33 @@ def run(args, checkpoint=None):
     if not args.evaluate:
         check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
     if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
-        log(f"{args.resume} has already trained {checkpoint['config']['epoch']} epochs: pass --epochs N "
-            f"(> {checkpoint['config']['epoch']}) to train longer")
-        if device.is_master and checkpoint.get("history"):  # a kill after last, before metrics.jsonl
-            write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
-        return checkpoint.get("history") or []
-    if args.sync_bn and device.kind != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on GPUs)")
-    if config.precision == "fp16" and device.kind == "xla":
-        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 (--precision auto)")
+        return _nothing_left_to_train(args, checkpoint, device, log)
+    _check_device_flags(args, config, device)
     torch.manual_seed(config.seed)
-    info = first_on_each_node(device, lambda first: load_dataset(args.dataset, args.data_dir, args.image_size,
-                                                                 args.download and first))
-    num_classes, options = len(info.class_names), {"aux_logits": args.aux, "batch_norm": args.batch_norm}
-    if checkpoint is not None:  # the weights decide the model's shape, not today's flags
-        saved, options = checkpoint["config"], checkpoint["config"].get("model_options") or {}
-        if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
-            raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with {saved['num_classes']} "
-                                  f"classes, but this run builds {args.arch} with {num_classes}")
-        if saved.get("class_ids") and saved["class_ids"] != info.class_ids:
-            raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} has "
-                                  f"(e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
-    model_config = model_config_for(info, args.arch, args.image_size, **options)
-    model_config.run_id = checkpoint["config"].get("run_id", "") if checkpoint else ""
-    model = build_model(args.arch, num_classes, **options)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    info = first_on_each_node(device, lambda first: load_dataset(
+        args.dataset, args.data_dir, args.image_size, args.download and first))
+    model, model_config = _model_for_run(args, checkpoint, info)
     if not args.evaluate and device.is_master:
         check_room_for_checkpoints(args.checkpoint_dir, model)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    precision, where = resolve_precision(config.precision, device), str(device.torch_device) + (device.note and ", ")
-    where += device.note
-    if device.world_size > 1:
-        where += f", {device.world_size} processes: global batch {config.batch_size * device.world_size}, " \
-                 f"peak lr {peak_lr(config, device.world_size):.4g}"
-    log(f"device: {device.kind} ({where}); precision {precision}{' (autocast + GradScaler)' * (precision == 'fp16')}; "
-        f"model {args.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} "
-        f"classes, {args.image_size}x{args.image_size} input")
-    if device.kind == "cuda" and device.world_size == 1 and torch.cuda.device_count() > 1:
-        log(f"note: this host has {torch.cuda.device_count()} GPUs and this run uses one; to use all: torchrun "
-            f"--standalone --nproc_per_node {torch.cuda.device_count()} googlenet.py ...")
-    loader, store_device = args.loader, None
-    if loader == "fast":  # decided before decoding: a store that cannot fit would be killed for memory
-        one, available = store_bytes(info, args.subset), available_memory_bytes()
-        needed = one * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process on this host decodes its own
-        if available is not None and needed > 0.7 * available:
-            loader = "torch"
-            log(f"the decoded uint8 stores (one per process on this host) would take {needed / 2**30:.1f} GiB of the "
-                f"{available / 2**30:.1f} GiB available: using --loader torch (decoding per batch) instead")
-        elif device.kind == "cuda" and one < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
-            store_device = device.torch_device  # fits on the GPU: batches never cross the PCIe bus
+    _log_setup(log, args, config, device, model, len(info.class_names))
+    loader, store_device = _choose_loader(args, info, device, log)
+    pin_device = device.torch_device if device.kind == "cuda" else None
     train_loader, val_loader = make_loaders(
-        info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset, config.seed,
-        args.skip_bad_images, device.rank, device.world_size, log, not args.evaluate, store_device,
-        device.torch_device if device.kind == "cuda" else None)
+        info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
+        config.seed, args.skip_bad_images, device.rank, device.world_size, log, not args.evaluate,
+        store_device, pin_device)
     if args.evaluate:
-        result = evaluate(model.to(device.torch_device), val_loader, device, model_config, config.precision, config.tta)
-        log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
-            f"top5 {result['top5']:.4f} over {result['images']} images{' (flip TTA)' if config.tta else ''}")
-        return result
-    log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to {args.checkpoint_dir}"
-        if checkpoint is not None else f"writing checkpoints to {args.checkpoint_dir}")
+        return _evaluate_checkpoint(args, model, val_loader, device, model_config, config, log)
+    if checkpoint is not None:
+        log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to {args.checkpoint_dir}")
+    else:
+        log(f"writing checkpoints to {args.checkpoint_dir}")
     examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
-    return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir, checkpoint,
-                 examples, {k: v for k, v in vars(args).items() if _plain(v)}, log)
+    plain_args = {k: v for k, v in vars(args).items() if _plain(v)}
+    return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir,
+                 checkpoint, examples, plain_args, log)
 
 def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
     run(args)
