@@ -1054,15 +1054,10 @@ def weights_finite(model):
     sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
     return bool(torch.isfinite(sums).all())
 
-def _diverged_at(step, epoch, config):
-    return TrainingDiverged(f"the loss became non-finite at step {int(step)} of epoch {epoch + 1}: "
-                            f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
-                            f"the checkpoints saved before are kept")
-
-def _weights_broke(step, epoch, config):
-    return TrainingDiverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}: "
-                            f"lower --lr (now {config.lr} per 256 images) or use --precision fp32; "
-                            f"the checkpoints saved before are kept")
+def _diverged(what, config):
+    """what: e.g. "the loss became non-finite at step 3 of epoch 1"."""
+    return TrainingDiverged(f"{what}: lower --lr (now {config.lr} per 256 images) or use "
+                            f"--precision fp32; the checkpoints saved before are kept")
 
 def _log_progress(log, values, optimizer, device, config, epoch, step, steps, elapsed):
     count = values["images"]
@@ -1130,7 +1125,8 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         pace = (now - last_check[1]) / (step - last_check[0])
         agreed = agree(device, values["first_bad_step"], stop, save, pace)
         if agreed.first_bad_step:
-            raise _diverged_at(agreed.first_bad_step, epoch, config)
+            bad_step = int(agreed.first_bad_step)
+            raise _diverged(f"the loss became non-finite at step {bad_step} of epoch {epoch + 1}", config)
         next_check = step + steps_to_next_check(device, agreed.seconds_per_step, steps)
         last_check = (step, now)
         if logged or on_time:
@@ -1138,7 +1134,8 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             _log_progress(log, values, optimizer, device, config, epoch, step, steps, now - start)
         if save_position is not None and step < steps and (agreed.stop or agreed.save):
             if not weights_finite(model):  # an update broke them after a finite loss: never save
-                raise _weights_broke(step, epoch, config)
+                raise _diverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}",
+                                config)
             last_save = now
             save_position(_position_at(step, sums, now - start, device, config, steps), agreed.stop)
     totals = read_sums(all_reduce_sum(sums, device))
@@ -1331,12 +1328,6 @@ def _log_epoch(log, record, config, seconds_left):
         f"{tta}| lr {_lr_span(record['lr'], record['last_lr'])} | {record['epoch_seconds']:.1f}s "
         f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(seconds_left)}")
 
-def _weights_broke_in_epoch(epoch, config):
-    # The last step's update can break the weights after a finite loss: never save those.
-    return TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}: lower --lr "
-                            f"(now {config.lr} per 256 images) or --precision fp32; earlier "
-                            f"checkpoints are kept")
-
 def _log_done(log, history, run_start, files):
     best = _best(history)
     took = _clock(time.perf_counter() - run_start)
@@ -1389,8 +1380,8 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
                                      config.save_every * 60)
             average_buffers(model, device)  # validate the BatchNorm statistics that are saved
             val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
-            if not weights_finite(model):
-                raise _weights_broke_in_epoch(epoch, config)
+            if not weights_finite(model):  # the last update can break them after a finite loss
+                raise _diverged(f"the weights became non-finite in epoch {epoch + 1}", config)
             record = _epoch_record(epoch, result, val, config, device, len(train_loader), run_start)
             history.append(record)
             seconds_per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
