@@ -1081,6 +1081,27 @@ def _restore_rng(position, device):
     if position.get("cuda_rng") is not None and device.kind == "cuda":
         torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
 
+@dataclass
+class StepWants:
+    """What a step asks of the host."""
+    read: bool  # read the sums (a check point)
+    log: bool   # a progress line
+    save: bool  # the position (--save-every)
+    stop: bool  # SIGTERM / Ctrl-C came
+
+def _step_wants(device, config, step, steps, next_check, since_log, since_save, save_every):
+    stop = STOP["signal"] is not None
+    save = bool(save_every) and since_save >= save_every
+    logged = bool(config.log_interval) and step % config.log_interval == 0
+    on_time = bool(config.log_interval) and since_log >= 30
+    read = step >= next_check or logged or step == steps
+    if device.world_size == 1:  # alone it reads whenever it likes: a stop or a save reads first
+        read = read or on_time or stop or save
+        return StepWants(read=read, log=logged or on_time, save=save, stop=stop)
+    # All decide at the same check points: one going on alone would wait forever.
+    return StepWants(read=read, log=logged or (on_time and read), save=save and read,
+                     stop=stop and read)
+
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
                     announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
     """One pass; metrics summed on the device, read at check points. position: a stopped epoch's
@@ -1089,11 +1110,14 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     model.train()
     precision, channels_last = resolve_precision(config.precision, device), uses_channels_last(config, device)
     scaler = scaler or make_grad_scaler(precision, device)
+    steps = len(loader)
     sums = zeros_on(device, len(SUMS))
-    first = position["step"] if position else 0
+    first = 0
+    start = time.perf_counter()  # the epoch's, earlier on resume by the seconds it had run
     if position:
+        first = position["step"]
         sums += torch.tensor(position["sums"]).to(sums.device)
-    steps, start = len(loader), time.perf_counter() - (position["seconds"] if position else 0)
+        start -= position["seconds"]
     began = time.perf_counter()
     last_log = last_save = began - 10  # the first progress line after ~20 s
     last_check = (first, began)  # (step, time) of the last read of the sums
@@ -1108,28 +1132,19 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
         train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision, channels_last)
         now = time.perf_counter()
-        stop = STOP["signal"] is not None
-        save = bool(save_every) and now - last_save >= save_every
-        logged = bool(config.log_interval) and step % config.log_interval == 0
-        on_time = bool(config.log_interval) and now - last_log >= 30
-        check = step >= next_check or logged or step == steps
-        if device.world_size == 1:  # alone it reads whenever it likes: a stop or a save reads first
-            check = check or on_time or stop or save
-        else:  # all decide at the same check points: one going on alone would wait forever
-            stop = stop and check
-            save = save and check
-            on_time = on_time and check
-        if not check:
+        wants = _step_wants(device, config, step, steps, next_check, now - last_log,
+                            now - last_save, save_every)
+        if not wants.read:
             continue
         values = read_sums(sums)  # the one host read per check point
         pace = (now - last_check[1]) / (step - last_check[0])
-        agreed = agree(device, values["first_bad_step"], stop, save, pace)
+        agreed = agree(device, values["first_bad_step"], wants.stop, wants.save, pace)
         if agreed.first_bad_step:
             bad_step = int(agreed.first_bad_step)
             raise _diverged(f"the loss became non-finite at step {bad_step} of epoch {epoch + 1}", config)
         next_check = step + steps_to_next_check(device, agreed.seconds_per_step, steps)
         last_check = (step, now)
-        if logged or on_time:
+        if wants.log:
             last_log = now
             _log_progress(log, values, optimizer, device, config, epoch, step, steps, now - start)
         if save_position is not None and step < steps and (agreed.stop or agreed.save):
@@ -1138,6 +1153,9 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
                                 config)
             last_save = now
             save_position(_position_at(step, sums, now - start, device, config, steps), agreed.stop)
+    return _epoch_result(sums, device, start)
+
+def _epoch_result(sums, device, start):
     totals = read_sums(all_reduce_sum(sums, device))
     count = max(totals["images"], 1)
     return {"loss": totals["main_loss"] / count, "aux_loss": totals["aux_loss"] / count,
