@@ -2107,6 +2107,24 @@ def _say(line, rank0):
             report = {"message": line, "timestamp": int(time.time())}
             Path(error_file).write_text(json.dumps(report))
 
+def run_here_or_on_tpu_cores(args, checkpoint):
+    """run() in this process, or in a process per TPU core (all of them, no --num-cores)."""
+    if args.device != "xla":
+        return run(args, checkpoint)
+    on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+    if args.num_cores is not None and args.num_cores != 1:
+        if on_cpu:
+            raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
+                            "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
+        raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                        "--num-cores 1 or leave --num-cores out")
+    if args.num_cores == 1 or on_cpu:
+        return run(args, checkpoint)
+    if args.download:  # once, here: processes downloading together would trample each other
+        load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
+        args.download = False
+    return launch_on_tpu_cores(args)
+
 def main(argv=None):
     """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when stopped (and saved)."""
     import torch.distributed as dist
@@ -2120,18 +2138,7 @@ def main(argv=None):
             claim = CheckpointDirClaim(args.checkpoint_dir)
         if rank0 and args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
             print(_small_original_warning(args.image_size), flush=True)
-        on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-        if args.device == "xla" and args.num_cores is not None and args.num_cores != 1:
-            raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes train with `torchrun "
-                            "--nproc_per_node N googlenet.py --device cpu`" if on_cpu else "on a TPU, torch_xla's "
-                            "launcher runs on one core or on all: pass --num-cores 1 or leave --num-cores out")
-        if args.device == "xla" and args.num_cores is None and not on_cpu:
-            if args.download:  # once, here: processes downloading together would trample each other
-                load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
-                args.download = False
-            launch_on_tpu_cores(args)
-        else:
-            run(args, checkpoint)
+        run_here_or_on_tpu_cores(args, checkpoint)
         return 0
     except Stopped as e:  # saved where it stopped: not an error
         _say(str(e), rank0)
