@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -269,6 +271,13 @@ def batch_size(config) -> int:
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
 
+def give_back_freed_memory():
+    """glibc keeps what a thread freed in that thread's arena, so one large decode (a 6000x6000
+    palette GIF is ~500 MB of RGBA buffers) would stay in the server's memory: hand it back."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def write_gradio_cache_atomically():
     """Gradio names a cached output image by its content's hash and rewrites that file in place, so
     two identical answers at once (the same photo uploaded twice) truncate a file while it is being
@@ -300,8 +309,13 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     # PyTorch's CPU thread pool (OpenMP) is per calling thread, so each would grow its own threads and buffers.
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
 
+    def classify_on_this_thread(images):
+        answers = classify_uploads(images, model, config)
+        give_back_freed_memory()
+        return answers
+
     def classify(images):  # batched: one upload per queued request
-        return inference_thread.submit(classify_uploads, images, model, config).result()
+        return inference_thread.submit(classify_on_this_thread, images).result()
 
     tail = None
     if checkpoint_path is not None:
