@@ -8,6 +8,7 @@ browser test, driven by headless Chromium. Real photos and Tiny ImageNet come fr
 Environment knobs:
   GOOGLENET_DEMO_CHECKPOINT   serve this checkpoint instead of training a small one
   GOOGLENET_DEMO_SCREENSHOT   where the browser test saves its screenshot (README: docs/demo.png)
+  GOOGLENET_DEMO_PHOTO        the photo it uploads (default: ../shared/data/photos/chelsea.png)
   GOOGLENET_CHROMIUM          the Chromium binary (default: chromium on PATH)
 """
 
@@ -798,7 +799,9 @@ def test_browser_upload_shows_the_prediction_and_the_training_curves(request, tm
     server, odd_images = request.getfixturevalue("server"), request.getfixturevalue("odd_images")
     checkpoint = request.getfixturevalue("checkpoint")
     model, config = request.getfixturevalue("loaded")
-    image = PHOTOS / "chelsea.png" if (PHOTOS / "chelsea.png").is_file() else odd_images["transparent.png"]
+    image = Path(os.environ.get("GOOGLENET_DEMO_PHOTO") or PHOTOS / "chelsea.png")
+    if not image.is_file():
+        image = odd_images["transparent.png"]
     expected = demo.predict(image, model, config)
 
     with playwright_api.sync_playwright() as p:
