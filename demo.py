@@ -288,7 +288,8 @@ def batch_size(config) -> int:
 
 def give_back_freed_memory():
     """glibc keeps what a thread freed in that thread's arena, so one large decode (a 6000x6000
-    palette GIF decodes through RGBA copies of 144 MB each) would stay in the server's memory: hand it back."""
+    palette GIF decodes through RGBA copies of 144 MB each) would stay in the server's memory:
+    hand it back."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
 

@@ -505,7 +505,8 @@ def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_fla
 
 
 def test_a_huge_palette_gif_leaves_the_servers_memory_where_it_was(client, server, tmp_path):
-    """A 6000x6000 palette GIF (~240 KB) decodes through RGBA copies of 144 MB each on the inference thread;
+    """A 6000x6000 palette GIF (~240 KB) decodes through RGBA copies of 144 MB each on the inference
+    thread;
     before, glibc kept that thread's freed memory in the server (RSS 786 -> 1,234 MB, and stayed)."""
     from gradio_client import handle_file
     from PIL import Image
