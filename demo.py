@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -58,8 +60,9 @@ def default_device() -> str:
 
 
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
-    """One image (a path or a PIL image) as validation decodes it: uint8 [3, S, S], S the checkpoint's
-    source_size or `size`. Raises googlenet.ImageDecodeError (ImageTooLargeError: too large)."""
+    """One image (a path or a PIL image) as validation decodes it: uint8 [3, S, S], S the
+    checkpoint's source_size or `size`. Raises googlenet.ImageDecodeError (ImageTooLargeError:
+    too large)."""
     return googlenet.decode_image(image, size or config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
 
 
@@ -68,9 +71,10 @@ def decode_batch(images, config) -> torch.Tensor:
 
 
 def plain(text) -> str:
-    """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal text in gr.Markdown."""
-    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and $$ LaTeX,
-    # so html.escape is not enough: escape every ASCII punctuation mark, and fold whitespace so no block opens.
+    """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
+    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
+    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, and fold
+    # whitespace so no block opens.
     # Characters that are not printable (escapes, lone surrogates) become visible \x.. escapes.
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
 
@@ -107,7 +111,8 @@ def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
     return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
 
 
-def example_images(checkpoint: dict | None = None, examples_dir=None, limit: int = NUM_EXAMPLES) -> list[Path]:
+def example_images(checkpoint: dict | None = None, examples_dir=None,
+                   limit: int = NUM_EXAMPLES) -> list[Path]:
     """The image files in `examples_dir`, else the checkpoint's stored examples written as PNGs
     into a private temporary folder removed at exit, else none."""
     if examples_dir is not None:
@@ -190,7 +195,10 @@ def read_history(checkpoint_path, checkpoint: dict | None = None,
     if checkpoint_path is not None:
         tail = tail or MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
         records = tail.read()
-    return records or [h for h in (checkpoint or {}).get("history") or [] if googlenet.is_epoch_record(h)]
+    if records:
+        return records
+    stored = (checkpoint or {}).get("history") or []
+    return [record for record in stored if googlenet.is_epoch_record(record)]
 
 
 def curves(history):
@@ -214,11 +222,14 @@ def describe_run(history, checkpoint: dict | None) -> str:
         return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
                 "the checkpoint stores no history.")
     # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
-    run = {k: v for part in ("args", "train_config", "config") for k, v in ((checkpoint or {}).get(part) or {}).items()}
+    run = {}
+    for part in ("args", "train_config", "config"):
+        run.update((checkpoint or {}).get(part) or {})
     s = {key: plain(run.get(key, "?")) for key in
          ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
     settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
-                f"batch **{s['batch_size']}** per device · lr **{s['lr']}** per 256 images ({s['schedule']}) · "
+                f"batch **{s['batch_size']}** per device · "
+                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · "
                 f"precision **{s['precision']}** · device **{s['device']}**")
     best, n = max(history, key=lambda h: h["val_top1"]), len(history)
     tta = " with flip TTA" if best.get("val_tta") else ""
@@ -249,11 +260,7 @@ def classify_uploads(payloads, model, config):
         except Exception as err:  # decoded one by one, so a bad file fails only its own request
             print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
             name = plain(payload.get("orig_name") or Path(payload["path"]).name)
-            messages[slot] = (f"**{name} is too large**: please send an image under {MAX_UPLOAD_BYTES // 2**20} "
-                              f"MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels."
-                              if isinstance(err, googlenet.ImageTooLargeError) else
-                              f"**Could not read {name} as an image.** Please upload a photo (JPEG, PNG, "
-                              "WebP, GIF, BMP, TIFF, ...).")
+            messages[slot] = refusal(name, err)
     if decoded:
         probs, cams = googlenet.predict_with_cam(model, config, torch.stack(decoded))
         for slot, row, photo, cam in zip(decoded_slots, probs, photos, cams):
@@ -262,11 +269,29 @@ def classify_uploads(payloads, model, config):
     return labels, messages, overlays
 
 
+def refusal(name: str, err: Exception) -> str:
+    """The message an upload that could not be classified gets."""
+    if isinstance(err, googlenet.ImageTooLargeError):
+        return (f"**{name} is too large**: please send an image under "
+                f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels.")
+    return (f"**Could not read {name} as an image.** Please upload a photo "
+            "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
+
+
 def batch_size(config) -> int:
-    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a burst's
-    memory does not grow with the input size a checkpoint sets (16 at 1024x1024 took 8.9 GB)."""
+    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a
+    burst's memory does not grow with the input size a checkpoint sets (16 at 1024x1024 took
+    8.9 GB)."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
+
+
+def give_back_freed_memory():
+    """glibc keeps what a thread freed in that thread's arena, so one large decode (a 6000x6000
+    palette GIF decodes through RGBA copies of 144 MB each) would stay in the server's memory:
+    hand it back."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def write_gradio_cache_atomically():
@@ -289,20 +314,42 @@ def write_gradio_cache_atomically():
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
 
+def batched_classifier(model, config):
+    """The Classify handler: each batch of uploads runs on one inference thread. Gradio calls
+    handlers from a pool of up to 40 threads, and PyTorch's CPU thread pool (OpenMP) is per
+    calling thread, so each would grow its own threads and buffers."""
+    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
+
+    def classify_on_this_thread(payloads):
+        answers = classify_uploads(payloads, model, config)
+        give_back_freed_memory()
+        return answers
+
+    def classify(payloads):  # batched: one upload per queued request
+        return inference_thread.submit(classify_on_this_thread, payloads).result()
+    return classify
+
+
+def page_header(model, config) -> str:
+    """The page's first line: what the model is. No local paths: a --share link would publish
+    them."""
+    top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
+    accuracy = "**not measured**"
+    if top1 is not None:
+        accuracy = f"**{top1:.1%}**"
+    return " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
+                       f"arch **{config.arch}**", f"epoch **{config.epoch}**",
+                       f"validation top-1 {accuracy}",
+                       f"running on {next(model.parameters()).device}"])
+
+
 def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
 
     write_gradio_cache_atomically()
-    device = str(next(model.parameters()).device)
-    # Every batch runs on this one thread: Gradio calls handlers from a pool of up to 40 threads, and
-    # PyTorch's CPU thread pool (OpenMP) is per calling thread, so each would grow its own threads and buffers.
-    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
-
-    def classify(images):  # batched: one upload per queued request
-        return inference_thread.submit(classify_uploads, images, model, config).result()
-
+    classify = batched_classifier(model, config)
     tail = None
     if checkpoint_path is not None:
         tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
@@ -314,15 +361,10 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     def open_training():  # refreshes run only while the Training tab is open
         return gr.Timer(active=True), *training_view()
 
-    top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
-    # No local paths on the page: a --share link would publish them.
-    header = " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
-                         f"arch **{config.arch}**", f"epoch **{config.epoch}**",
-                         "validation top-1 " + (f"**{top1:.1%}**" if top1 is not None else "**not measured**"),
-                         f"running on {device}"])
     # delete_cache: uploads leave Gradio's temp folder after an hour instead of piling up.
-    with gr.Blocks(title="GoogLeNet demo", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown("## What does this GoogLeNet see?\n" + header)
+    hourly = (3600, 3600)
+    with gr.Blocks(title="GoogLeNet demo", delete_cache=hourly, analytics_enabled=False) as demo:
+        gr.Markdown("## What does this GoogLeNet see?\n" + page_header(model, config))
         with gr.Tab("Classify") as classify_tab:
             with gr.Row():
                 with gr.Column():
@@ -337,9 +379,10 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
         with gr.Tab("Training", elem_id="training-tab") as training_tab:
             summary = gr.Markdown(elem_id="run-summary")
             with gr.Row():
-                plots = [gr.LinePlot(x="epoch", y="value", color="series", title=title, elem_id=f"{name}-plot")
-                         for name, title in [("loss", "Loss"), ("accuracy", "Validation accuracy"),
-                                             ("lr", "Learning rate (epoch start)")]]
+                titles = {"loss": "Loss", "accuracy": "Validation accuracy",
+                          "lr": "Learning rate (epoch start)"}
+                plots = [gr.LinePlot(x="epoch", y="value", color="series", title=title,
+                                     elem_id=f"{name}-plot") for name, title in titles.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
         # Only visitors who open the Training tab read metrics.jsonl, one at a time, new bytes only.
@@ -347,7 +390,7 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
-        # change (not upload), so that picking an example or clearing the image updates the prediction too.
+        # change (not upload): picking an example or clearing the image updates the prediction too.
         image.change(classify, inputs=image, outputs=[label, message, overlay], api_name="predict",
                      preprocess=False, batch=True, max_batch_size=batch_size(config),
                      concurrency_limit=1, trigger_mode="always_last")
@@ -395,6 +438,26 @@ def _port(text: str) -> int:
     return port
 
 
+def check_folders(args):
+    if args.examples is not None and not args.examples.is_dir():
+        raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
+    if args.cam is not None and not args.images:
+        raise googlenet.UserError("--cam DIR goes with image files (the web app shows the map)")
+    if args.cam is not None and not args.cam.is_dir():
+        raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
+
+
+def newest_checkpoint() -> Path:
+    """The newest best checkpoint under RUNS_DIR, for a demo started without --checkpoint."""
+    found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
+    if not found:
+        raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under "
+                                  f"{RUNS_DIR}/: {TRAIN_HINT}")
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    print(f"Using the newest checkpoint under {RUNS_DIR}/: {newest}", file=sys.stderr)
+    return newest
+
+
 def main(argv=None) -> int:
     """Run the demo (see the module docstring); returns the process exit code."""
     parser = _Parser(description="Classify photos with a trained GoogLeNet: a web app, or top-5 "
@@ -404,29 +467,18 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", type=Path,
                         help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
     parser.add_argument("--examples", type=Path, default=None,
-                        help="folder of example images to offer (default: those stored in the checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+                        help="folder of example images to offer (default: the checkpoint's own)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--cam", type=Path, metavar="DIR", help="with image files: also write each "
                         "one's class activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
-        if args.examples is not None and not args.examples.is_dir():
-            raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
-        if args.cam is not None and not args.images:
-            raise googlenet.UserError("--cam DIR goes with image files (the web app shows the map)")
-        if args.cam is not None and not args.cam.is_dir():
-            raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
-        checkpoint_path = args.checkpoint
-        if checkpoint_path is None:
-            found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
-            if not found:
-                raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under "
-                                          f"{RUNS_DIR}/: {TRAIN_HINT}")
-            checkpoint_path = max(found, key=lambda p: p.stat().st_mtime)
-            print(f"Using the newest checkpoint under {RUNS_DIR}/: {checkpoint_path}", file=sys.stderr)
-        checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights and metadata
+        check_folders(args)
+        checkpoint_path = args.checkpoint or newest_checkpoint()
+        checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights, metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
         model = model.to(default_device()).eval()
     except googlenet.UserError as err:
@@ -438,12 +490,12 @@ def main(argv=None) -> int:
 
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)
-    # SIGTERM (kill, systemd) stops the server like Ctrl-C, so that atexit removes the example folder.
+    # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                     max_file_size=MAX_UPLOAD_BYTES)
-    except KeyboardInterrupt:  # SIGTERM or Ctrl-C before Gradio's own wait loop catches it: a normal stop
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C before Gradio's own wait loop: a normal stop
         return 0
     except OSError:  # Gradio's message talks about its own parameters, not our flags
         print(f"error: cannot serve on {args.host}:{args.port}: the port is taken or the address "

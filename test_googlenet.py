@@ -1570,9 +1570,12 @@ def kill_and_resume(folder, kills, seed=0):
     during_save = 0
 
     def command():
-        resume = ["--resume", str(folder / "last.safetensors")] if (folder / "last.safetensors").exists() else []
+        # As the trainer's refusal says: continue from last, or from best when a kill fell between
+        # epoch 1's two writes (best first, so the best epoch is never lost).
+        saved = [folder / name for name in ("last.safetensors", "best.safetensors")]
+        resume = [["--resume", str(path)] for path in saved if path.exists()]
         return [sys.executable, str(HERE / "googlenet.py")] + [str(a) for a in CRASH_RUN] + \
-            ["--checkpoint-dir", str(folder)] + resume
+            ["--checkpoint-dir", str(folder)] + (resume[0] if resume else [])
 
     for _ in range(kills):
         process = subprocess.Popen(command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
