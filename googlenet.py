@@ -1,13 +1,15 @@
-"""GoogLeNet (Inception v1, Szegedy et al. 2015) in one file: model, data, device, train/eval, checkpoint, CLI.
+"""GoogLeNet (Inception v1, Szegedy et al. 2015) in one file: model, data, device, train/eval,
+checkpoint, CLI.
 
-  python googlenet.py --dataset tiny --data-dir data --download          # Tiny ImageNet, the best device here
-  python googlenet.py --dataset tiny --device xla                        # TPU (all cores)
-  torchrun --standalone --nproc_per_node 8 googlenet.py --dataset tiny   # 8 GPUs, DDP
-  python googlenet.py --dataset folder --data-dir my_photos             # DIR/train/<class>/*, DIR/val/<class>/*
-  python googlenet.py --resume runs/tiny/last.safetensors                    # continue a run
-  python googlenet.py --evaluate --resume runs/tiny/best.safetensors         # only evaluate
+  python googlenet.py --dataset tiny --data-dir data --download        # Tiny ImageNet
+  python googlenet.py --dataset tiny --device xla                      # TPU (all cores)
+  torchrun --standalone --nproc_per_node 8 googlenet.py --dataset tiny # 8 GPUs, DDP
+  python googlenet.py --dataset folder --data-dir photos   # photos/{train,val}/<class>/<image>
+  python googlenet.py --resume runs/tiny/last.safetensors              # continue a run
+  python googlenet.py --evaluate --resume runs/tiny/best.safetensors   # only evaluate
 
-From Python: load_dataset, build_model, make_loaders, train, load_for_inference (README has an example).
+From Python: load_dataset, build_model, make_loaders, train, load_for_inference (README has an
+example).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ INCEPTION_TABLE = {
 }
 ARCHS = ("original", "tiny")
 
-GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux1", "aux2"])  # training mode, aux heads on
+# What the net returns in training mode with its aux heads on
+GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux1", "aux2"])
 
 class ConvReLU(nn.Sequential):
 
@@ -84,22 +87,28 @@ class ConvReLU(nn.Sequential):
         super().__init__(*layers, nn.ReLU(inplace=True))
 
 class ChannelLRN(nn.Module):
-    """The paper's LRN, nn.LocalResponseNorm's numbers, its channel window a 1x1 conv (3-D pooling is slow in bf16)."""
+    """The paper's LRN with nn.LocalResponseNorm's numbers; its window over channels is a 1x1 conv
+    (3-D pooling is slow in bf16)."""
 
     def __init__(self, channels, size=5, alpha=1e-4, beta=0.75, k=1.0):
         super().__init__()
-        self.alpha, self.beta, self.k = alpha, beta, k
+        self.alpha = alpha
+        self.beta = beta
+        self.k = k
         offset = torch.arange(channels)[None, :] - torch.arange(channels)[:, None]  # in - out
         band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() / size
         self.register_buffer("band", band[:, :, None, None], persistent=False)
 
     def forward(self, x):
-        return x / (self.k + self.alpha * F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
+        window_mean = F.conv2d(x * x, self.band.to(x.dtype))
+        return x / (self.k + self.alpha * window_mean).pow(self.beta)
 
 class Inception(nn.Module):
-    """Four parallel branches concatenated on channels: 1x1 | 1x1->3x3 | 1x1->5x5 | 3x3 max-pool->1x1."""
+    """Four parallel branches concatenated on channels:
+    1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max-pool -> 1x1."""
 
-    def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj, batch_norm=False):
+    def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj,
+                 batch_norm=False):
         super().__init__()
         bn = batch_norm
         self.branch1 = ConvReLU(in_channels, ch1x1, 1, batch_norm=bn)
@@ -112,10 +121,11 @@ class Inception(nn.Module):
                                      ConvReLU(in_channels, pool_proj, 1, batch_norm=bn))
 
     def forward(self, x):
-        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+        branches = [self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)]
+        return torch.cat(branches, 1)
 
 class AuxClassifier(nn.Module):
-    """The paper's auxiliary head: avg-pool to 4x4 -> 1x1 conv 128 -> FC 1024 -> dropout 0.7 -> FC."""
+    """The paper's auxiliary head: avg-pool to 4x4, 1x1 conv 128, FC 1024, dropout 0.7, FC."""
 
     def __init__(self, in_channels, num_classes, batch_norm=False, dropout=0.7):
         super().__init__()
@@ -127,13 +137,32 @@ class AuxClassifier(nn.Module):
     def forward(self, x):
         # The paper's 5x5/3 pool maps the 224 net's 14x14 to 4x4; other sizes (the 64 net's 8x8,
         # CIFAR's 4x4) pool adaptively to 4x4, so the head never depends on the image size.
-        x = F.avg_pool2d(x, 5, stride=3) if tuple(x.shape[-2:]) == (14, 14) else F.adaptive_avg_pool2d(x, 4)
+        if tuple(x.shape[-2:]) == (14, 14):
+            x = F.avg_pool2d(x, 5, stride=3)
+        else:
+            x = F.adaptive_avg_pool2d(x, 4)
         x = torch.flatten(self.conv(x), 1)                    # N x 2048
         x = self.dropout(F.relu(self.fc1(x), inplace=True))   # N x 1024
         return self.fc2(x)                                    # N x num_classes
 
+def _stem(arch, bn):
+    """The layers before 3a. tiny: a slower-shrinking stem, as the 224 one would leave 2x2 maps
+    at 5b from a 64x64 image. original: the paper's, with LRN unless BatchNorm replaces it."""
+    if arch == "tiny":
+        return nn.Sequential(ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
+                             ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
+    layers = [ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1)]
+    if not bn:
+        layers.append(ChannelLRN(64))
+    layers += [ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn)]
+    if not bn:
+        layers.append(ChannelLRN(192))
+    layers.append(nn.MaxPool2d(3, 2, padding=1))
+    return nn.Sequential(*layers)
+
 class GoogLeNet(nn.Module):
-    """Logits [N, classes] in eval mode or without aux heads, else GoogLeNetOutputs. Shapes: original 224 / tiny 64."""
+    """Logits [N, classes] in eval mode or without aux heads, else GoogLeNetOutputs.
+    Shapes: original 224 / tiny 64."""
 
     def __init__(self, arch="tiny", num_classes=200, aux_logits=True, batch_norm=None, dropout=0.4,
                  aux_dropout=0.7):
@@ -141,18 +170,11 @@ class GoogLeNet(nn.Module):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
         bn = arch == "tiny" if batch_norm is None else batch_norm
-        self.arch, self.aux_logits, self.batch_norm = arch, aux_logits, bn
-        if arch == "original":  # LRN as in the paper unless BatchNorm replaces it
-            lrn = (lambda c: []) if bn else (lambda c: [ChannelLRN(c)])
-            self.stem = nn.Sequential(
-                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn(64),
-                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn(192),
-                nn.MaxPool2d(3, 2, padding=1))
-        else:  # a slower-shrinking stem: the 224 one would leave 2x2 maps at 5b from a 64x64 image
-            self.stem = nn.Sequential(
-                ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
-                ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
+        self.arch = arch
+        self.aux_logits = aux_logits
+        self.batch_norm = bn
         t = INCEPTION_TABLE
+        self.stem = _stem(arch, bn)
         self.inception3a = Inception(*t["3a"], batch_norm=bn)
         self.inception3b = Inception(*t["3b"], batch_norm=bn)
         self.maxpool3 = nn.MaxPool2d(3, 2, padding=1)
@@ -164,8 +186,11 @@ class GoogLeNet(nn.Module):
         self.maxpool4 = nn.MaxPool2d(3, 2, padding=1)
         self.inception5a = Inception(*t["5a"], batch_norm=bn)
         self.inception5b = Inception(*t["5b"], batch_norm=bn)
-        self.aux1 = AuxClassifier(t["4b"][0], num_classes, bn, aux_dropout) if aux_logits else None
-        self.aux2 = AuxClassifier(t["4e"][0], num_classes, bn, aux_dropout) if aux_logits else None
+        self.aux1 = None
+        self.aux2 = None
+        if aux_logits:
+            self.aux1 = AuxClassifier(t["4b"][0], num_classes, bn, aux_dropout)
+            self.aux2 = AuxClassifier(t["4e"][0], num_classes, bn, aux_dropout)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = the paper's 7x7 average pool at 224
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
@@ -190,45 +215,53 @@ class GoogLeNet(nn.Module):
         x = self.inception5b(x)   # N x 1024 x 7 x 7
         x = torch.flatten(self.avgpool(x), 1)  # N x 1024
         logits = self.fc(self.dropout(x))      # N x num_classes
-        return GoogLeNetOutputs(logits, aux1, aux2) if use_aux else logits
+        if use_aux:
+            return GoogLeNetOutputs(logits, aux1, aux2)
+        return logits
 
 def init_weights(model):
-    """Kaiming-normal convs: over fan_out before BatchNorm (as torchvision), over fan_in without it (the paper's
-    net): that keeps the scale through 22 ReLU layers, where fan_out blew up to NaN (reduce convs: 16 out, 480 in)."""
+    """Kaiming-normal convs: over fan_out before BatchNorm (as torchvision), over fan_in without it
+    (the paper's net): that keeps the scale through 22 ReLU layers, where fan_out blew up to NaN
+    (reduce convs: 16 out, 480 in)."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out" if m.bias is None else "fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Conv2d) and m.bias is None:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
 
 def build_model(arch, num_classes, **options):
-    """A GoogLeNet; options: aux_logits (True), batch_norm (None: on for tiny), dropout (0.4), aux_dropout (0.7)."""
+    """A GoogLeNet; options: aux_logits (True), batch_norm (None: on for tiny), dropout (0.4),
+    aux_dropout (0.7)."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
     unknown = sorted(set(options) - {"aux_logits", "batch_norm", "dropout", "aux_dropout"})
     if unknown:
-        raise ValueError(f"unknown model option {unknown[0]!r}: use aux_logits, batch_norm, dropout or aux_dropout")
+        raise ValueError(f"unknown model option {unknown[0]!r}: use aux_logits, batch_norm, "
+                         f"dropout or aux_dropout")
     return GoogLeNet(arch, num_classes, **options)
-
 
 # ---------------------------------------------------------------------------------------------
 # Data: datasets listed from disk, decoded into uint8 stores, augmented per batch on the device
 # ---------------------------------------------------------------------------------------------
 
 DATASETS = ("tiny", "cifar10", "folder", "synthetic")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 @dataclass
 class Split:
-    """One split before decoding: image files, or uint8 HWC arrays [N, H, W, 3] (CIFAR-10, synthetic)."""
+    """One split before decoding: image files, or uint8 arrays [N, H, W, 3] (CIFAR, synthetic)."""
     labels: list
     files: list | None = None
     arrays: np.ndarray | None = None
@@ -238,22 +271,29 @@ class Split:
 
     def source(self, i):  # what decode_image reads
         from PIL import Image
-        return self.files[i] if self.files is not None else Image.fromarray(self.arrays[i])
+        if self.files is not None:
+            return self.files[i]
+        return Image.fromarray(self.arrays[i])
 
     def take(self, index):
-        return Split([self.labels[i] for i in index], None if self.files is None else [self.files[i] for i in index],
-                     None if self.arrays is None else self.arrays[index])
+        labels = [self.labels[i] for i in index]
+        if self.files is not None:
+            return Split(labels, files=[self.files[i] for i in index])
+        return Split(labels, arrays=self.arrays[index])
 
     def subset(self, n, seed=0):
+        """n items, of every class alike (a seeded draw picks the classes that get one more)."""
         if not n or n >= len(self):
             return self
-        rng, labels = np.random.default_rng(seed), np.asarray(self.labels)
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(self.labels)
         classes = np.unique(labels)
         per_class, extra = divmod(n, len(classes))
         picked = []
-        for k, c in enumerate(rng.permutation(classes)):  # which classes get one more: seeded too
+        for k, c in enumerate(rng.permutation(classes)):
             members = np.flatnonzero(labels == c)
-            picked.append(rng.choice(members, min(len(members), per_class + (k < extra)), replace=False))
+            count = min(len(members), per_class + (k < extra))
+            picked.append(rng.choice(members, count, replace=False))
         return self.take(np.sort(np.concatenate(picked)))
 
 @dataclass
@@ -266,178 +306,249 @@ class DatasetInfo:
     class_ids: list            # wnids / folder names / CIFAR names
     mean: tuple
     std: tuple
-    source_size: int           # images are decoded to this square size, then augmented on the device
+    source_size: int           # decoded to this square size, then augmented on the device
 
 def decode_image(source, size, max_pixels=None):
-    """A file or PIL image as uint8 [3, size, size] (EXIF-rotated, RGB, alpha over white, centre-cropped);
-    max_pixels bounds untrusted input. ImageDecodeError names the file (ImageTooLargeError: too many pixels)."""
-    from PIL import Image, ImageOps
+    """A file or PIL image as uint8 [3, size, size] (EXIF-rotated, RGB, alpha over white,
+    centre-cropped); max_pixels bounds untrusted input. ImageDecodeError names the file
+    (ImageTooLargeError: too many pixels)."""
+    from PIL import Image
     name = getattr(source, "filename", None) or str(source)
     try:
-        opened = None if isinstance(source, Image.Image) else Image.open(source)
-        with opened or contextlib.nullcontext():
-            img = opened or source
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
-            if max_pixels and img.size[0] * img.size[1] > max_pixels:
-                raise ImageTooLargeError(f"image {Path(name).name} is {img.size[0]}x{img.size[1]} pixels, more "
-                                         f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a smaller one")
-            img = ImageOps.exif_transpose(img)
-            if img.mode[0] in "IF":  # 16/32-bit grayscale: convert() clips at 255, which turns most photos white
-                values = np.asarray(img, dtype=np.float32)
-                peak = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
-                peak = 1.0 if img.mode == "F" and values.max() <= 1.0 else peak
-                img = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8), "L")
-            if img.mode == "P" or img.mode[-1] in "Aa":
-                img = Image.alpha_composite(Image.new("RGBA", img.size, (255,) * 4), img.convert("RGBA"))
-            array = np.array(ImageOps.fit(img.convert("RGB"), (size, size), Image.BILINEAR), dtype=np.uint8)
+        if isinstance(source, Image.Image):
+            array = _fit_rgb(source, size, max_pixels, name)
+        else:
+            with Image.open(source) as image:
+                array = _fit_rgb(image, size, max_pixels, name)
     except Image.DecompressionBombError as e:  # PIL's own limit, checked at open before ours
         raise ImageTooLargeError(f"image {Path(name).name} is too large: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+def _fit_rgb(image, size, max_pixels, name):  # decode_image's work on an open PIL image
+    from PIL import Image, ImageOps
+    image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
+    width, height = image.size
+    if max_pixels and width * height > max_pixels:
+        raise ImageTooLargeError(f"image {Path(name).name} is {width}x{height} pixels, more "
+                                 f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a "
+                                 f"smaller one")
+    image = ImageOps.exif_transpose(image)
+    if image.mode[0] in "IF":  # 16/32-bit grayscale
+        image = _gray_to_8_bit(image)
+    if image.mode == "P" or image.mode[-1] in "Aa":  # transparency: composed over white
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BILINEAR)
+    return np.array(image, dtype=np.uint8)
+
+def _gray_to_8_bit(image):  # scaled by its range: convert() clips at 255, turning most photos white
+    from PIL import Image
+    values = np.asarray(image, dtype=np.float32)
+    peak = 255.0
+    if image.mode.startswith("I;16") or values.max() > 255:
+        peak = 65535.0
+    if image.mode == "F" and values.max() <= 1.0:
+        peak = 1.0
+    scaled = np.clip(values * (255.0 / peak), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
 def _listing(path):  # what a folder holds, for "expected X, found Y" messages
     if not Path(path).exists():
         return "nothing (it does not exist)"
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir())
-    return ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "") if entries else "an empty folder"
+    if not entries:
+        return "an empty folder"
+    return ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
 
-def _class_folders(folder, classes, inner=""):  # the images right in folder/<class>/<inner>/, sorted
-    split = Split([], [])
+def _class_folders(folder, classes, inner=""):  # the images in folder/<class>/<inner>/, sorted
+    split = Split(labels=[], files=[])
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (Path(folder) / name / inner).glob("*")
+        paths = (Path(folder) / name / inner).glob("*")
+        files = sorted(str(p) for p in paths
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        split.files, split.labels = split.files + files, split.labels + [label] * len(files)
+        split.files += files
+        split.labels += [label] * len(files)
     return split
 
-def find_tiny_imagenet(data_dir):
-    candidates = (Path(data_dir), Path(data_dir) / "tiny-imagenet-200")
-    return next((folder for folder in candidates if (folder / "wnids.txt").is_file()), None)
+def find_tiny_imagenet(data_dir):  # data_dir or data_dir/tiny-imagenet-200, with wnids.txt
+    for folder in (Path(data_dir), Path(data_dir) / "tiny-imagenet-200"):
+        if (folder / "wnids.txt").is_file():
+            return folder
+    return None
 
 def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD5):
-    """Fetch, md5-check, extract under a temporary name, rename: never a folder that only looks complete."""
+    """Fetch, md5-check, extract under a temporary name, rename: never a folder that only looks
+    complete."""
     from torchvision.datasets.utils import download_and_extract_archive
     data_dir = Path(data_dir)
-    target, partial = data_dir / "tiny-imagenet-200", data_dir / ".tiny-imagenet-200.partial"
+    target = data_dir / "tiny-imagenet-200"
+    partial = data_dir / ".tiny-imagenet-200.partial"
+    archive = target.name + ".zip"
     if find_tiny_imagenet(data_dir):
         return
     if target.exists():
-        raise UserError(f"{target} exists but is incomplete (no wnids.txt): remove it and run again")
+        raise UserError(f"{target} exists but is incomplete (no wnids.txt): remove it and run "
+                        f"again")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        download_and_extract_archive(url, str(data_dir), str(partial), target.name + ".zip", md5, remove_finished=True)
+        download_and_extract_archive(url, str(data_dir), str(partial), archive, md5,
+                                     remove_finished=True)
     except Exception as e:  # network errors come in many types; the message is what matters
-        (data_dir / (target.name + ".zip")).unlink(missing_ok=True)  # partial, or not the md5's file
-        raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection and that "
-                        f"the zip's md5 is {md5}, and retry") from None
+        (data_dir / archive).unlink(missing_ok=True)  # partial, or not the md5's file
+        raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection "
+                        f"and that the zip's md5 is {md5}, and retry") from None
     os.replace(partial / target.name, target)
     shutil.rmtree(partial)
 
 def load_tiny_imagenet(data_dir, download=False):
-    """Tiny ImageNet in its own layout: classes by sorted wnids.txt, val labels from val_annotations.txt."""
+    """Tiny ImageNet in its own layout: classes by sorted wnids.txt, val labels from
+    val_annotations.txt."""
     if download:
         download_tiny_imagenet(data_dir)
     root = find_tiny_imagenet(data_dir)
     if root is None:
-        raise UserError(f"no Tiny ImageNet in {data_dir}: expected tiny-imagenet-200/ with wnids.txt, words.txt, "
-                        f"train/, val/; found {_listing(data_dir)}. Add --download to fetch it")
-    wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines() if line.strip())
-    missing = [root / "train" / w / "images" for w in wnids if not (root / "train" / w / "images").is_dir()]
-    missing += [] if (root / "val" / "val_annotations.txt").is_file() else [root / "val" / "val_annotations.txt"]
-    if missing:
-        where = root / ("val" if missing[0].name.endswith(".txt") else "train")
-        raise UserError(f"Tiny ImageNet at {root} is incomplete: expected {missing[0]}; found in {where.name}/: "
-                        f"{_listing(where)}")
-    val = Split([], [])
-    for fields in (line.split("\t") for line in (root / "val" / "val_annotations.txt").read_text().splitlines()):
-        if len(fields) > 1:
-            if fields[1] not in wnids:
-                raise UserError(f"{root}/val/val_annotations.txt: class {fields[1]} is not in wnids.txt")
-            val.files.append(str(root / "val" / "images" / fields[0]))
-            val.labels.append(wnids.index(fields[1]))
-    words = dict(line.partition("\t")[::2] for line in (root / "words.txt").read_text().splitlines()) \
-        if (root / "words.txt").is_file() else {}
-    names = [words.get(w, w).split(",")[0].strip() or w for w in wnids]
+        raise UserError(f"no Tiny ImageNet in {data_dir}: expected tiny-imagenet-200/ with "
+                        f"wnids.txt, words.txt, train/, val/; found {_listing(data_dir)}. "
+                        f"Add --download to fetch it")
+    wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines()
+                   if line.strip())
+    for wnid in wnids:
+        if not (root / "train" / wnid / "images").is_dir():
+            raise _incomplete(root, root / "train" / wnid / "images", root / "train")
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise _incomplete(root, annotations, root / "val")
+    val = Split(labels=[], files=[])
+    for line in annotations.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in wnids:
+            raise UserError(f"{annotations}: class {fields[1]} is not in wnids.txt")
+        val.files.append(str(root / "val" / "images" / fields[0]))
+        val.labels.append(wnids.index(fields[1]))
     train = _class_folders(root / "train", wnids, "images")
+    words = _tiny_imagenet_words(root)
+    names = [words.get(w, w).split(",")[0].strip() or w for w in wnids]
     return DatasetInfo("tiny", train, val, names, wnids, IMAGENET_MEAN, IMAGENET_STD, 64)
+
+def _incomplete(root, missing, folder):
+    return UserError(f"Tiny ImageNet at {root} is incomplete: expected {missing}; found in "
+                     f"{folder.name}/: {_listing(folder)}")
+
+def _tiny_imagenet_words(root):  # wnid -> "goldfish, Carassius auratus", from words.txt if any
+    words = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid] = text
+    return words
 
 def load_image_folder(data_dir, image_size):
     root = Path(data_dir)
-    train_dir, val_dir = root / "train", root / "val" if (root / "val").is_dir() else root / "test"
+    train_dir = root / "train"
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        val_dir = root / "test"
     if not train_dir.is_dir() or not val_dir.is_dir():
-        raise UserError(f"--dataset folder expected {root}/train/<class>/ and {root}/val/<class>/ (or test/); "
-                        f"found {_listing(root)}")
+        raise UserError(f"--dataset folder expected {root}/train/<class>/ and {root}/val/<class>/ "
+                        f"(or test/); found {_listing(root)}")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>; "
+                        f"found {_listing(train_dir)}")
     strangers = sorted({p.name for p in val_dir.iterdir() if p.is_dir()} - set(classes))
-    if not classes or strangers:
-        raise UserError(f"{val_dir}/{strangers[0]} is a class that train/ does not have" if classes else
-                        f"{train_dir} has no class folders: expected {train_dir}/<class>/<image>; found "
-                        f"{_listing(train_dir)}")
-    splits = [_class_folders(folder, classes) for folder in (train_dir, val_dir)]
-    for split, folder in zip(splits, (train_dir, val_dir)):
+    if strangers:
+        raise UserError(f"{val_dir}/{strangers[0]} is a class that train/ does not have")
+    train = _class_folders(train_dir, classes)
+    val = _class_folders(val_dir, classes)
+    for split, folder in [(train, train_dir), (val, val_dir)]:
         if not split.files:
-            raise UserError(f"no images found in {folder}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return DatasetInfo("folder", *splits, classes, classes, IMAGENET_MEAN, IMAGENET_STD, image_size)
+            raise UserError(f"no images found in {folder}/<class>/ (extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+    return DatasetInfo("folder", train, val, classes, classes, IMAGENET_MEAN, IMAGENET_STD,
+                       image_size)
 
 def load_cifar10(data_dir, download=False):
     from torchvision.datasets import CIFAR10
     if Path(data_dir).name == "cifar-10-batches-py" and not download:
-        data_dir = Path(data_dir).parent
+        data_dir = Path(data_dir).parent  # the dataset's own folder was given
     try:
-        train, val = (CIFAR10(str(data_dir), train=t, download=download) for t in (True, False))
+        train = CIFAR10(str(data_dir), train=True, download=download)
+        val = CIFAR10(str(data_dir), train=False, download=download)
     except RuntimeError as e:
-        raise UserError(f"no CIFAR-10 in {data_dir} ({e}): expected {data_dir}/cifar-10-batches-py; "
-                        f"found {_listing(data_dir)}. Add --download to fetch it") from None
+        raise UserError(f"no CIFAR-10 in {data_dir} ({e}): expected "
+                        f"{data_dir}/cifar-10-batches-py; found {_listing(data_dir)}. Add "
+                        f"--download to fetch it") from None
     except OSError as e:
-        raise UserError(f"downloading CIFAR-10 failed ({e}); check the connection and retry") from None
-    splits = [Split(list(s.targets), arrays=s.data) for s in (train, val)]
-    return DatasetInfo("cifar10", *splits, list(CIFAR10_CLASSES), list(CIFAR10_CLASSES), CIFAR10_MEAN, CIFAR10_STD, 32)
+        raise UserError(f"downloading CIFAR-10 failed ({e}); check the connection and "
+                        f"retry") from None
+    classes = list(CIFAR10_CLASSES)
+    return DatasetInfo("cifar10", Split(list(train.targets), arrays=train.data),
+                       Split(list(val.targets), arrays=val.data), classes, list(classes),
+                       CIFAR10_MEAN, CIFAR10_STD, 32)
 
 def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, seed=0):
-    """Learnable images for smoke tests: per class a smooth random colour pattern, shifted, plus noise."""
+    """Learnable images for smoke tests: per class a smooth random colour pattern, shifted, plus
+    noise."""
     g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size, mode="bilinear")
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size,
+                             mode="bilinear")
 
     def split(n):
         labels = torch.randint(num_classes, (n,), generator=g)
         shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n,), generator=g)
-        images = torch.stack([torch.roll(im, int(s), dims=2) for im, s in zip(patterns[labels], shifts)])
+        images = torch.stack([torch.roll(image, int(shift), dims=2)
+                              for image, shift in zip(patterns[labels], shifts)])
         images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).clamp(0, 1)
-        return Split(labels.tolist(), arrays=(images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return Split(labels.tolist(), arrays=arrays)
     names = [f"pattern {i}" for i in range(num_classes)]
-    return DatasetInfo("synthetic", split(train_size), split(val_size), names, names, (0.5,) * 3, (0.25,) * 3,
-                       image_size)
+    return DatasetInfo("synthetic", split(train_size), split(val_size), names, names, (0.5,) * 3,
+                       (0.25,) * 3, image_size)
 
 def load_dataset(name, data_dir, image_size=64, download=False):
     """DatasetInfo for "tiny", "cifar10", "folder" or "synthetic" (nothing decoded yet)."""
-    if name not in DATASETS:
+    loaders = {"tiny": lambda: load_tiny_imagenet(data_dir, download),
+               "cifar10": lambda: load_cifar10(data_dir, download),
+               "folder": lambda: load_image_folder(data_dir, image_size),
+               "synthetic": lambda: make_synthetic(image_size)}
+    if name not in loaders:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    info = (load_tiny_imagenet(data_dir, download) if name == "tiny" else load_cifar10(data_dir, download)
-            if name == "cifar10" else load_image_folder(data_dir, image_size) if name == "folder"
-            else make_synthetic(image_size))
+    info = loaders[name]()
     if len(info.class_names) < 2:
-        raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at least 2 (one folder "
-                        f"per class)")
+        raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at "
+                        f"least 2 (one folder per class)")
     return info
 
-def store_bytes(info, subset=0):
-    return sum(min(len(s), subset or len(s)) for s in (info.train, info.val)) * 3 * info.source_size ** 2
+def store_bytes(info, subset=0):  # the uint8 stores' size, both splits
+    images = sum(min(len(split), subset or len(split)) for split in (info.train, info.val))
+    return images * 3 * info.source_size ** 2
 
 def available_memory_bytes():  # MemAvailable (Linux), else None
-    with contextlib.suppress(OSError, StopIteration):
-        line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 def pick_examples(info, size, count=8):
-    """Up to `count` val images of different classes, small enough to travel in a checkpoint: the demo opens no path."""
-    first, images, labels = {}, [], []
+    """Up to `count` val images of different classes, small enough to travel in a checkpoint: the
+    demo opens no path."""
+    first_of_class = {}
     for i, label in enumerate(info.val.labels):
-        first.setdefault(label, i)
-    for i in list(first.values())[:count]:
+        first_of_class.setdefault(label, i)
+    images = []
+    labels = []
+    for i in list(first_of_class.values())[:count]:
         with contextlib.suppress(ImageDecodeError):
             images.append(decode_image(info.val.source(i), size))
             labels.append(info.val.labels[i])
-    return {"images": torch.stack(images), "labels": labels} if images else None
+    if not images:
+        return None
+    return {"images": torch.stack(images), "labels": labels}
 
 @dataclass
 class ImageStore:
@@ -448,11 +559,16 @@ class ImageStore:
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def size(self):  # S
+        return self.images.shape[-1]
+
 class LazyStore(torch.utils.data.Dataset):
-    """An ImageStore that decodes each image when asked (--loader torch: data too big for memory)."""
+    """An ImageStore that decodes each image when asked (--loader torch: too big for memory)."""
 
     def __init__(self, split, size):
-        self.split, self.size = split, size
+        self.split = split
+        self.size = size
 
     def __len__(self):
         return len(self.split)
@@ -463,45 +579,62 @@ class LazyStore(torch.utils.data.Dataset):
         except ImageDecodeError as e:
             raise UserError(f"{e}; remove it or pass --skip-bad-images") from None
 
-def _decode_or_error(job):
+def build_store(split, size, workers=0, skip_bad_images=False, split_name="train", log=print):
+    labels = torch.tensor(split.labels, dtype=torch.int64)
+    if split.arrays is not None and split.arrays.shape[1] == size:
+        images = torch.from_numpy(np.ascontiguousarray(split.arrays))
+        return ImageStore(images.permute(0, 3, 1, 2).contiguous(), labels)
+    start = time.perf_counter()
+    images = np.empty((len(split), 3, size, size), dtype=np.uint8)  # filled in place: one copy
+    keep = _decode_split(split, size, workers, skip_bad_images, split_name, log, out=images)
+    store = ImageStore(torch.from_numpy(images[:len(keep)]), labels[keep])
+    log(f"{split_name}: decoded {len(store)} images to {size}x{size} in "
+        f"{time.perf_counter() - start:.1f}s ({store.images.numel() / 2**20:.0f} MiB uint8)")
+    return store
+
+def _decode_split(split, size, workers, skip_bad_images, split_name, log, out=None):
+    """Decodes every image of split, the kept ones into out[0], out[1], ...; the kept indices."""
+    jobs = ((split.source(i), size) for i in range(len(split)))
+    pool = None
+    if workers > 1 and len(split) > 2000 and split.files is not None:
+        # fork on Linux: a script without an `if __name__ == "__main__":` guard works (spawn would
+        # re-run it in every worker and fail). Elsewhere spawn, and such a script needs the guard.
+        method = "fork" if sys.platform == "linux" else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers)
+        results = pool.imap(_decode_or_error, jobs, 256)
+    else:
+        results = map(_decode_or_error, jobs)
+    keep = []
+    errors = []
+    try:
+        for i, (array, error) in enumerate(results):
+            if error is not None:
+                errors.append(error)
+                continue
+            if out is not None:
+                out[len(keep)] = array
+            keep.append(i)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if errors and not skip_bad_images:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{errors[0]}{more}; remove it or pass --skip-bad-images")
+    if errors:
+        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
+    return keep
+
+def _decode_or_error(job):  # (uint8 array, None), or (None, the error's line)
     try:
         return decode_image(*job).numpy(), None
     except ImageDecodeError as e:
         return None, str(e)
 
-def _decode_split(split, size, workers, skip_bad_images, split_name, log, out=None):
-    jobs, pool = ((split.source(i), size) for i in range(len(split))), None
-    if workers > 1 and len(split) > 2000 and split.files is not None:
-        # fork on Linux: a script without an `if __name__ == "__main__":` guard works (spawn would
-        # re-run it in every worker and fail). Elsewhere spawn, and such a script needs the guard.
-        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
-    keep, errors = [], []
-    with pool or contextlib.nullcontext():
-        for i, (array, error) in enumerate(pool.imap(_decode_or_error, jobs, 256) if pool else map(_decode_or_error,
-                                                                                                    jobs)):
-            if error is None and out is not None:
-                out[len(keep)] = array
-            (errors if error else keep).append(error or i)
-    if errors and not skip_bad_images:
-        raise UserError(f"{errors[0]}{f' (and {len(errors) - 1} more)' if len(errors) > 1 else ''}; "
-                        f"remove it or pass --skip-bad-images")
-    if errors:
-        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
-    return keep
-
-def build_store(split, size, workers=0, skip_bad_images=False, split_name="train", log=print):
-    labels = torch.tensor(split.labels, dtype=torch.int64)
-    if split.arrays is not None and split.arrays.shape[1] == size:
-        return ImageStore(torch.from_numpy(np.ascontiguousarray(split.arrays)).permute(0, 3, 1, 2).contiguous(), labels)
-    start, images = time.perf_counter(), np.empty((len(split), 3, size, size), dtype=np.uint8)
-    keep = _decode_split(split, size, workers, skip_bad_images, split_name, log, out=images)
-    store = ImageStore(torch.from_numpy(images[:len(keep)]), labels[keep])
-    log(f"{split_name}: decoded {len(store)} images to {size}x{size} in {time.perf_counter() - start:.1f}s "
-        f"({store.images.numel() / 2**20:.0f} MiB uint8)")
-    return store
-
 def _resample_matrix(scale, offset, out_size, in_size):
-    out_pos = (torch.arange(out_size, device=scale.device, dtype=torch.float32) + 0.5) / out_size * 2 - 1
+    """[B, out, in] bilinear weights: output pixel o reads the input at scale * o + offset, both in
+    [-1, 1] image coordinates (as F.affine_grid's, align_corners=False)."""
+    positions = torch.arange(out_size, device=scale.device, dtype=torch.float32)
+    out_pos = (positions + 0.5) / out_size * 2 - 1
     src_pixels = ((scale[:, None] * out_pos[None, :] + offset[:, None]) + 1) * (in_size / 2) - 0.5
     # Within half a pixel of the border is still inside: clamp there (as F.interpolate does) so a
     # resize does not darken the edges; farther out is padding and gets zero weight.
@@ -511,82 +644,91 @@ def _resample_matrix(scale, offset, out_size, in_size):
     return (1 - (src_pixels[:, :, None] - in_pixels[None, None, :]).abs()).clamp(min=0)
 
 def _resample(images, params, out_size):
-    """Crop/flip/resize by affine params [B, 4] = (sx, sy, tx, ty) as two batched matmuls: one op on CPU, CUDA, XLA."""
+    """Crop, flip and resize by params [B, 4] = (sx, sy, tx, ty) as two batched matmuls: fast on
+    CPU, CUDA and XLA alike (torch_xla runs F.grid_sample on the host)."""
     b, c, h, w = images.shape
-    rows = _resample_matrix(params[:, 1], params[:, 3], out_size, h)   # [B, out, H]
-    cols = _resample_matrix(params[:, 0], params[:, 2], out_size, w)   # [B, out, W]
-    x = images.permute(0, 2, 1, 3).reshape(b, h, c * w).float()        # channels ride in the free dim
+    rows = _resample_matrix(params[:, 1], params[:, 3], out_size, h)   # B x out x H
+    cols = _resample_matrix(params[:, 0], params[:, 2], out_size, w)   # B x out x W
+    x = images.permute(0, 2, 1, 3).reshape(b, h, c * w).float()        # channels ride along
     x = torch.bmm(rows, x).view(b, out_size * c, w)
-    return torch.bmm(x, cols.transpose(1, 2)).view(b, out_size, c, out_size).permute(0, 2, 1, 3).contiguous()
+    x = torch.bmm(x, cols.transpose(1, 2))                             # B x out*C x out
+    return x.view(b, out_size, c, out_size).permute(0, 2, 1, 3).contiguous()
 
-def _shift_crop(images, params):
-    """The pad crop (whole-pixel shifts, zero fill, flips) as one gather: what _resample gives, far cheaper."""
-    b, c, h, w = images.shape
-    dx, dy = torch.round(params[:, 2] * (w / 2)).long(), torch.round(params[:, 3] * (h / 2)).long()
-    xs = torch.arange(w, device=images.device)
-    cols = torch.where(params[:, :1] < 0, w - 1 - xs, xs) + dx[:, None]         # [B, W]
-    rows = torch.arange(h, device=images.device)[None, :] + dy[:, None]          # [B, H]
-    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
-    out = images.reshape(b, c, h * w).gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))
-    return out.view(b, c, h, w) * valid[:, None]
+def _resize(x, size):
+    if x.shape[-1] == size:
+        return x.float()
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
 
-_CONSTANTS = {}
-
-def _constant(values, device):  # once per device: made in the step, it would be a blocking copy every step
-    if (values, device) not in _CONSTANTS:
-        _CONSTANTS[values, device] = torch.tensor(values, dtype=torch.float32).to(device)
-    return _CONSTANTS[values, device]
+@functools.lru_cache
+def _on_device(values, device):  # once per device: made in the step, a blocking copy every step
+    return torch.tensor(values, dtype=torch.float32).to(device)
 
 def _normalize(x, mean, std):  # 0..255 floats -> (x / 255 - mean) / std
-    mean, std = (_constant(tuple(v), x.device).view(1, 3, 1, 1) for v in (mean, std))
+    mean = _on_device(tuple(mean), x.device).view(1, 3, 1, 1)
+    std = _on_device(tuple(std), x.device).view(1, 3, 1, 1)
     return x * (1 / (255 * std)) - mean / std
 
-def _resize(x, out_size):
-    if x.shape[-2:] == (out_size, out_size):
-        return x.float()
-    return _resample(x, _constant((1.0, 1.0, 0.0, 0.0), x.device).expand(x.shape[0], 4), out_size)
-
 def train_transform(images, params, image_size, mean, std, crop="pad"):
-    """Training augmentation of a uint8 batch [B, 3, S, S] on its device (params from random_crop_params)."""
-    x = _resize(_shift_crop(images, params), image_size) if crop == "pad" else _resample(images, params, image_size)
+    """Training augmentation of a uint8 batch [B, 3, S, S] on its device (params from
+    random_crop_params). pad: shifted and flipped at S, then resized; resized: straight to size."""
+    if crop == "pad":
+        x = _resize(_resample(images, params, images.shape[-1]), image_size)
+    else:
+        x = _resample(images, params, image_size)
     return _normalize(x, mean, std)
 
 def eval_transform(images, config):
-    """What validation and inference do to a uint8 batch [N, 3, S, S]: resize to config.image_size, normalise."""
+    """What validation and inference do to a uint8 batch [N, 3, S, S]: resize to config.image_size,
+    normalise."""
     return _normalize(_resize(images, config.image_size), config.mean, config.std)
 
 def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25, attempts=10):
-    """Per-image (sx, sy, tx, ty) drawn on the host. pad: shifts up to 1/8, flip; resized: RandomResizedCrop, flip."""
+    """Per-image (sx, sy, tx, ty) drawn on the host. pad: shifts up to 1/8 of the image and a flip;
+    resized: torchvision's RandomResizedCrop and a flip."""
     flip = torch.where(torch.rand(batch_size, generator=generator) < 0.5, -1.0, 1.0)
     if crop == "pad":
         pad = max(1, source_size // 8)
-        shift = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator).float() * 2 / source_size
+        pixels = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator)
+        shift = pixels.float() * 2 / source_size
         return torch.stack([flip, torch.ones(batch_size), shift[:, 0], shift[:, 1]], 1)
-    # torchvision's areas (min_scale..1) and aspects (3/4..4/3), all attempts drawn at once (the generator
-    # advances the same every batch): the first that fits wins; none fits: the whole image, as torchvision.
+    # torchvision's areas (min_scale..1) and aspects (3/4..4/3), all attempts drawn at once (the
+    # generator advances the same every batch): the first that fits wins; none fits: the whole
+    # image, as torchvision.
     area = min_scale + (1 - min_scale) * torch.rand(batch_size, attempts, generator=generator)
     log_ratio = (torch.rand(batch_size, attempts, generator=generator) * 2 - 1) * math.log(4 / 3)
-    sx, sy = torch.sqrt(area * torch.exp(log_ratio)), torch.sqrt(area / torch.exp(log_ratio))
+    sx = torch.sqrt(area * torch.exp(log_ratio))
+    sy = torch.sqrt(area / torch.exp(log_ratio))
     fits = (sx <= 1) & (sy <= 1)
     first = fits.float().argmax(1, keepdim=True)
-    sx, sy = (torch.where(fits.any(1), s.gather(1, first)[:, 0], 1.0) for s in (sx, sy))
+    sx = torch.where(fits.any(1), sx.gather(1, first)[:, 0], 1.0)
+    sy = torch.where(fits.any(1), sy.gather(1, first)[:, 0], 1.0)
     tx = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sx)
     ty = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sy)
     return torch.stack([sx * flip, sy, tx, ty], 1)
 
+@dataclass(eq=False)
 class StoreLoader:
-    """Batches of an ImageStore (or a LazyStore, decoded by `workers` DataLoader processes) for replica `rank`.
-    Training: (uint8 images, labels, crop params) from one (seed, epoch) permutation the replicas split, each
-    with its own crops; the last partial batch dropped (fixed shapes). Validation: (images, labels, mask), the
-    last batch padded and masked. device (CUDA): the epoch's order and params go there at once."""
+    """Batches of an ImageStore (or a LazyStore, decoded by `workers` DataLoader processes) for
+    replica `rank`. Training: (uint8 images, labels, crop params) from one (seed, epoch)
+    permutation the replicas split, each with its own crops; the last partial batch dropped (fixed
+    shapes). Validation: (images, labels, mask), the last batch padded and masked. device (CUDA):
+    the epoch's order and params go there at once."""
+    store: ImageStore | LazyStore
+    batch_size: int
+    train: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    crop: str = "pad"
+    device: torch.device | str | None = None
+    workers: int = 0
+    epoch: int = dataclasses.field(default=0, init=False)
 
-    def __init__(self, store, batch_size, train, seed=0, rank=0, world_size=1, crop="pad", device=None, workers=0):
-        self.store, self.batch_size, self.train, self.seed, self.rank = store, batch_size, train, seed, rank
-        self.world_size, self.crop, self.device, self.workers, self.epoch = world_size, crop, device, workers, 0
-        if train and len(store) // world_size < batch_size:
-            raise UserError(f"{len(store)} training images make no full batch of {batch_size} per "
-                            f"replica ({world_size}): lower --batch-size")
+    def __post_init__(self):
+        if self.train and len(self.store) // self.world_size < self.batch_size:
+            raise UserError(f"{len(self.store)} training images make no full batch of "
+                            f"{self.batch_size} per replica ({self.world_size}): lower "
+                            f"--batch-size")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -594,62 +736,85 @@ class StoreLoader:
     def __len__(self):
         if self.train:
             return len(self.store) // self.world_size // self.batch_size
-        return math.ceil(math.ceil(len(self.store) / self.world_size) / self.batch_size)
+        per_replica = math.ceil(len(self.store) / self.world_size)
+        return math.ceil(per_replica / self.batch_size)
 
     def __iter__(self):
-        n, lazy = self.batch_size, isinstance(self.store, LazyStore)
         if self.train:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            per_replica = len(self.store) // self.world_size
-            order = torch.randperm(len(self.store), generator=g)[self.rank * per_replica:(self.rank + 1) * per_replica]
-            if self.rank:  # one permutation for all, but crops and flips of each replica's own
-                g.manual_seed(self.seed * 100_003 + self.epoch + 1_000_003 * self.rank)
-            size = self.store.size if lazy else self.store.images.shape[-1]
-            third = _to(torch.stack([random_crop_params(g, n, size, self.crop) for _ in range(len(self))]), self.device)
-            batches = order[:len(self) * n].view(len(self), n)
+            batches, extras = self._train_batches()
         else:
-            index = torch.arange(self.rank, len(self.store), self.world_size)
-            third = (torch.arange(len(self) * n) < len(index)).float().view(len(self), n)  # the mask
-            batches = torch.cat([index, index.new_zeros(len(self) * n - len(index))]).view(len(self), n)
-        if lazy:
-            fetched = torch.utils.data.DataLoader(  # its own generator: the global one (dropout) is left as it is
-                self.store, batch_sampler=batches.tolist(), num_workers=self.workers, generator=torch.Generator(),
-                multiprocessing_context="spawn" if self.workers else None)
-        else:
-            fetched = ((self.store.images[i], self.store.labels[i]) for i in _to(batches, self.store.images.device))
-        for b, (images, labels) in enumerate(fetched):
-            yield _to(images, self.device), _to(labels, self.device), third[b]
+            batches, extras = self._val_batches()
+        for b, (images, labels) in enumerate(self._fetch(batches)):
+            yield _to(images, self.device), _to(labels, self.device), extras[b]
 
-def _to(tensor, device):  # on `device` (None: where it is); host -> CUDA from pinned memory, asynchronously
+    def _train_batches(self):
+        """[steps, batch_size] indices from the (seed, epoch) permutation; each batch's crops."""
+        seed = self.seed * 100_003 + self.epoch
+        generator = torch.Generator().manual_seed(seed)
+        per_replica = len(self.store) // self.world_size
+        start = self.rank * per_replica
+        order = torch.randperm(len(self.store), generator=generator)[start:start + per_replica]
+        if self.rank:  # one permutation for all, but crops and flips of each replica's own
+            generator.manual_seed(seed + 1_000_003 * self.rank)
+        params = [random_crop_params(generator, self.batch_size, self.store.size, self.crop)
+                  for _ in range(len(self))]
+        batches = order[:len(self) * self.batch_size].view(len(self), self.batch_size)
+        return batches, _to(torch.stack(params), self.device)
+
+    def _val_batches(self):
+        """[steps, batch_size] indices of this replica's images, padded; the real ones' mask."""
+        index = torch.arange(self.rank, len(self.store), self.world_size)
+        padded = len(self) * self.batch_size
+        mask = (torch.arange(padded) < len(index)).float().view(len(self), self.batch_size)
+        batches = torch.cat([index, index.new_zeros(padded - len(index))])
+        return batches.view(len(self), self.batch_size), mask
+
+    def _fetch(self, batches):  # (images, labels) of each row of batches
+        if not isinstance(self.store, LazyStore):
+            images = self.store.images
+            return ((images[i], self.store.labels[i]) for i in _to(batches, images.device))
+        # its own generator: the global one (dropout) is left as it is
+        context = "spawn" if self.workers else None
+        return torch.utils.data.DataLoader(self.store, batch_sampler=batches.tolist(),
+                                           num_workers=self.workers, generator=torch.Generator(),
+                                           multiprocessing_context=context)
+
+def _to(tensor, device):  # on `device` (None: where it is); host -> CUDA from pinned memory, async
     if device is None or tensor.device == torch.device(device):
         return tensor
     if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
-def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0, seed=0,
-                 skip_bad_images=False, rank=0, world_size=1, log=print, need_train=True, store_device=None,
-                 device=None):
-    """(train_loader, val_loader) for replica `rank`: fast = uint8 stores decoded once (onto store_device, default
-    host memory); torch = decoded per batch in `workers` processes. Both augment on `device`."""
-    splits = {"train": info.train.subset(subset, seed), "val": info.val.subset(subset, seed)}
-    if not need_train:
-        del splits["train"]
-    stores = {}
-    for name, split in splits.items():
+def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
+                 seed=0, skip_bad_images=False, rank=0, world_size=1, log=print, need_train=True,
+                 store_device=None, device=None):
+    """(train_loader, val_loader) for replica `rank` (train_loader None without need_train).
+    fast = uint8 stores decoded once (onto store_device, default host memory); torch = decoded per
+    batch in `workers` processes. Both augment on `device`."""
+
+    def make_store(split, name):
+        split = split.subset(subset, seed)
         if loader == "fast":
             built = build_store(split, info.source_size, workers, skip_bad_images, name, log)
-            stores[name] = ImageStore(built.images.to(store_device), built.labels.to(store_device)) if store_device \
-                else built
-        else:  # a bad image is dropped before training: a batch has no place for a missing one (checked small:
-            # JPEGs then decode at a reduced scale, which still reads every byte)
-            keep = _decode_split(split, 16, workers, True, name, log) if skip_bad_images and split.files \
-                else range(len(split))
-            stores[name] = LazyStore(split.take(keep), info.source_size)
-    train = StoreLoader(stores["train"], batch_size, True, seed, rank, world_size, crop, device, workers) \
-        if need_train else None
-    return train, StoreLoader(stores["val"], batch_size, False, seed, rank, world_size, workers=workers)
+            if store_device is None:
+                return built
+            return ImageStore(built.images.to(store_device), built.labels.to(store_device))
+        # A bad image is dropped before training: a batch has no place for a missing one. Checked
+        # small: JPEGs then decode at a reduced scale, which still reads every byte.
+        keep = range(len(split))
+        if skip_bad_images and split.files:
+            keep = _decode_split(split, 16, workers, True, name, log)
+        return LazyStore(split.take(keep), info.source_size)
 
+    train = None
+    if need_train:
+        train_store = make_store(info.train, "train")
+        train = StoreLoader(train_store, batch_size, True, seed, rank, world_size, crop, device,
+                            workers)
+    val = StoreLoader(make_store(info.val, "val"), batch_size, False, seed, rank, world_size,
+                      workers=workers)
+    return train, val
 
 # ---------------------------------------------------------------------------------------------
 # Device: where training runs (CUDA, XLA, CPU), precision, and how processes talk (DDP, XLA)
