@@ -104,8 +104,7 @@ class ChannelLRN(nn.Module):
         return x / (self.k + self.alpha * window_mean).pow(self.beta)
 
 class Inception(nn.Module):
-    """Four parallel branches concatenated on channels:
-    1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max-pool -> 1x1."""
+    """Four branches concatenated on channels: 1x1 | 1x1, 3x3 | 1x1, 5x5 | 3x3 max-pool, 1x1."""
 
     def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj,
                  batch_norm=False):
@@ -145,24 +144,8 @@ class AuxClassifier(nn.Module):
         x = self.dropout(F.relu(self.fc1(x), inplace=True))   # N x 1024
         return self.fc2(x)                                    # N x num_classes
 
-def _stem(arch, bn):
-    """The layers before 3a. tiny: a slower-shrinking stem, as the 224 one would leave 2x2 maps
-    at 5b from a 64x64 image. original: the paper's, with LRN unless BatchNorm replaces it."""
-    if arch == "tiny":
-        return nn.Sequential(ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
-                             ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
-    layers = [ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1)]
-    if not bn:
-        layers.append(ChannelLRN(64))
-    layers += [ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn)]
-    if not bn:
-        layers.append(ChannelLRN(192))
-    layers.append(nn.MaxPool2d(3, 2, padding=1))
-    return nn.Sequential(*layers)
-
 class GoogLeNet(nn.Module):
-    """Logits [N, classes] in eval mode or without aux heads, else GoogLeNetOutputs.
-    Shapes: original 224 / tiny 64."""
+    """Logits [N, classes] in eval mode or without aux heads, else GoogLeNetOutputs."""
 
     def __init__(self, arch="tiny", num_classes=200, aux_logits=True, batch_norm=None, dropout=0.4,
                  aux_dropout=0.7):
@@ -173,8 +156,18 @@ class GoogLeNet(nn.Module):
         self.arch = arch
         self.aux_logits = aux_logits
         self.batch_norm = bn
+        if arch == "original":  # the paper's stem, with LRN unless BatchNorm replaces it
+            lrn64 = [] if bn else [ChannelLRN(64)]
+            lrn192 = [] if bn else [ChannelLRN(192)]
+            self.stem = nn.Sequential(
+                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn64,
+                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn192,
+                nn.MaxPool2d(3, 2, padding=1))
+        else:  # shrinks slower: the 224 stem would leave 2x2 maps at 5b from a 64x64 image
+            self.stem = nn.Sequential(
+                ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
+                ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
         t = INCEPTION_TABLE
-        self.stem = _stem(arch, bn)
         self.inception3a = Inception(*t["3a"], batch_norm=bn)
         self.inception3b = Inception(*t["3b"], batch_norm=bn)
         self.maxpool3 = nn.MaxPool2d(3, 2, padding=1)
@@ -186,11 +179,8 @@ class GoogLeNet(nn.Module):
         self.maxpool4 = nn.MaxPool2d(3, 2, padding=1)
         self.inception5a = Inception(*t["5a"], batch_norm=bn)
         self.inception5b = Inception(*t["5b"], batch_norm=bn)
-        self.aux1 = None
-        self.aux2 = None
-        if aux_logits:
-            self.aux1 = AuxClassifier(t["4b"][0], num_classes, bn, aux_dropout)
-            self.aux2 = AuxClassifier(t["4e"][0], num_classes, bn, aux_dropout)
+        self.aux1 = AuxClassifier(t["4b"][0], num_classes, bn, aux_dropout) if aux_logits else None
+        self.aux2 = AuxClassifier(t["4e"][0], num_classes, bn, aux_dropout) if aux_logits else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = the paper's 7x7 average pool at 224
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
@@ -215,9 +205,7 @@ class GoogLeNet(nn.Module):
         x = self.inception5b(x)   # N x 1024 x 7 x 7
         x = torch.flatten(self.avgpool(x), 1)  # N x 1024
         logits = self.fc(self.dropout(x))      # N x num_classes
-        if use_aux:
-            return GoogLeNetOutputs(logits, aux1, aux2)
-        return logits
+        return GoogLeNetOutputs(logits, aux1, aux2) if use_aux else logits
 
 def init_weights(model):
     """Kaiming-normal convs: over fan_out before BatchNorm (as torchvision), over fan_in without it
@@ -234,8 +222,7 @@ def init_weights(model):
             nn.init.zeros_(m.bias)
 
 def build_model(arch, num_classes, **options):
-    """A GoogLeNet; options: aux_logits (True), batch_norm (None: on for tiny), dropout (0.4),
-    aux_dropout (0.7)."""
+    """A GoogLeNet; options: aux_logits, batch_norm (None: on for tiny), dropout, aux_dropout."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
     unknown = sorted(set(options) - {"aux_logits", "batch_norm", "dropout", "aux_dropout"})
@@ -271,9 +258,7 @@ class Split:
 
     def source(self, i):  # what decode_image reads
         from PIL import Image
-        if self.files is not None:
-            return self.files[i]
-        return Image.fromarray(self.arrays[i])
+        return self.files[i] if self.files is not None else Image.fromarray(self.arrays[i])
 
     def take(self, index):
         labels = [self.labels[i] for i in index]
@@ -372,15 +357,13 @@ def _class_folders(folder, classes, inner=""):  # the images in folder/<class>/<
         split.labels += [label] * len(files)
     return split
 
-def find_tiny_imagenet(data_dir):  # data_dir or data_dir/tiny-imagenet-200, with wnids.txt
-    for folder in (Path(data_dir), Path(data_dir) / "tiny-imagenet-200"):
-        if (folder / "wnids.txt").is_file():
-            return folder
-    return None
+def find_tiny_imagenet(data_dir):  # data_dir or data_dir/tiny-imagenet-200, with wnids.txt; or None
+    candidates = (Path(data_dir), Path(data_dir) / "tiny-imagenet-200")
+    return next((folder for folder in candidates if (folder / "wnids.txt").is_file()), None)
 
 def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD5):
-    """Fetch, md5-check, extract under a temporary name, rename: never a folder that only looks
-    complete."""
+    """Fetch, md5-check, extract to a temporary folder, rename: never a folder that looks complete
+    and is not."""
     from torchvision.datasets.utils import download_and_extract_archive
     data_dir = Path(data_dir)
     target = data_dir / "tiny-imagenet-200"
@@ -403,8 +386,7 @@ def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD
     shutil.rmtree(partial)
 
 def load_tiny_imagenet(data_dir, download=False):
-    """Tiny ImageNet in its own layout: classes by sorted wnids.txt, val labels from
-    val_annotations.txt."""
+    """Tiny ImageNet as it comes: classes by sorted wnids.txt, val labels from its annotations."""
     if download:
         download_tiny_imagenet(data_dir)
     root = find_tiny_imagenet(data_dir)
@@ -449,9 +431,7 @@ def _tiny_imagenet_words(root):  # wnid -> "goldfish, Carassius auratus", from w
 def load_image_folder(data_dir, image_size):
     root = Path(data_dir)
     train_dir = root / "train"
-    val_dir = root / "val"
-    if not val_dir.is_dir():
-        val_dir = root / "test"
+    val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"--dataset folder expected {root}/train/<class>/ and {root}/val/<class>/ "
                         f"(or test/); found {_listing(root)}")
@@ -491,8 +471,7 @@ def load_cifar10(data_dir, download=False):
                        CIFAR10_MEAN, CIFAR10_STD, 32)
 
 def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, seed=0):
-    """Learnable images for smoke tests: per class a smooth random colour pattern, shifted, plus
-    noise."""
+    """Learnable images for smoke tests: a smooth random pattern per class, shifted, plus noise."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size,
                              mode="bilinear")
@@ -546,9 +525,7 @@ def pick_examples(info, size, count=8):
         with contextlib.suppress(ImageDecodeError):
             images.append(decode_image(info.val.source(i), size))
             labels.append(info.val.labels[i])
-    if not images:
-        return None
-    return {"images": torch.stack(images), "labels": labels}
+    return {"images": torch.stack(images), "labels": labels} if images else None
 
 @dataclass
 class ImageStore:
@@ -678,8 +655,7 @@ def train_transform(images, params, image_size, mean, std, crop="pad"):
     return _normalize(x, mean, std)
 
 def eval_transform(images, config):
-    """What validation and inference do to a uint8 batch [N, 3, S, S]: resize to config.image_size,
-    normalise."""
+    """What validation and inference do to a uint8 batch [N, 3, S, S]: resize, normalise."""
     return _normalize(_resize(images, config.image_size), config.mean, config.std)
 
 def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25, attempts=10):
@@ -809,12 +785,10 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
 
     train = None
     if need_train:
-        train_store = make_store(info.train, "train")
-        train = StoreLoader(train_store, batch_size, True, seed, rank, world_size, crop, device,
-                            workers)
-    val = StoreLoader(make_store(info.val, "val"), batch_size, False, seed, rank, world_size,
-                      workers=workers)
-    return train, val
+        train = StoreLoader(make_store(info.train, "train"), batch_size, True, seed, rank,
+                            world_size, crop, device, workers)
+    val_store = make_store(info.val, "val")
+    return train, StoreLoader(val_store, batch_size, False, seed, rank, world_size, workers=workers)
 
 # ---------------------------------------------------------------------------------------------
 # Device: where training runs (CUDA, XLA, CPU), precision, and how processes talk (DDP, XLA)
