@@ -1752,8 +1752,7 @@ def model_from_checkpoint(checkpoint):
     return model, config
 
 def load_for_inference(path, device="cpu"):
-    """(model in eval mode on `device`, ModelConfig) from a checkpoint alone; classify with
-    predict_proba."""
+    """(model in eval mode on `device`, ModelConfig) from a checkpoint; classify: predict_proba."""
     model, config = model_from_checkpoint(load_checkpoint(path))
     return model.to(device).eval(), config
 
@@ -1881,8 +1880,7 @@ def _flag_ok(action, value):
         return False
 
 def parse_args(argv=None, parser=None):
-    """(args, checkpoint); with --resume the checkpoint's flags are the defaults and flags given
-    override them."""
+    """(args, checkpoint); with --resume the checkpoint's flags are the defaults, given ones win."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     checkpoint = None
@@ -2061,8 +2059,7 @@ def _choose_loader(args, info, device, log):
     return "fast", None
 
 def run(args, checkpoint=None):
-    """Train (or evaluate) as args say, in this process (one of several under torchrun or
-    torch_xla's launcher)."""
+    """Train (or evaluate) as args say in this process (one of several: torchrun, torch_xla)."""
     if checkpoint is None and args.resume:
         checkpoint = load_checkpoint(args.resume)  # each launched process reads it
     config = _train_config(args)
@@ -2117,8 +2114,7 @@ def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by 
     run(args)
 
 def launch_on_tpu_cores(args):
-    """run(args) in a process per TPU core (torch_xla's launcher); a SIGTERM to this one reaches
-    them all."""
+    """run(args) in a process per TPU core (torch_xla's launcher); SIGTERM here reaches them all."""
     import torch_xla
     signal.signal(signal.SIGTERM, _forward_to_children)
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
@@ -2165,8 +2161,7 @@ def _interrupted_line(args):
     return "interrupted before any epoch was saved: nothing to resume"
 
 def main(argv=None):
-    """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when
-    stopped (and saved)."""
+    """The command line: 0; 2 and one line on bad input; 1 on divergence; 128 + signal: stopped."""
     import torch.distributed as dist
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
     args = None
