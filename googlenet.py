@@ -1799,7 +1799,7 @@ def build_parser():
     add("--loader", default="fast", choices=("fast", "torch"), help="fast (default) = decode "
         "once into memory; torch = decode per batch in --workers processes")
     add("--crop", default=None, choices=("pad", "resized"),
-        help="pad = shift + flip; resized = random-resized crop + flip (default: folder)")
+        help="pad = shift + flip; resized = random-resized crop + flip (folder's default)")
     add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
         help="decoding processes (up to 4)")
     add("--skip-bad-images", action="store_true",
