@@ -1596,7 +1596,7 @@ CHECKPOINT_FORMAT = "googlenet-checkpoint-v2"  # v1 was torch.save's pickle (.pt
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
-MAX_IMAGE_SIZE = 1024  # image_size / source_size a checkpoint may set: larger ones take seconds and GBs per image
+MAX_IMAGE_SIZE = 1024  # a checkpoint's image sizes: larger ones take seconds and GBs per image
 MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata)
 MAX_EXAMPLES = 16
 MAX_NUMBER = 1e30  # any number a checkpoint holds: sums, products of a few stay finite
@@ -1618,6 +1618,10 @@ def _plain(value):
 def _flags(value):
     return type(value) is dict and all(_text(key) and _plain(v) for key, v in value.items())
 
+def _three_numbers(value, low, high):
+    numbers = type(value) in (list, tuple) and len(value) == 3
+    return numbers and all(_number(v, low, high) for v in value)
+
 def _first_broken(settings, rules):  # rules: (field, whether it is right, what it must be)
     for name, ok, rule in rules:
         if not ok:
@@ -1630,7 +1634,7 @@ def printable(text):
 
 @dataclass
 class ModelConfig:
-    """What a checkpoint says about its model and data: enough to rebuild and use it; plain values, no paths."""
+    """What a checkpoint says about its model and data: plain values, enough to rebuild it."""
     arch: str
     num_classes: int
     class_names: list
@@ -1649,81 +1653,84 @@ class ModelConfig:
 
     def check(self):
         """self, if every field has its type and range; else ValueError naming the first."""
-        names, ids, sizes = self.class_names, self.class_ids, f"a whole number 8-{MAX_IMAGE_SIZE}"
+        names = self.class_names
+        sizes = f"a whole number 8-{MAX_IMAGE_SIZE}"
         rules = [("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
                  ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
                  ("class_names", type(names) is list and len(names) == self.num_classes
                   and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
-                 ("class_ids", type(ids) is list and all(_text(c) or _whole(c) for c in ids),
-                  "names"),
+                 ("class_ids", type(self.class_ids) is list
+                  and all(_text(c) or _whole(c) for c in self.class_ids), "names"),
                  ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
                  ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
-                 ("mean", type(self.mean) in (list, tuple) and len(self.mean) == 3
-                  and all(_number(v, -10, 10) for v in self.mean), "three numbers in [-10, 10]"),
-                 ("std", type(self.std) in (list, tuple) and len(self.std) == 3
-                  and all(_number(v, 1e-3, 10) for v in self.std), "three numbers in [0.001, 10]"),
+                 ("mean", _three_numbers(self.mean, -10, 10), "three numbers in [-10, 10]"),
+                 ("std", _three_numbers(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
                  ("model_options", _flags(self.model_options), "a dict of flags"),
+                 ("dataset", _text(self.dataset), "text"),
+                 ("run_id", _text(self.run_id), "text"),
                  ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
                  ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch")]
-        rules += [(name, _text(getattr(self, name)), "text") for name in ("dataset", "run_id")]
         for name in ("best_top1", "val_top1"):
             value = getattr(self, name)
             rules.append((name, value is None or _number(value, 0, 1), "a fraction or null"))
         return _first_broken(self, rules)
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
-    return ModelConfig(arch, len(info.class_names), list(info.class_names), image_size or info.source_size,
-                       info.source_size, tuple(info.mean), tuple(info.std), info.name, model_options,
-                       list(info.class_ids))
+    return ModelConfig(arch, len(info.class_names), list(info.class_names),
+                       image_size or info.source_size, info.source_size, tuple(info.mean),
+                       tuple(info.std), info.name, model_options, list(info.class_ids))
 
 def _atomic_write(path, write):
-    """write(file) to a new temporary, fsync, rename over path: the old file survives any crash; disk errors: 1 line."""
+    """write(file) to a new temporary, fsync, rename over path: the old file survives any crash.
+    A full, read-only or forbidden disk is a UserError of one line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        with open(tmp, "xb") as f:  # a new file: the umask's permissions, as any file the user writes
+        with open(tmp, "xb") as f:  # a new file: the umask's permissions, as any the user writes
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):  # (on a read-only disk even a missing file's unlink fails)
+        with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
             tmp.unlink(missing_ok=True)
-        disk = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in a RuntimeError
         full = (errno.ENOSPC, errno.EDQUOT)
-        if isinstance(disk, OSError) and disk.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UserError(f"cannot write {path.name} in {path.parent} ({disk.strerror or disk}): "
-                            f"{'free some space there' if disk.errno in full else 'make it writable'}, or pass "
-                            f"another --checkpoint-dir; the files already there are intact") from None
+        if isinstance(e, OSError) and e.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = "free some space there" if e.errno in full else "make it writable"
+            raise UserError(f"cannot write {path.name} in {path.parent} ({e.strerror or e}): "
+                            f"{advice}, or pass another --checkpoint-dir; the files already there "
+                            f"are intact") from None
         raise
 
-def save_checkpoint(path, model, optimizer, config, train_config=None, history=None, examples=None, cli_args=None,
-                    scaler=None, position=None):
-    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images and
-    RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
+def save_checkpoint(path, model, optimizer, config, train_config=None, history=None,
+                    examples=None, cli_args=None, scaler=None, position=None):
+    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images
+    and RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
     from safetensors.torch import save
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    for name, param in model.named_parameters() if optimizer is not None else ():
-        tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
-    position = dict(position) if position is not None else None
-    for key in ("rng", "cuda_rng") if position is not None else ():
-        tensors[f"position.{key}"] = position.pop(key, None)
-    tensors["examples"] = examples["images"] if examples is not None else None
     metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
-                "args": dict(cli_args or {}), "position": position,
-                "torch_version": torch.__version__}
+                "args": dict(cli_args or {}), "torch_version": torch.__version__}
+    if optimizer is not None:
+        for name, param in model.named_parameters():
+            tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
     if train_config is not None:
         metadata["train_config"] = dataclasses.asdict(train_config)
     if examples is not None:
+        tensors["examples"] = examples["images"]
         metadata["examples"] = list(examples["labels"])
     if scaler is not None and scaler.is_enabled():
         metadata["scaler"] = scaler.state_dict()
+    if position is not None:  # its RNG states as tensors, the rest as JSON
+        tensors["position.rng"] = position.get("rng")
+        tensors["position.cuda_rng"] = position.get("cuda_rng")
+        metadata["position"] = {k: v for k, v in position.items() if k not in ("rng", "cuda_rng")}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
     metadata = {key: json.dumps(value) for key, value in metadata.items()}
     data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
 def is_epoch_record(record):
+    """Whether a history entry (a line of metrics.jsonl) is one epoch's plain record."""
     return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6)
             and all(_number(record.get(k), 0, 1) for k in ("val_top1", "val_top5", "train_top1")
                     if k in record or k == "val_top1")
@@ -1744,15 +1751,22 @@ def _is_position(value):  # the JSON part of a mid-epoch position; its RNG state
 _SCALER_RANGES = {"scale": (2**-64, 2**64), "growth_factor": (1, 1e3), "backoff_factor": (1e-3, 1),
                   "growth_interval": (1, 2**31), "_growth_tracker": (0, 2**31)}
 
-# What each metadata entry must be beyond JSON; config and train_config check themselves.
-_SECTIONS = {
-    "history": (lambda v: type(v) is list and all(map(is_epoch_record, v)), "per-epoch records"),
-    "args": (_flags, "a dict of flags"), "torch_version": (_text, "a version"),
-    "examples": (lambda v: type(v) is list and len(v) <= MAX_EXAMPLES and all(map(_whole, v)),
-                 "labels"),
-    "scaler": (lambda v: type(v) is dict and set(v) == set(_SCALER_RANGES)
-               and all(_number(v[k], *_SCALER_RANGES[k]) for k in v), "a GradScaler state"),
-    "position": (_is_position, "an epoch, a step inside it, seconds, 5 metric sums and the run's shape")}
+def _is_scaler_state(value):
+    return (type(value) is dict and set(value) == set(_SCALER_RANGES)
+            and all(_number(value[key], *_SCALER_RANGES[key]) for key in value))
+
+def _is_history(value):
+    return type(value) is list and all(map(is_epoch_record, value))
+
+def _is_labels(value):
+    return type(value) is list and len(value) <= MAX_EXAMPLES and all(map(_whole, value))
+
+# What each metadata entry beside the two configs must be (the configs check themselves).
+_ENTRIES = {"history": (_is_history, "per-epoch records"), "args": (_flags, "a dict of flags"),
+            "examples": (_is_labels, "labels"), "scaler": (_is_scaler_state, "a GradScaler state"),
+            "position": (_is_position, "an epoch, a step inside it, seconds, 5 metric sums and "
+                                       "the run's shape"),
+            "torch_version": (_text, "a version")}
 
 def _open_checkpoint(path):
     """path, if it is a file that starts as a safetensors file of a bounded header does."""
@@ -1772,62 +1786,72 @@ def _open_checkpoint(path):
     if len(start) < 8 or int.from_bytes(start, "little") > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header "
                               f"under {MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): "
-                              f"pass a "
-                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py")
+                              f"pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
     return path
 
 def _checked_metadata(path, metadata):
-    """The metadata's JSON entries parsed and checked, the configs by their own dataclasses."""
+    """The metadata's JSON entries, parsed and each checked whole; a null entry is left out."""
     def refuse(problem):
         raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
 
-    if metadata.get("format") != CHECKPOINT_FORMAT:
+    if metadata.pop("format", None) != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
-    if "config" not in metadata:
-        raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    checkpoint = {"format": metadata.pop("format"), "train_config": None, "history": [], "args": {}}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "train_config": None, "history": [], "args": {},
+                  "position": None}
     for key, text in metadata.items():
-        if key not in ("config", "train_config", *_SECTIONS):
-            refuse(f"unknown entry {key!r:.60} (known: config, train_config, "
-                   f"{', '.join(_SECTIONS)})")
+        if key not in ("config", "train_config", *_ENTRIES):
+            known = ", ".join(("config", "train_config", *_ENTRIES))
+            refuse(f"unknown entry {key!r:.60} (known: {known})")
         try:
-            checkpoint[key] = json.loads(text)
+            value = json.loads(text)
         except (ValueError, RecursionError) as e:
             refuse(f"its {key!r} is not the JSON googlenet.py writes ({str(e)[:80]})")
+        if value is not None:  # null: as if left out
+            checkpoint[key] = value
     for key, settings in (("config", ModelConfig), ("train_config", TrainConfig)):
         try:
-            if key == "config" or checkpoint[key] is not None:
+            if checkpoint.get(key) is not None:  # defaults filled in: files before a field
                 checkpoint[key] = dataclasses.asdict(settings(**checkpoint[key]).check())
         except (TypeError, ValueError) as e:
             refuse(f"{key!r}: {str(e)[:200]}")
-    for key, (ok, what) in _SECTIONS.items():
+    for key, (ok, what) in _ENTRIES.items():
         if checkpoint.get(key) is not None and not ok(checkpoint[key]):
             refuse(f"{key!r} must be {what}")
-    labels = checkpoint.get("examples") or []
+    if "config" not in checkpoint:
+        raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
+    labels = checkpoint.get("examples", [])
     if any(label >= checkpoint["config"]["num_classes"] for label in labels):
         refuse("an example's label is not one of its classes")
     return checkpoint
 
-def _expected_tensors(path, checkpoint):
-    """(required, optional): name -> (dtype, shape) of the tensors the metadata calls for."""
-    config, labels = checkpoint["config"], checkpoint.get("examples") or []
+def _check_tensor_table(path, checkpoint, file):
+    """Refuse tensors that are not, in name, dtype and shape, those the metadata calls for."""
+    config = checkpoint["config"]
     try:
         with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
             net = build_model(config["arch"], config["num_classes"], **config["model_options"])
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: config field 'model_options' does not build a net "
                               f"({str(e).strip()[:120]})") from None
-    names = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
-    required = {f"model.{k}": (names[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
+    dtypes = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
+    required = {f"model.{k}": (dtypes[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
-    if labels:
+    if checkpoint.get("examples"):
         size = config["source_size"]
-        required["examples"] = ("U8", [len(labels), 3, size, size])
-    if checkpoint.get("position") is not None:
+        required["examples"] = ("U8", [len(checkpoint["examples"]), 3, size, size])
+    if checkpoint["position"] is not None:
         required["position.rng"] = ("U8", list(torch.get_rng_state().shape))
         optional["position.cuda_rng"] = ("U8", [16])  # CUDA's Philox generator: seed and offset
-    return required, optional
+    expected = {**optional, **required}
+    found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
+             for name in file.keys()}
+    misfit = sorted(set(required) - set(found))
+    misfit += sorted(name for name, kind in found.items() if expected.get(name) != kind)
+    if misfit:
+        raise CheckpointError(f"{path}: its tensors do not fit its own config ({config['arch']}, "
+                              f"{config['num_classes']} classes): {misfit[0]!r:.80} and "
+                              f"{len(misfit) - 1} more")
 
 def load_checkpoint(path):
     """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing
@@ -1838,47 +1862,36 @@ def load_checkpoint(path):
     try:
         with safe_open(path, "pt") as file:  # parses the table: dtypes, shapes, byte ranges
             checkpoint = _checked_metadata(path, file.metadata() or {})
-            required, optional = _expected_tensors(path, checkpoint)
-            found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
-                     for name in file.keys()}
-            expected = {**optional, **required}
-            misfit = sorted(set(required) - set(found)) + sorted(
-                name for name, kind in found.items() if expected.get(name) != kind)
-            if misfit:
-                config = checkpoint["config"]
-                raise CheckpointError(f"{path}: its tensors do not fit its own config "
-                                      f"({config['arch']}, {config['num_classes']} classes): "
-                                      f"{misfit[0]!r:.80} "
-                                      f"and {len(misfit) - 1} more")
+            _check_tensor_table(path, checkpoint, file)
             # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
-            tensors = {name: file.get_tensor(name).clone() for name in found}
+            tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
                               f"googlenet.py): {str(e)[:200]}") from None
-    bad = sorted(name for name, t in tensors.items()
-                 if t.is_floating_point() and not torch.isfinite(t).all())
-    if bad:
-        raise CheckpointError(f"{path}: {bad[0]} is NaN or infinite; use an earlier checkpoint")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
     for section in ("model", "momentum"):
         prefix = section + "."
-        checkpoint[section] = {name[len(prefix):]: tensor for name, tensor in tensors.items()
+        checkpoint[section] = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()
                                if name.startswith(prefix)}
     if checkpoint.get("examples"):
         checkpoint["examples"] = {"images": tensors["examples"], "labels": checkpoint["examples"]}
-    if checkpoint.get("position") is not None:
+    if checkpoint["position"] is not None:
         checkpoint["position"]["rng"] = tensors["position.rng"]
         checkpoint["position"]["cuda_rng"] = tensors.get("position.cuda_rng")
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
     config = ModelConfig(**checkpoint["config"])  # checked when read: exactly its fields
-    config.mean, config.std = tuple(config.mean), tuple(config.std)
+    config.mean = tuple(config.mean)
+    config.std = tuple(config.std)
     model = build_model(config.arch, config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
     return model, config
 
 def load_for_inference(path, device="cpu"):
-    """(model in eval mode on `device`, ModelConfig) from a checkpoint alone; classify with predict_proba."""
+    """(model in eval mode on `device`, ModelConfig) from a checkpoint; classify: predict_proba."""
     model, config = model_from_checkpoint(load_checkpoint(path))
     return model.to(device).eval(), config
 
@@ -1888,6 +1901,7 @@ def load_for_inference(path, device="cpu"):
 # ---------------------------------------------------------------------------------------------
 
 def number(kind, minimum, inclusive=True, maximum=MAX_NUMBER):
+    """An argparse type: a `kind` (int or float) from minimum (or above it) to maximum."""
     def parse(text):
         try:
             value = kind(text)
@@ -1895,7 +1909,8 @@ def number(kind, minimum, inclusive=True, maximum=MAX_NUMBER):
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if value < minimum or (value == minimum and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum}, got {text}")
+            bound = "at least" if inclusive else "above"
+            raise argparse.ArgumentTypeError(f"must be {bound} {minimum}, got {text}")
         if not value <= maximum:  # also NaN and infinity
             raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text:.60}")
         return value
@@ -1906,126 +1921,136 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python googlenet.py --help)")
 
 def build_parser():
-    d, p = TrainConfig(), _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, CIFAR-10 "
-                                  "or an image folder, on CUDA, TPU (torch_xla) or CPU; many GPUs or hosts: torchrun.")
-    add = p.add_argument_group("data").add_argument
+    parser = _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, "
+                     "CIFAR-10 or an image folder, on CUDA, TPU (torch_xla) or CPU; many GPUs or "
+                     "hosts: torchrun.")
+    parser.set_defaults(**dataclasses.asdict(TrainConfig()))  # the recipe's flags' defaults
+    add = parser.add_argument_group("data").add_argument
     add("--dataset", default="tiny", choices=DATASETS,
         help="tiny = Tiny ImageNet (default); folder = DIR/train/<class>/, DIR/val/<class>/")
-    add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is, or it (data)")
+    add("--data-dir", default="data",
+        help="where tiny-imagenet-200/ or cifar-10-batches-py/ is, or it (data)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8), help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
-    add("--subset", type=number(int, 0), default=0, help="about N train and N val images, from every class (0 = all)")
-    add("--loader", default="fast", choices=("fast", "torch"),
-        help="fast (default) = decode once into memory; torch = decode per batch in --workers processes")
-    add("--crop", choices=("pad", "resized"), help="pad = shift + flip; resized = random-resized crop + flip")
-    add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1), help="decoding processes (up to 4)")
-    add("--skip-bad-images", action="store_true", help="skip undecodable images (counted) instead of stopping")
-    add = p.add_argument_group("model").add_argument
-    add("--arch", default="tiny", choices=ARCHS, help="original = the paper's 224 net; tiny (default) = 64x64, BN")
-    add("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after every conv (default: tiny only)")
+    add("--image-size", type=number(int, 8),
+        help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
+    add("--subset", type=number(int, 0), default=0,
+        help="about N train and N val images, from every class (0 = all)")
+    add("--loader", default="fast", choices=("fast", "torch"), help="fast (default) = decode "
+        "once into memory; torch = decode per batch in --workers processes")
+    add("--crop", default=None, choices=("pad", "resized"),
+        help="pad = shift + flip; resized = random-resized crop + flip (folder's default)")
+    add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
+        help="decoding processes (up to 4)")
+    add("--skip-bad-images", action="store_true",
+        help="skip undecodable images (counted) instead of stopping")
+    add = parser.add_argument_group("model").add_argument
+    add("--arch", default="tiny", choices=ARCHS,
+        help="original = the paper's 224 net; tiny (default) = 64x64, BN")
+    add("--batch-norm", action=argparse.BooleanOptionalAction,
+        help="BatchNorm after every conv (default: tiny only)")
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
-    add("--aux-weight", type=number(float, 0), default=d.aux_weight, help="loss weight of each aux head (0.3)")
-    add = p.add_argument_group("training recipe").add_argument
-    add("--epochs", type=number(int, 1), default=d.epochs, help="total epochs (30; a resumed run stops here too)")
-    add("--batch-size", type=number(int, 1), default=d.batch_size, help="per process (128); global = x processes")
-    add("--lr", type=number(float, 0, inclusive=False), default=d.lr, help="peak SGD lr per 256 images (0.2)")
-    add("--schedule", default=d.schedule, choices=SCHEDULES,
-        help="cosine (default) = per-step warmup, then cosine decay to 0; paper = warmup, then x0.96 every 8 epochs")
-    add("--warmup-epochs", type=number(float, 0), default=d.warmup_epochs, help="linear warmup to the peak lr (2)")
-    add("--momentum", type=number(float, 0), default=d.momentum, help="SGD momentum (0.9)")
-    add("--nesterov", default=d.nesterov, action=argparse.BooleanOptionalAction, help="Nesterov momentum (on)")
-    add("--weight-decay", type=number(float, 0), default=d.weight_decay, help="on conv and FC weights only (5e-4)")
-    add("--label-smoothing", type=number(float, 0), default=d.label_smoothing, help="label smoothing (0.1)")
-    add("--tta", default=d.tta, action=argparse.BooleanOptionalAction, help="validate on each image and its mirror")
-    add("--seed", type=number(int, 0, maximum=2**32 - 1), default=d.seed,
-        help="seeds data order, augmentation, init, dropout and --subset (0)")
-    add("--precision", default=d.precision, choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA "
-        "8.0+, TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
-    add("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last (default: not on XLA)")
-    add("--compile", default=False, action=argparse.BooleanOptionalAction, help="torch.compile the step (minutes)")
-    add("--log-interval", type=number(int, 0), default=d.log_interval, help="steps between progress lines (50; ~30 s)")
-    add("--save-every", type=number(float, 0), default=d.save_every, metavar="MINUTES",
-        help="also save the position in the epoch this often (0; SIGTERM and Ctrl-C always save it)")
-    add = p.add_argument_group("device, scale-out, checkpoints").add_argument
-    add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto = CUDA, else XLA, else CPU")
-    add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
-    add("--sync-bn", action="store_true", help="under torchrun on CUDA: BatchNorm statistics over all processes")
-    add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl (default: runs/<dataset>, or --resume's folder)")
-    add("--resume", nargs="?", const="last", help="continue from a checkpoint (no value: <checkpoint-dir>/last.safetensors)")
+    add("--aux-weight", type=number(float, 0), help="loss weight of each aux head (0.3)")
+    _add_recipe_flags(parser.add_argument_group("training recipe").add_argument)
+    add = parser.add_argument_group("device, scale-out, checkpoints").add_argument
+    add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
+        help="auto = CUDA, else XLA, else CPU")
+    add("--num-cores", type=number(int, 1),
+        help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
+    add("--sync-bn", action="store_true",
+        help="under torchrun on CUDA: BatchNorm statistics over all processes")
+    add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl "
+        "(default: runs/<dataset>, or --resume's folder)")
+    add("--resume", nargs="?", const="last",
+        help="continue from a checkpoint (no value: <checkpoint-dir>/last.safetensors)")
     add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
-    return p
+    return parser
 
-NOT_RESUMED = ("resume", "evaluate", "device", "num_cores", "checkpoint_dir", "download")  # this call's, not the run's
+def _add_recipe_flags(add):  # TrainConfig's fields; their defaults are set on the parser
+    switch = argparse.BooleanOptionalAction
+    add("--epochs", type=number(int, 1), help="total epochs (30; a resumed run stops here too)")
+    add("--batch-size", type=number(int, 1), help="per process (128); global = x processes")
+    add("--lr", type=number(float, 0, inclusive=False), help="peak SGD lr per 256 images (0.2)")
+    add("--schedule", choices=SCHEDULES, help="cosine (default) = per-step warmup, then cosine "
+        "decay to 0; paper = warmup, then x0.96 every 8 epochs")
+    add("--warmup-epochs", type=number(float, 0), help="linear warmup to the peak lr (2)")
+    add("--momentum", type=number(float, 0), help="SGD momentum (0.9)")
+    add("--nesterov", action=switch, help="Nesterov momentum (on)")
+    add("--weight-decay", type=number(float, 0), help="on conv and FC weights only (5e-4)")
+    add("--label-smoothing", type=number(float, 0), help="label smoothing (0.1)")
+    add("--tta", action=switch, help="validate on each image and its mirror")
+    add("--seed", type=number(int, 0, maximum=2**32 - 1),
+        help="seeds data order, augmentation, init, dropout and --subset (0)")
+    add("--precision", choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA 8.0+, "
+        "TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
+    add("--channels-last", action=switch, help="channels_last (default: not on XLA)")
+    add("--compile", action=switch, help="torch.compile the step (minutes)")
+    add("--log-interval", type=number(int, 0), help="steps between progress lines (50; ~30 s)")
+    add("--save-every", type=number(float, 0), metavar="MINUTES",
+        help="also save the position in the epoch this often (0; SIGTERM and Ctrl-C always do)")
+
+NOT_RESUMED = ("resume", "evaluate", "device", "num_cores", "checkpoint_dir", "download")
 
 def resumed_flags(parser, saved, path):
-    """The flags a checkpoint saved, each through the checks a typed one gets (type, choices, a
-    switch's True or False): a file sets nothing the command line could not."""
+    """The flags a checkpoint saved (those of the run, not of this call), each through the checks
+    a typed one gets: a file sets nothing the command line could not."""
     flags = {}
     for action in parser._actions:
-        if action.dest in NOT_RESUMED or action.dest not in saved:
-            continue
-        value = saved[action.dest]
-        try:
-            ok = _flag_ok(action, value)
-        except (argparse.ArgumentTypeError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path}: its flag {action.option_strings[0]} = {value!r:.60} "
-                                  f"is not one the command line accepts; use a checkpoint written "
-                                  f"by googlenet.py")
-        flags[action.dest] = value
+        if action.dest in saved and action.dest not in NOT_RESUMED:
+            value = saved[action.dest]
+            if not _flag_ok(action, value):
+                flag = action.option_strings[0]
+                raise CheckpointError(f"{path}: its flag {flag} = {value!r:.60} is not one the "
+                                      f"command line accepts; use a checkpoint written by "
+                                      f"googlenet.py")
+            flags[action.dest] = value
     return flags
 
 def _flag_ok(action, value):
+    """Whether the command line could have given this value: its type, choices, or a switch's."""
     if value is None:
         return action.default is None
     if action.nargs == 0:  # a switch
         return type(value) is bool
     if action.choices is not None:
         return value in action.choices
-    return type(value) is not bool and value == (action.type or str)(str(value))
+    try:
+        return type(value) is not bool and value == (action.type or str)(str(value))
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
 
 def parse_args(argv=None, parser=None):
-    """(args, checkpoint); with --resume the checkpoint's flags are the defaults and flags given override them."""
+    """(args, checkpoint); with --resume the checkpoint's flags are the defaults, given ones win."""
     parser = parser or build_parser()
-    args, checkpoint = parser.parse_args(argv), None
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.evaluate and not args.resume:
+        raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
     if args.resume:
-        path = Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE if args.resume == "last" else args.resume
+        path = args.resume
+        if path == "last":
+            path = str(Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE)
         checkpoint = load_checkpoint(path)
         parser.set_defaults(**resumed_flags(parser, checkpoint["args"], path))
         args = parser.parse_args(argv)
-        args.resume, args.checkpoint_dir = str(path), args.checkpoint_dir or str(Path(path).parent)
-    args.crop = args.crop or ("resized" if args.dataset == "folder" else "pad")  # photos: scale jitter
-    args.image_size = args.image_size or (224 if args.arch == "original" else 32 if args.dataset == "cifar10" else 64)
+        args.resume = path
+        args.checkpoint_dir = args.checkpoint_dir or str(Path(path).parent)
+    args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
+    if args.crop is None:
+        args.crop = "resized" if args.dataset == "folder" else "pad"  # photos: scale jitter
+    if args.image_size is None and args.arch == "original":
+        args.image_size = 224
+    if args.image_size is None:
+        args.image_size = 32 if args.dataset == "cifar10" else 64
     if args.image_size > MAX_IMAGE_SIZE:  # checkpoints larger than this are refused when read
         raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
-    args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
     return args, checkpoint
-
-def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
-    """Before any data is read, refuse a folder where another run's files would be lost."""
-    out_dir = Path(out_dir)
-    found = [out_dir / name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
-    checkpoints = [p for p in found if p.name != "metrics.jsonl"]
-    if found and (resumed is None or not checkpoints):
-        advice = f"continue that run with --resume {checkpoints[0]}, or " if checkpoints and resumed is None else ""
-        raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: {advice}pass another "
-                        f"--checkpoint-dir")
-    for path in (p for p in checkpoints if resume_path is None or p.resolve() != Path(resume_path).resolve()):
-        there, mine = load_checkpoint(path)["config"], resumed["config"]
-        if there.get("run_id", "") != mine.get("run_id", ""):
-            raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the run of {resume_path}): "
-                            f"pass another --checkpoint-dir")
-        if path.name == LAST_FILE and there.get("epoch", 0) > mine.get("epoch", 0):
-            raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} (epoch {mine['epoch']}): "
-                            f"resume from {path}, or pass another --checkpoint-dir to branch off")
 
 LOCK_FILE = ".lock"
 
 class CheckpointDirClaim:
-    """A run's hold on its checkpoint folder: an flock on <dir>/.lock that refuses a second trainer
-    there; the OS drops it when the process ends, killed too, so it never stays stuck. A folder it
-    made and that holds nothing when it is released (a refused run) is removed."""
+    """A run's hold on its checkpoint folder: made, proven writable, and locked (an flock on
+    <dir>/.lock) against a second trainer there; the OS drops the lock when the process ends,
+    killed too. Folders it made that hold nothing when it is released (a refused run) go."""
 
     def __init__(self, out_dir):
         import fcntl
@@ -2053,19 +2078,38 @@ class CheckpointDirClaim:
                     folder.rmdir()
         self.lock.close()
 
+def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
+    """Before any data is read, refuse a folder where another run's files would be lost."""
+    out_dir = Path(out_dir)
+    found = [out_dir / name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
+    checkpoints = [path for path in found if path.name != "metrics.jsonl"]
+    if found and (resumed is None or not checkpoints):
+        advice = "pass another --checkpoint-dir"
+        if checkpoints and resumed is None:
+            advice = f"continue that run with --resume {checkpoints[0]}, or {advice}"
+        raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: "
+                        f"{advice}")
+    for path in checkpoints:  # of the run resumed, and not newer than resume_path
+        if path.resolve() == Path(resume_path).resolve():
+            continue
+        there = load_checkpoint(path)["config"]
+        mine = resumed["config"]
+        if there["run_id"] != mine["run_id"]:
+            raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the "
+                            f"run of {resume_path}): pass another --checkpoint-dir")
+        if path.name == LAST_FILE and there["epoch"] > mine["epoch"]:
+            raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} "
+                            f"(epoch {mine['epoch']}): resume from {path}, or pass another "
+                            f"--checkpoint-dir to branch off")
+
 def check_room_for_checkpoints(out_dir, model):
-    """Before any decoding, refuse a folder that cannot be written or has no room for two checkpoints."""
-    out_dir, needed = Path(out_dir), 4 * sum(t.nbytes for t in model.state_dict().values())  # weights + momentum
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-        free = shutil.disk_usage(out_dir).free
-    except OSError as e:
-        raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a --checkpoint-dir you can "
-                        f"write to") from None
+    """Before any decoding, refuse a folder without room for two checkpoints of this model."""
+    needed = 4 * sum(t.nbytes for t in model.state_dict().values())  # 2 x (weights + momentum)
+    free = shutil.disk_usage(out_dir).free
     if free < needed:
-        raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the {needed / 2**20:.0f} MiB two "
-                        f"checkpoints of this model take: free some space or pass another --checkpoint-dir")
+        raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the "
+                        f"{needed / 2**20:.0f} MiB two checkpoints of this model take: free some "
+                        f"space or pass another --checkpoint-dir")
 
 ORIGINAL_MIN_IMAGE_SIZE = 64  # the paper's net: 4x4 maps at 4a-4e (the aux heads' pool), 2x2 at 5b
 
@@ -2075,6 +2119,22 @@ def _small_original_warning(size):
             f"inception 5b (the paper's 224 gives 7x7): use --image-size "
             f"{ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small images")
 
+def _check_device_flags(args):
+    """Flags the device cannot follow, refused before any work."""
+    if args.sync_bn and args.device != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on "
+                        "GPUs)")
+    if args.precision == "fp16" and args.device == "xla":
+        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
+                        "(--precision auto)")
+    if args.device != "xla" or args.num_cores in (None, 1):
+        return
+    if os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
+        raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
+                        "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
+    raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                    "--num-cores 1 or leave --num-cores out")
+
 def _train_config(args):
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -2082,46 +2142,24 @@ def _train_config(args):
     except ValueError as e:
         raise UserError(f"--{str(e).replace('_', '-')}") from None
 
-def _nothing_left_to_train(args, checkpoint, device, log):
-    done = checkpoint["config"]["epoch"]
-    log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to train "
-        f"longer")
-    if device.is_master and checkpoint.get("history"):  # a kill after last, before metrics.jsonl
-        write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
-    return checkpoint.get("history") or []
-
-def _check_device_flags(args, config, device):
-    if args.sync_bn and device.kind != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on "
-                        "GPUs)")
-    if config.precision == "fp16" and device.kind == "xla":
-        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
-                        "(--precision auto)")
-
-def _check_checkpoint_fits(args, saved, info):
-    """The checkpoint's net must be the one these flags and this data set build."""
+def _model_for_run(args, checkpoint, info):
+    """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
     num_classes = len(info.class_names)
+    if checkpoint is None:
+        options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
+        model = build_model(args.arch, num_classes, **options)
+        return model, model_config_for(info, args.arch, args.image_size, **options)
+    saved = checkpoint["config"]
     if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
         raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with "
                               f"{saved['num_classes']} classes, but this run builds {args.arch} "
                               f"with {num_classes}")
-    if saved.get("class_ids") and saved["class_ids"] != info.class_ids:
+    if saved["class_ids"] and saved["class_ids"] != info.class_ids:
         raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
                               f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
-
-def _model_for_run(args, checkpoint, info):
-    """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
-    options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
-    run_id = ""
-    if checkpoint is not None:
-        _check_checkpoint_fits(args, checkpoint["config"], info)
-        options = checkpoint["config"].get("model_options") or {}
-        run_id = checkpoint["config"].get("run_id", "")
-    model_config = model_config_for(info, args.arch, args.image_size, **options)
-    model_config.run_id = run_id
-    model = build_model(args.arch, len(info.class_names), **options)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+    model, _ = model_from_checkpoint(checkpoint)
+    model_config = model_config_for(info, args.arch, args.image_size, **saved["model_options"])
+    model_config.run_id = saved["run_id"]
     return model, model_config
 
 def _log_setup(log, args, config, device, model, num_classes):
@@ -2131,13 +2169,14 @@ def _log_setup(log, args, config, device, model, num_classes):
         where += (f", {device.world_size} processes: global batch "
                   f"{config.batch_size * device.world_size}, "
                   f"peak lr {peak_lr(config, device.world_size):.4g}")
-    scaler_note = " (autocast + GradScaler)" if precision == "fp16" else ""
+    if precision == "fp16":
+        precision += " (autocast + GradScaler)"
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"device: {device.kind} ({where}); precision {precision}{scaler_note}; model {args.arch}: "
+    log(f"device: {device.kind} ({where}); precision {precision}; model {args.arch}: "
         f"{millions:.2f}M parameters, {num_classes} classes, {args.image_size}x{args.image_size} "
         f"input")
-    if device.kind == "cuda" and device.world_size == 1 and torch.cuda.device_count() > 1:
-        gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count()
+    if device.kind == "cuda" and device.world_size == 1 and gpus > 1:
         log(f"note: this host has {gpus} GPUs and this run uses one; to use all: torchrun "
             f"--standalone --nproc_per_node {gpus} googlenet.py ...")
 
@@ -2158,29 +2197,26 @@ def _choose_loader(args, info, device, log):
         return "fast", device.torch_device  # fits on the GPU: batches never cross the PCIe bus
     return "fast", None
 
-def _evaluate_checkpoint(args, model, val_loader, device, model_config, config, log):
-    model.to(device.torch_device)
-    result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
-    tta = " (flip TTA)" if config.tta else ""
-    log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
-        f"top5 {result['top5']:.4f} over {result['images']} images{tta}")
-    return result
-
 def run(args, checkpoint=None):
-    """Train (or evaluate) as args say, in this process (one of several under torchrun or
-    torch_xla's launcher)."""
+    """Train (or evaluate) as args say in this process (one of several: torchrun, torch_xla)."""
     if checkpoint is None and args.resume:
         checkpoint = load_checkpoint(args.resume)  # each launched process reads it
     config = _train_config(args)
     device = make_device(args.device)
-    log = (lambda line: print(line, flush=True)) if device.is_master else (lambda line: None)
-    if args.evaluate and checkpoint is None:
-        raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
+
+    def log(line):
+        if device.is_master:
+            print(line, flush=True)
+
     if not args.evaluate:
         check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
-    if checkpoint is not None and not args.evaluate and checkpoint["config"]["epoch"] >= config.epochs:
-        return _nothing_left_to_train(args, checkpoint, device, log)
-    _check_device_flags(args, config, device)
+    if not args.evaluate and checkpoint and checkpoint["config"]["epoch"] >= config.epochs:
+        done = checkpoint["config"]["epoch"]
+        log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to "
+            f"train longer")
+        if device.is_master and checkpoint["history"]:  # a kill after last, before metrics.jsonl
+            write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
+        return checkpoint["history"]
     torch.manual_seed(config.seed)
     info = first_on_each_node(device, lambda first: load_dataset(
         args.dataset, args.data_dir, args.image_size, args.download and first))
@@ -2197,35 +2233,40 @@ def run(args, checkpoint=None):
         config.seed, args.skip_bad_images, device.rank, device.world_size, log, not args.evaluate,
         store_device, pin_device)
     if args.evaluate:
-        return _evaluate_checkpoint(args, model, val_loader, device, model_config, config, log)
+        model.to(device.torch_device)
+        result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
+        log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
+            f"top5 {result['top5']:.4f} over {result['images']} images"
+            + " (flip TTA)" * config.tta)
+        return result
     if checkpoint is not None:
-        log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to {args.checkpoint_dir}")
+        log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to "
+            f"{args.checkpoint_dir}")
     else:
         log(f"writing checkpoints to {args.checkpoint_dir}")
     examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
     plain_args = {k: v for k, v in vars(args).items() if _plain(v)}
-    return train(model, train_loader, val_loader, model_config, config, device, args.checkpoint_dir,
-                 checkpoint, examples, plain_args, log)
+    return train(model, train_loader, val_loader, model_config, config, device,
+                 args.checkpoint_dir, checkpoint, examples, plain_args, log)
 
 def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
     run(args)
 
 def launch_on_tpu_cores(args):
-    """run(args) in a process per TPU core (torch_xla's launcher); a SIGTERM to this one reaches
-    them all."""
+    """run(args) in a process per TPU core (torch_xla's launcher); SIGTERM here reaches them all."""
     import torch_xla
     signal.signal(signal.SIGTERM, _forward_to_children)
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
-def _last_line(error):  # a DataLoader worker's error arrives wrapped in its traceback text
-    if "Traceback" in str(error):
-        return str(error).strip().splitlines()[-1].split(": ", 1)[-1]
-    return str(error)
-
-def _interrupted_line(last):
-    if last is not None and last.exists():
-        return f"interrupted: {last} holds the last saved epoch; continue with --resume"
-    return "interrupted before any epoch was saved: nothing to resume"
+def run_here_or_on_tpu_cores(args, checkpoint):
+    """run() in this process, or in a process per TPU core (all of them, no --num-cores)."""
+    on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+    if args.device != "xla" or args.num_cores == 1 or on_cpu:
+        return run(args, checkpoint)
+    if args.download:  # once, here: processes downloading together would trample each other
+        load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
+        args.download = False
+    return launch_on_tpu_cores(args)
 
 def _stop_before_training():
     """Until train() takes over, SIGTERM ends the run with one line and 143 (not a silent -15)."""
@@ -2236,8 +2277,7 @@ def _stop_before_training():
 
 def _say(line, rank0):
     """Our one line on stderr (from rank 0); under torchrun also, from every process, its failure
-    summary's root cause (which would else read "To enable traceback see: ..."): the last thing on
-    the screen says what happened."""
+    summary's root cause (which would else read "To enable traceback see: ...")."""
     if rank0:
         print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -2246,33 +2286,30 @@ def _say(line, rank0):
             report = {"message": line, "timestamp": int(time.time())}
             Path(error_file).write_text(json.dumps(report))
 
-def run_here_or_on_tpu_cores(args, checkpoint):
-    """run() in this process, or in a process per TPU core (all of them, no --num-cores)."""
-    if args.device != "xla":
-        return run(args, checkpoint)
-    on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-    if args.num_cores is not None and args.num_cores != 1:
-        if on_cpu:
-            raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
-                            "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
-        raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
-                        "--num-cores 1 or leave --num-cores out")
-    if args.num_cores == 1 or on_cpu:
-        return run(args, checkpoint)
-    if args.download:  # once, here: processes downloading together would trample each other
-        load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
-        args.download = False
-    return launch_on_tpu_cores(args)
+def _error_line(error):
+    """A UserError's line; a DataLoader worker's arrives wrapped in its traceback's text."""
+    text = str(error)
+    if "Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return f"error: {printable(text)}"
+
+def _interrupted_line(args):
+    last = Path(args.checkpoint_dir) / LAST_FILE if args is not None else None
+    if last is not None and last.exists():
+        return f"interrupted: {last} holds the last saved epoch; continue with --resume"
+    return "interrupted before any epoch was saved: nothing to resume"
 
 def main(argv=None):
-    """The command line: 0, 2 with one line on bad input, 1 on divergence, 128 + signal when stopped (and saved)."""
+    """The command line: 0; 2 and one line on bad input; 1 on divergence; 128 + signal: stopped."""
     import torch.distributed as dist
-    args, rank0 = None, int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
+    args = None
     claim = None
     signals = _stop_before_training()
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
+        _check_device_flags(args)
         if rank0 and not args.evaluate:  # rank 0 alone writes the folder
             claim = CheckpointDirClaim(args.checkpoint_dir)
         if rank0 and args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
@@ -2283,13 +2320,12 @@ def main(argv=None):
         _say(str(e), rank0)
         return e.exit_code
     except UserError as e:
-        _say(f"error: {printable(_last_line(e))}", rank0)
-        if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 has said why,
+        _say(_error_line(e), rank0)
+        if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
-        last = Path(args.checkpoint_dir) / LAST_FILE if args is not None else None
-        _say(_interrupted_line(last), rank0)
+        _say(_interrupted_line(args), rank0)
         return 130
     finally:
         if claim is not None:
