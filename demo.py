@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import googlenet
 
@@ -63,9 +64,8 @@ def decode_batch(images, config) -> torch.Tensor:
 def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
     # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
-    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, and fold
-    # whitespace so no block opens.
-    # Characters that are not printable (escapes, lone surrogates) become visible \x.. escapes.
+    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, fold whitespace
+    # so no block opens, and show characters that are not printable as \x.. escapes.
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
 
 def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
@@ -103,8 +103,6 @@ def example_images(checkpoint: dict | None = None, examples_dir=None) -> list[Pa
     stored = (checkpoint or {}).get("examples")
     if not stored:
         return []
-    from PIL import Image
-
     # mkdtemp: a new folder only we can write, so no file (or symlink) someone else planted in the
     # shared temp folder is followed. No path stored in the checkpoint is used.
     out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
@@ -340,8 +338,6 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
 def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
     """No web app: the top-5 per image printed, and with cam_dir its map over the photo in red (as
     the web app shows it) in cam_dir/NAME.cam.png; a bad image: one line on stderr. Exit code."""
-    from PIL import Image
-
     status = 0
     for path in paths:
         try:
