@@ -392,7 +392,8 @@ def main(argv=None) -> int:
                                  "printed for the image files given.")
     add = parser.add_argument
     add("images", nargs="*", type=Path, help="image files to classify here (no web app)")
-    add("--checkpoint", type=Path, help="default: the newest runs/**/best.safetensors")
+    add("--checkpoint", type=Path,
+        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
     add("--examples", type=Path, help="folder of example images (default: the checkpoint's own)")
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=7860, help="port to listen on (default 7860)")
