@@ -4,13 +4,8 @@
     python demo.py                                                  # newest runs/**/best.*
     python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
 
-Everything about the model (architecture, classes, input size, normalisation) comes from the
-checkpoint via ``googlenet.load_checkpoint`` (weights and plain metadata only, checked); nothing
-the checkpoint names is opened. Images are decoded and normalised as validation does it.
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
 """
-
-from __future__ import annotations
 
 import argparse
 import atexit
@@ -30,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import googlenet
 
@@ -49,35 +45,28 @@ REFRESH_SECONDS = 10
 MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
+RUN_SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs",
+                "batch_size": "batch per device", "lr": "lr per 256 images",
+                "schedule": "schedule", "precision": "precision", "device": "device"}
 RUNS_DIR = Path("runs")
-TRAIN_HINT = ("train one with `python googlenet.py --dataset tiny --data-dir data --download` "
-              f"(it writes runs/tiny/{googlenet.BEST_FILE}) or pass --checkpoint PATH")
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
-
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
-
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
-    """One image (a path or a PIL image) as validation decodes it: uint8 [3, S, S], S the
-    checkpoint's source_size or `size`. Raises googlenet.ImageDecodeError (ImageTooLargeError:
-    too large)."""
+    """A path or PIL image decoded as validation does: uint8 [3, S, S], S `size` or source_size."""
     return googlenet.decode_image(image, size or config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
-
 
 def decode_batch(images, config) -> torch.Tensor:
     return torch.stack([load_image(image, config) for image in images])
 
-
 def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
     # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
-    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, and fold
-    # whitespace so no block opens.
-    # Characters that are not printable (escapes, lone surrogates) become visible \x.. escapes.
+    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, fold whitespace
+    # so no block opens, and show characters that are not printable as \x.. escapes.
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
-
 
 def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
     """One row of class probabilities as ``{class name: probability}`` for the k best."""
@@ -89,81 +78,55 @@ def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
         result[name if name not in result else f"{name} (class {index})"] = value
     return result
 
-
 def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]]:
     """Top-k ``{class name: probability}`` for each image (paths or PIL images), in one batch."""
-    if not images:
-        return []
     probs = googlenet.predict_proba(model, config, decode_batch(images, config))
     return [top_k(row, config.class_names, k) for row in probs]
-
 
 def predict(image, model, config, k: int = TOP_K) -> dict[str, float]:
     """Top-k for one image; ``model, config`` as ``googlenet.load_for_inference`` returns them."""
     return predict_many([image], model, config, k)[0]
 
-
 def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
-    """gr.AnnotatedImage's value (photo, [(map, class_name)]), the map (0..1, from predict_with_cam)
-    resized smoothly to the photo (load_image at CAM_SIZE) and times CAM_OPACITY."""
+    """gr.AnnotatedImage's value: the photo, and the map (0..1) resized to it times CAM_OPACITY."""
     side = photo.shape[-1]
     cam = torch.nn.functional.interpolate(cam[None, None], size=(side, side), mode="bilinear")
     return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
 
-
-def example_images(checkpoint: dict | None = None, examples_dir=None,
-                   limit: int = NUM_EXAMPLES) -> list[Path]:
+def example_images(checkpoint: dict | None = None, examples_dir=None) -> list[Path]:
     """The image files in `examples_dir`, else the checkpoint's stored examples written as PNGs
     into a private temporary folder removed at exit, else none."""
     if examples_dir is not None:
-        return sorted(p for p in Path(examples_dir).iterdir()
-                      if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)[:limit]
+        images = sorted(p for p in Path(examples_dir).iterdir()
+                        if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)
+        return images[:NUM_EXAMPLES]
     stored = (checkpoint or {}).get("examples")
     if not stored:
         return []
-    from PIL import Image
-
     # mkdtemp: a new folder only we can write, so no file (or symlink) someone else planted in the
     # shared temp folder is followed. No path stored in the checkpoint is used.
     out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
     atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     paths = []
-    for index, image in enumerate(stored["images"][:limit]):
+    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
         paths.append(out_dir / f"example-{index}.png")
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
     return paths
 
-
-def epoch_record(line: bytes) -> dict | None:
-    """One metrics.jsonl line as a record, or None: too long, not JSON, or not what
-    ``googlenet.is_epoch_record`` accepts (huge or non-finite numbers, odd strings)."""
-    if len(line) > MAX_ROW_BYTES:
-        return None
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # a torn or hostile line: skip it, keep the rest
-        return None
-    return record if googlenet.is_epoch_record(record) else None
-
-
 class MetricsTail:
     """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
-    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS records. A shorter file
-    (a resumed run rewrote it) is read again from its end."""
+    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS epoch records; a shorter
+    file (a resumed run rewrote it) is read again. The app reads it from one event at a time."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.offset = 0  # where the next read starts: the end of the last whole line read
         self.rows = collections.deque(maxlen=MAX_METRICS_ROWS)
-        self.lock = threading.Lock()
 
     def read(self) -> list[dict]:
-        with self.lock:
-            try:
-                self._read_new_lines()
-            except OSError:  # no file (yet), or it is being replaced: the rows read so far
-                pass
-            return list(self.rows)
+        with contextlib.suppress(OSError):  # no file (yet), or it is being replaced: rows so far
+            self._read_new_lines()
+        return list(self.rows)
 
     def _read_new_lines(self):
         with open(self.path, "rb") as f:
@@ -182,10 +145,12 @@ class MetricsTail:
             end = len(data)
         self.offset = start + end
         for line in data[first:end].split(b"\n"):
-            record = epoch_record(line)
-            if record is not None:
-                self.rows.append(record)
-
+            if len(line) > MAX_ROW_BYTES:
+                continue
+            with contextlib.suppress(ValueError, RecursionError):  # a torn or hostile line
+                record = json.loads(line)
+                if googlenet.is_epoch_record(record):  # no huge or non-finite numbers, odd strings
+                    self.rows.append(record)
 
 def read_history(checkpoint_path, checkpoint: dict | None = None,
                  tail: MetricsTail | None = None) -> list[dict]:
@@ -199,7 +164,6 @@ def read_history(checkpoint_path, checkpoint: dict | None = None,
         return records
     stored = (checkpoint or {}).get("history") or []
     return [record for record in stored if googlenet.is_epoch_record(record)]
-
 
 def curves(history):
     """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
@@ -215,7 +179,6 @@ def curves(history):
             table({"val_top1": "val top-1", "val_top5": "val top-5"}),
             table({"lr": "learning rate"}))
 
-
 def describe_run(history, checkpoint: dict | None) -> str:
     """Markdown: the run's settings and its best epoch."""
     if not history:
@@ -225,25 +188,28 @@ def describe_run(history, checkpoint: dict | None) -> str:
     run = {}
     for part in ("args", "train_config", "config"):
         run.update((checkpoint or {}).get(part) or {})
-    s = {key: plain(run.get(key, "?")) for key in
-         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
-    settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
-                f"batch **{s['batch_size']}** per device · "
-                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · "
-                f"precision **{s['precision']}** · device **{s['device']}**")
-    best, n = max(history, key=lambda h: h["val_top1"]), len(history)
+    settings = " · ".join(f"{label} **{plain(run.get(key, '?'))}**"
+                          for key, label in RUN_SETTINGS.items())
+    best = max(history, key=lambda h: h["val_top1"])
     tta = " with flip TTA" if best.get("val_tta") else ""
     return (f"{settings}\n\n**Best epoch {best['epoch']}**: val top-1 {best['val_top1']:.2%}, "
-            f"top-5 {best.get('val_top5', 0):.2%}{tta} ({n} epoch{'s' * (n != 1)} so far)")
+            f"top-5 {best.get('val_top5', 0):.2%}{tta} (epochs so far: {len(history)})")
 
+def page_header(model, config) -> str:
+    """The page's first line: what the model is (no local paths: --share would publish them)."""
+    top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
+    accuracy = "**not measured**" if top1 is None else f"**{top1:.1%}**"
+    return " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
+                       f"arch **{config.arch}**", f"epoch **{config.epoch}**",
+                       f"validation top-1 {accuracy}",
+                       f"running on {next(model.parameters()).device}"])
 
 def classify_uploads(payloads, model, config):
-    """The web app's batched handler: Gradio file payloads in, (labels, messages, overlays) out,
-    an overlay being the top class's activation map over the photo (cam_overlay)."""
-    labels, messages = [None] * len(payloads), [""] * len(payloads)
+    """The web app's batched handler: file payloads in; (top-k labels, messages, overlays) out."""
+    labels = [None] * len(payloads)
+    messages = [""] * len(payloads)
     overlays = [None] * len(payloads)
-    decoded, decoded_slots = [], []
-    photos = []
+    decoded = {}  # slot: (model input, photo at CAM_SIZE)
     for slot, payload in enumerate(payloads):
         # preprocess=False: a payload is Gradio's file description (None once the image is cleared);
         # we decode the file ourselves instead of letting Gradio re-encode it.
@@ -253,46 +219,40 @@ def classify_uploads(payloads, model, config):
         try:
             if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
                 raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-            model_input = load_image(payload["path"], config)
-            photos.append(load_image(payload["path"], config, CAM_SIZE))
-            decoded.append(model_input)
-            decoded_slots.append(slot)
+            decoded[slot] = (load_image(payload["path"], config),
+                             load_image(payload["path"], config, CAM_SIZE))
         except Exception as err:  # decoded one by one, so a bad file fails only its own request
-            print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
-            name = plain(payload.get("orig_name") or Path(payload["path"]).name)
-            messages[slot] = refusal(name, err)
+            messages[slot] = refusal(payload, err)
     if decoded:
-        probs, cams = googlenet.predict_with_cam(model, config, torch.stack(decoded))
-        for slot, row, photo, cam in zip(decoded_slots, probs, photos, cams):
+        inputs = torch.stack([model_input for model_input, _ in decoded.values()])
+        probs, cams = googlenet.predict_with_cam(model, config, inputs)
+        for slot, row, cam in zip(decoded, probs, cams):
             labels[slot] = top_k(row, config.class_names)
-            overlays[slot] = cam_overlay(photo, cam, next(iter(labels[slot])))
+            overlays[slot] = cam_overlay(decoded[slot][1], cam, next(iter(labels[slot])))
+    give_back_freed_memory()
     return labels, messages, overlays
 
-
-def refusal(name: str, err: Exception) -> str:
-    """The message an upload that could not be classified gets."""
+def refusal(payload, err: Exception) -> str:
+    """The message an upload that could not be classified gets (and a line in the server's log)."""
+    print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
+    name = plain(payload.get("orig_name") or Path(payload["path"]).name)
     if isinstance(err, googlenet.ImageTooLargeError):
         return (f"**{name} is too large**: please send an image under "
                 f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels.")
     return (f"**Could not read {name} as an image.** Please upload a photo "
             "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
 
-
 def batch_size(config) -> int:
     """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a
-    burst's memory does not grow with the input size a checkpoint sets (16 at 1024x1024 took
-    8.9 GB)."""
+    burst's memory does not grow with the input size a checkpoint sets."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
-
 def give_back_freed_memory():
-    """glibc keeps what a thread freed in that thread's arena, so one large decode (a 6000x6000
-    palette GIF decodes through RGBA copies of 144 MB each) would stay in the server's memory:
-    hand it back."""
+    """glibc keeps what a thread freed in that thread's arena, so one large decode would stay in
+    the server's memory: hand it back."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
-
 
 def write_gradio_cache_atomically():
     """Gradio names a cached output image by its content's hash and rewrites that file in place, so
@@ -302,10 +262,9 @@ def write_gradio_cache_atomically():
 
     def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
         data = processing_utils.encode_pil_to_bytes(img, format)
-        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-        folder.mkdir(exist_ok=True, parents=True)
-        path = (folder / f"{name}.{format}").resolve()
+        path = Path(cache_dir).resolve() / processing_utils.hash_bytes(data) / f"{name}.{format}"
         if not path.exists():
+            path.parent.mkdir(exist_ok=True, parents=True)
             temporary = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
             temporary.write_bytes(data)
             os.replace(temporary, path)
@@ -313,35 +272,15 @@ def write_gradio_cache_atomically():
 
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
-
 def batched_classifier(model, config):
     """The Classify handler: each batch of uploads runs on one inference thread. Gradio calls
     handlers from a pool of up to 40 threads, and PyTorch's CPU thread pool (OpenMP) is per
     calling thread, so each would grow its own threads and buffers."""
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
 
-    def classify_on_this_thread(payloads):
-        answers = classify_uploads(payloads, model, config)
-        give_back_freed_memory()
-        return answers
-
     def classify(payloads):  # batched: one upload per queued request
-        return inference_thread.submit(classify_on_this_thread, payloads).result()
+        return inference_thread.submit(classify_uploads, payloads, model, config).result()
     return classify
-
-
-def page_header(model, config) -> str:
-    """The page's first line: what the model is. No local paths: a --share link would publish
-    them."""
-    top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
-    accuracy = "**not measured**"
-    if top1 is not None:
-        accuracy = f"**{top1:.1%}**"
-    return " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
-                       f"arch **{config.arch}**", f"epoch **{config.epoch}**",
-                       f"validation top-1 {accuracy}",
-                       f"running on {next(model.parameters()).device}"])
-
 
 def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
@@ -349,7 +288,6 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     import gradio as gr
 
     write_gradio_cache_atomically()
-    classify = batched_classifier(model, config)
     tail = None
     if checkpoint_path is not None:
         tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
@@ -391,17 +329,15 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
         # change (not upload): picking an example or clearing the image updates the prediction too.
-        image.change(classify, inputs=image, outputs=[label, message, overlay], api_name="predict",
-                     preprocess=False, batch=True, max_batch_size=batch_size(config),
-                     concurrency_limit=1, trigger_mode="always_last")
+        image.change(batched_classifier(model, config), inputs=image,
+                     outputs=[label, message, overlay], api_name="predict", preprocess=False,
+                     batch=True, max_batch_size=batch_size(config), concurrency_limit=1,
+                     trigger_mode="always_last")
     return demo.queue(max_size=MAX_QUEUE_SIZE)
-
 
 def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
     """No web app: the top-5 per image printed, and with cam_dir its map over the photo in red (as
     the web app shows it) in cam_dir/NAME.cam.png; a bad image: one line on stderr. Exit code."""
-    from PIL import Image
-
     status = 0
     for path in paths:
         try:
@@ -422,23 +358,15 @@ def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
             print(f"  where it saw {next(iter(result))}: {cam_dir / f'{path.stem}.cam.png'}")
     return status
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message, for main() to print
         raise googlenet.UserError(f"{message} (see python demo.py --help)")
 
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"must be 1-65535, got {text}")
-    return port
-
-
-def check_folders(args):
+def check_args(args):
+    """What argparse does not check: one line that says what to do, before the model loads."""
+    if not 0 < args.port < 65536:
+        raise googlenet.UserError(f"--port must be 1-65535, got {args.port} "
+                                  "(see python demo.py --help)")
     if args.examples is not None and not args.examples.is_dir():
         raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
     if args.cam is not None and not args.images:
@@ -446,37 +374,35 @@ def check_folders(args):
     if args.cam is not None and not args.cam.is_dir():
         raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
 
-
 def newest_checkpoint() -> Path:
     """The newest best checkpoint under RUNS_DIR, for a demo started without --checkpoint."""
     found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
     if not found:
-        raise googlenet.UserError(f"no --checkpoint given and no {googlenet.BEST_FILE} under "
-                                  f"{RUNS_DIR}/: {TRAIN_HINT}")
+        raise googlenet.UserError(
+            f"no --checkpoint given and no {googlenet.BEST_FILE} under {RUNS_DIR}/: train one with "
+            f"`python googlenet.py --dataset tiny --data-dir data --download` (it writes "
+            f"runs/tiny/{googlenet.BEST_FILE}) or pass --checkpoint PATH")
     newest = max(found, key=lambda p: p.stat().st_mtime)
     print(f"Using the newest checkpoint under {RUNS_DIR}/: {newest}", file=sys.stderr)
     return newest
-
 
 def main(argv=None) -> int:
     """Run the demo (see the module docstring); returns the process exit code."""
     parser = _Parser(description="Classify photos with a trained GoogLeNet: a web app, or top-5 "
                                  "printed for the image files given.")
-    parser.add_argument("images", nargs="*", type=Path,
-                        help="image files to classify on the command line (no web app)")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
-    parser.add_argument("--examples", type=Path, default=None,
-                        help="folder of example images to offer (default: the checkpoint's own)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=7860, help="port to listen on (default 7860)")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--cam", type=Path, metavar="DIR", help="with image files: also write each "
-                        "one's class activation map (where it saw the top class): DIR/NAME.cam.png")
+    add = parser.add_argument
+    add("images", nargs="*", type=Path, help="image files to classify here (no web app)")
+    add("--checkpoint", type=Path,
+        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
+    add("--examples", type=Path, help="folder of example images (default: the checkpoint's own)")
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    add("--share", action="store_true", help="also open a public gradio.live link")
+    add("--cam", type=Path, metavar="DIR", help="with image files: also write each one's class "
+        "activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
-        check_folders(args)
+        check_args(args)
         checkpoint_path = args.checkpoint or newest_checkpoint()
         checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights, metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
@@ -484,10 +410,8 @@ def main(argv=None) -> int:
     except googlenet.UserError as err:
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
-
     if args.images:
         return classify_files(args.images, model, config, args.cam)
-
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
@@ -502,7 +426,6 @@ def main(argv=None) -> int:
               "is not this machine's; choose another with --port or --host", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
