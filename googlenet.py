@@ -796,7 +796,7 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
 
 @dataclass
 class Device:
-    """Where training runs (cuda, xla, cpu), our shard, and how processes talk: ddp (torchrun) or xla (TPU cores)."""
+    """Where training runs, this process's shard, and how processes talk (ddp, xla or None)."""
     kind: str
     torch_device: torch.device
     rank: int = 0
@@ -816,68 +816,75 @@ def xla_available():
     return False
 
 def resolve_device_kind(requested):
+    """auto, cuda, xla or cpu -> the kind to train on; refused with what to do where unusable."""
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "xla" if xla_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if requested == "xla":
-        pjrt_device = os.environ.get("PJRT_DEVICE")  # as set: torch_xla's import may default it
-        try:
-            import torch_xla  # noqa: F401
-        except ImportError:
-            raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
-                            "(matching torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
+        if torch.cuda.is_available():
+            return "cuda"
+        return "xla" if xla_available() else "cpu"
     if requested not in ("cuda", "xla", "cpu"):
         raise UserError(f"unknown device {requested!r}: choose auto, cuda, xla or cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or "
+                        "auto")
     if requested == "xla":
-        choose_pjrt_device(pjrt_device)
+        _check_xla()
     return requested
 
-def choose_pjrt_device(pjrt_device):
-    """PJRT_DEVICE unset: TPU where the machine has one, else say what to set (torch_xla would
-    quietly use the CPU)."""
+def _check_xla():
+    """torch_xla, and PJRT_DEVICE (unset: TPU where there is one; torch_xla would use the CPU)."""
+    pjrt_device = os.environ.get("PJRT_DEVICE")  # as set: torch_xla's import may default it
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
+                        "(matching torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
     if pjrt_device:
         return
-    if list(Path("/dev").glob("accel*")):
-        os.environ["PJRT_DEVICE"] = "TPU"
-        return
-    raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
-                    "(/dev/accel*): on a TPU VM set PJRT_DEVICE=TPU; to try XLA on the CPU set "
-                    "PJRT_DEVICE=CPU")
+    if not list(Path("/dev").glob("accel*")):
+        raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
+                        "(/dev/accel*): on a TPU VM set PJRT_DEVICE=TPU; to try XLA on the CPU "
+                        "set PJRT_DEVICE=CPU")
+    os.environ["PJRT_DEVICE"] = "TPU"
 
 def make_device(kind):
-    """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on CPU), one GPU per rank."""
+    """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on the
+    CPU), one GPU per process."""
     import torch.distributed as dist
     if kind == "xla":
         import torch_xla
         import torch_xla.runtime as xr
-        note = "on the CPU: PJRT_DEVICE=CPU" if os.environ.get("PJRT_DEVICE", "").upper() == "CPU" else ""
-        world = xr.world_size()
-        return Device("xla", torch_xla.device(), xr.global_ordinal(), world, "xla" if world > 1 else None, note)
-    if kind == "cuda":  # the fastest convolution algorithms for the fixed shapes; TF32 for fp32 matmuls
+        on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
+        note = "on the CPU: PJRT_DEVICE=CPU" if on_cpu else ""
+        world_size = xr.world_size()
+        distributed = "xla" if world_size > 1 else None
+        return Device("xla", torch_xla.device(), xr.global_ordinal(), world_size, distributed, note)
+    if kind == "cuda":  # the fastest convolutions for the fixed shapes; TF32 for fp32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # torchrun or the like
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # torchrun's
         return Device(kind, torch.device(kind))
-    local_rank = int(os.environ["LOCAL_RANK"])
+    torch_device = torch.device("cpu")
     if kind == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(torch_device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    torch_device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
     return Device(kind, torch_device, dist.get_rank(), dist.get_world_size(), "ddp")
 
 def cpu_has_native_bf16():
+    """avx512_bf16 or AMX, by PyTorch's own probes or else by /proc/cpuinfo's flags."""
     cpu = getattr(torch._C, "_cpu", None)
-    if cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                            or getattr(cpu, "_is_amx_tile_supported", lambda: False)()):
-        return True
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if getattr(cpu, probe, lambda: False)():
+            return True
     with contextlib.suppress(OSError):
-        return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
     return False
 
 def resolve_precision(precision, device):
-    """auto: bf16 where native (CUDA 8.0+, TPUs, CPUs with avx512_bf16/AMX), fp16 on older CUDA GPUs, else fp32."""
+    """auto: bf16 where native (CUDA 8.0+, TPUs, CPUs with avx512_bf16 or AMX), fp16 on older
+    CUDA GPUs, else fp32."""
     if precision != "auto":
         return precision
     if device.kind == "cuda":
@@ -918,18 +925,22 @@ def all_reduce_sum(tensor, device):
     return tensor
 
 def first_on_each_node(device, fn):
-    """fn(True) on the node's first process, then fn(False) on the others; its UserError stops them all."""
+    """fn(True) on the node's first process, then fn(False) on the others; its UserError stops
+    them all."""
     if device.distributed != "ddp":
         return fn(True)
-    first, error, result = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    error = None
+    result = None
     if first:
         try:
             result = fn(True)
         except UserError as e:
             error = e
-    # An all_reduce, not a barrier: it also tells the waiting processes whether the first succeeded.
+    # An all_reduce, not a barrier: it also tells the waiting processes whether the first failed.
     if all_reduce_sum(zeros_on(device, 1) + (error is not None), device).item():
-        error = error or UserError("the first process of a node failed to prepare the data: see its message")
+        error = error or UserError("the first process of a node failed to prepare the data: see "
+                                   "its message")
         error.everywhere = True
         raise error
     return result if first else fn(False)
@@ -945,11 +956,12 @@ def average_buffers(model, device):
 # Train / evaluate: the recipe, the step, the epoch, the run, evaluation, prediction
 # ---------------------------------------------------------------------------------------------
 
-SCHEDULES, PRECISIONS = ("cosine", "paper"), ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "paper")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 @dataclass
 class TrainConfig:
-    """The recipe: Nesterov SGD, per-step warmup then cosine to zero (paper: x0.96 per 8 epochs), label smoothing."""
+    """The recipe: Nesterov SGD, warmup then cosine (paper: x0.96 per 8 epochs), label smoothing."""
     epochs: int = 30
     batch_size: int = 128             # per device / process; the global batch is this x processes
     lr: float = 0.2                   # peak learning rate per 256 images of the global batch
@@ -961,60 +973,69 @@ class TrainConfig:
     label_smoothing: float = 0.1
     aux_weight: float = 0.3           # loss = main + aux_weight x (aux1 + aux2)
     crop: str = "pad"                 # "pad" (shift + flip) or "resized" (random-resized + flip)
-    precision: str = "auto"           # bf16 where the hardware runs it, fp16 on older GPUs, else fp32
+    precision: str = "auto"           # bf16 where the hardware runs it, fp16 on old GPUs, else fp32
     channels_last: bool | None = None  # None: on for CUDA and CPU, off on XLA
     compile: bool | str = False       # torch.compile the training step (a string: its backend)
     tta: bool = False                 # validation: mean logits of each image and its mirror
     seed: int = 0
-    log_interval: int = 50            # steps between progress lines, and every ~30 s (0: epoch lines only)
+    log_interval: int = 50            # steps between progress lines, or ~30 s (0: epoch lines only)
     save_every: float = 0.0           # minutes between mid-epoch saves of last (0: epoch ends only)
 
     def check(self):
         """self, if every field has its type and range (typed flags and a checkpoint's alike)."""
-        rules = [("epochs", _whole(self.epochs, 1, 10**6), "1-1000000"),
-                 ("batch_size", _whole(self.batch_size, 1, 2**20), "1-1048576"),
-                 ("lr", _number(self.lr) and self.lr > 0, "above 0"),
-                 ("momentum", _number(self.momentum, 0, 0.999999), "in [0, 1)"),
-                 ("label_smoothing", _number(self.label_smoothing, 0, 0.999999),
-                  "in [0, 1)"),
-                 ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-                 ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-                 ("crop", self.crop in ("pad", "resized"), "pad or resized"),
-                 ("channels_last", self.channels_last in (None, True, False), "on, off or None"),
-                 ("compile", type(self.compile) is bool or _text(self.compile), "a backend"),
-                 ("seed", _whole(self.seed, 0, 2**32 - 1), "a whole number 0-4294967295"),
-                 ("log_interval", _whole(self.log_interval, 0, 2**31), "a whole number, 0 or more")]
-        rules += [(name, type(getattr(self, name)) is bool, "on or off")
-                  for name in ("nesterov", "tta")]
-        rules += [(name, _number(getattr(self, name), 0), "0 or more")
-                  for name in ("warmup_epochs", "weight_decay", "aux_weight", "save_every")]
-        return _first_broken(self, rules)
+        return _first_broken(self, [
+            ("epochs", _whole(self.epochs, 1, 10**6), "1-1000000"),
+            ("batch_size", _whole(self.batch_size, 1, 2**20), "1-1048576"),
+            ("lr", _number(self.lr) and self.lr > 0, "above 0"),
+            ("momentum", _number(self.momentum, 0, 0.999999), "in [0, 1)"),
+            ("label_smoothing", _number(self.label_smoothing, 0, 0.999999), "in [0, 1)"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("crop", self.crop in ("pad", "resized"), "pad or resized"),
+            ("channels_last", self.channels_last in (None, True, False), "on, off or None"),
+            ("compile", type(self.compile) is bool or _text(self.compile), "a backend"),
+            ("seed", _whole(self.seed, 0, 2**32 - 1), "a whole number 0-4294967295"),
+            ("log_interval", _whole(self.log_interval, 0, 2**31), "a whole number, 0 or more"),
+            ("nesterov", type(self.nesterov) is bool, "on or off"),
+            ("tta", type(self.tta) is bool, "on or off"),
+            ("warmup_epochs", _number(self.warmup_epochs, 0), "0 or more"),
+            ("weight_decay", _number(self.weight_decay, 0), "0 or more"),
+            ("aux_weight", _number(self.aux_weight, 0), "0 or more"),
+            ("save_every", _number(self.save_every, 0), "0 or more"),
+        ])
 
 def peak_lr(config, world_size=1):
     return config.lr * config.batch_size * world_size / 256
 
 def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
-    """The lr of step `step` of `epoch`: a pure function of where the run is, so a resume continues it exactly."""
-    progress, peak = epoch + step / steps_per_epoch, peak_lr(config, world_size)
+    """The lr of a step: a pure function of where the run is, so a resume continues it exactly."""
+    peak = peak_lr(config, world_size)
+    progress = epoch + step / steps_per_epoch
     warmup = min(config.warmup_epochs, config.epochs / 4)  # a short run still gets to decay
     if warmup and progress < warmup:
         return peak * min(1.0, (progress + 1 / steps_per_epoch) / warmup)
     if config.schedule == "paper":  # Szegedy et al.: -4% every 8 epochs
         return peak * 0.96 ** (epoch // 8)
-    # At the step's start: the last step's rate is small but never 0 (on XLA a 0 would be a constant in
-    # the graph, and one more compilation).
-    return peak * 0.5 * (1 + math.cos(math.pi * min((progress - warmup) / max(config.epochs - warmup, 1e-9), 1.0)))
+    # Cosine, at the step's start: the last step's rate is small but never 0 (on XLA a 0 would be
+    # a constant in the graph, and one more compilation).
+    decayed = min((progress - warmup) / max(config.epochs - warmup, 1e-9), 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * decayed))
 
 def make_optimizer(model, config, device_kind="cpu"):
-    """SGD without weight decay on BatchNorm and biases (it only fights the normalisation); fused or foreach."""
-    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    """SGD; no weight decay on BatchNorm and biases (it only fights the normalisation)."""
+    decayed = [p for p in model.parameters() if p.ndim > 1]
+    not_decayed = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay},
+              {"params": not_decayed, "weight_decay": 0.0}]
     kernels = {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_kind, {})
     nesterov = config.nesterov and config.momentum > 0
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum, nesterov=nesterov, **kernels)
-    # XLA: zero momentum made now (the numbers of SGD's first step) makes step 1 the graph of every later step.
-    for p in model.parameters() if config.momentum and device_kind == "xla" else ():
-        optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum, nesterov=nesterov,
+                                **kernels)
+    if config.momentum and device_kind == "xla":
+        # Zero momentum made now (the numbers of SGD's first step) makes step 1 the graph of
+        # every later step.
+        for p in model.parameters():
+            optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)
     return optimizer
 
 def load_momentum(optimizer, model, momentum):
@@ -1030,18 +1051,25 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-# total: what training minimises; main, aux: the plain cross-entropy of the main head (comparable to the
-# validation loss) and the aux heads' mean, detached, for logs; logits: the main head's.
+# total: what training minimises; main, aux: the plain cross-entropy of the main head (comparable
+# to the validation loss) and the aux heads' mean, detached, for logs; logits: the main head's.
 GoogLeNetLoss = namedtuple("GoogLeNetLoss", ["total", "main", "aux", "logits"])
 
 def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
-    logits, auxes = (outputs.logits, outputs[1:]) if isinstance(outputs, GoogLeNetOutputs) else (outputs, ())
+    logits = outputs
+    auxes = []
+    if isinstance(outputs, GoogLeNetOutputs):
+        logits = outputs.logits
+        auxes = [outputs.aux1, outputs.aux2]
     total = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     for aux in auxes:
         total = total + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing)
     with torch.no_grad():
         main = F.cross_entropy(logits.float(), labels)
-        aux = sum(F.cross_entropy(a.float(), labels) for a in auxes) / len(auxes) if auxes else torch.zeros_like(main)
+        if auxes:
+            aux = sum(F.cross_entropy(a.float(), labels) for a in auxes) / len(auxes)
+        else:
+            aux = torch.zeros_like(main)
     return GoogLeNetLoss(total, main, aux, logits)
 
 def _autocast(device, precision):
@@ -1056,20 +1084,22 @@ def uses_channels_last(config, device):
 
 class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite."""
-    everywhere = True  # the processes decide together (train_one_epoch), or share the weights (train)
+    everywhere = True  # the processes decide it together, or share the weights
 
-# What train_step adds up on the device, one slot each in one tensor (one host read per check):
-# main / aux: the heads' loss x images; first_bad_step: 0 while every loss is finite.
+# What train_step adds up on the device, a slot each in one tensor: one host read per check point,
+# and a saved position's list. main / aux_loss: the heads' loss x images; first_bad_step: 0 while
+# every loss is finite.
 SUMS = ("main_loss", "aux_loss", "correct", "images", "first_bad_step")
 
 def read_sums(sums):
     """The device sums as {name: float}, in one copy to the host."""
     return dict(zip(SUMS, sums.tolist()))
 
-def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision, channels_last):
+def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
+               channels_last):
     """One step, adding its SUMS to `sums`; reads nothing back."""
     images, labels, crop_params = batch
-    if images.dtype == torch.uint8:  # fast path: augment here, on the device
+    if images.dtype == torch.uint8:  # the fast loader's: augmented here, on the device
         images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
                                  model_config.std, config.crop)
     if channels_last:
@@ -1081,12 +1111,12 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
     if device.kind == "xla":  # on several TPU cores this all-reduces the gradients first
         import torch_xla.core.xla_model as xm
         xm.optimizer_step(optimizer)
-    else:  # the scaler (fp16; else a plain step) unscales, and skips a step whose gradients overflowed
+    else:  # fp16's scaler unscales, and skips a step whose gradients overflowed (else plain)
         scaler.step(optimizer)
         scaler.update()
     n = labels.shape[0]
-    # The step number from the device's own count: a Python int would be a new constant in XLA's graph
-    # at step 1 of every epoch, one more compilation in epoch 2.
+    # The step's number from the device's own count: a Python int would be a new constant in XLA's
+    # graph at step 1 of every epoch, one more compilation in epoch 2.
     step_number = sums[SUMS.index("images")] / n + 1
     no_bad_step_yet = sums[SUMS.index("first_bad_step")] == 0
     bad = (~torch.isfinite(loss.total.detach())).float() * step_number * no_bad_step_yet
@@ -1114,7 +1144,8 @@ def _request_stop(signum, frame):
 def _graceful_stop():
     """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A
     second Ctrl-C quits. (In torch_xla's launcher's threads _MainThreadStopHandlers set them.)"""
-    STOP["signal"], handlers = None, {}
+    STOP["signal"] = None
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _request_stop) for sig in STOP_SIGNALS}
     try:
@@ -1151,43 +1182,9 @@ def _forward_to_children(signum, frame):  # the TPU launcher's process: its chil
 
 def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-AGREE_SECONDS = 1.0  # off the CPU: the longest time between two reads of the sums
-
-@dataclass
-class Agreement:
-    """What the processes decided together at a check point: the same on every one of them."""
-    first_bad_step: float    # the earliest non-finite step of any process; 0: none
-    stop: bool               # SIGTERM / Ctrl-C reached at least one process
-    save: bool               # --save-every is due on at least one process
-    seconds_per_step: float  # the mean over the processes since the last check point
-
-def agree(device, first_bad_step, stop, save, seconds_per_step):
-    """One collective under several processes (none alone): every first bad step, any stop or
-    save, the pace."""
-    if device.world_size == 1:
-        return Agreement(first_bad_step, stop, save, seconds_per_step)
-    mine = {"stop": float(stop), "save": float(save), "seconds_per_step": seconds_per_step}
-    bad_steps = [0.0] * device.world_size  # a slot per process: the earliest is the minimum
-    bad_steps[device.rank] = first_bad_step
-    local = torch.tensor([*mine.values(), *bad_steps]).to(device.torch_device)
-    shared = all_reduce_sum(local, device).tolist()
-    summed = dict(zip(mine, shared))
-    first_bad = min((s for s in shared[len(mine):] if s), default=0.0)
-    pace = summed["seconds_per_step"] / device.world_size
-    return Agreement(first_bad, summed["stop"] > 0, summed["save"] > 0, pace)
-
-def steps_to_next_check(device, seconds_per_step, steps):
-    """The CPU reads every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS, as
-    the read makes the host wait for the device: at most one wait a second (well under 1% of the
-    time). One XLA process reads only at progress lines and the epoch's end (a read elsewhere cut
-    the graph elsewhere: compilations in epoch 2); alone it stops and saves at once anyway."""
-    if device.kind == "cpu":
-        return 1
-    if device.kind == "xla" and device.world_size == 1:
-        return steps
-    return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
+    if minutes < 60:
+        return f"{minutes}:{seconds:02d}"
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 def weights_finite(model):
     sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
@@ -1198,56 +1195,119 @@ def _diverged(what, config):
     return TrainingDiverged(f"{what}: lower --lr (now {config.lr} per 256 images) or use "
                             f"--precision fp32; the checkpoints saved before are kept")
 
-def _log_progress(log, values, optimizer, device, config, epoch, step, steps, elapsed):
-    count = values["images"]
-    left = elapsed / step * (steps - step)
-    log(f"epoch {epoch + 1} step {step}/{steps} loss {values['main_loss'] / count:.4f} aux "
-        f"{values['aux_loss'] / count:.4f} top1 {values['correct'] / count:.4f} lr "
-        f"{optimizer.param_groups[0]['lr']:.4g} {count * device.world_size / elapsed:.0f} img/s | "
-        f"{_clock(elapsed)} elapsed, ETA epoch {_clock(left)} run "
-        f"{_clock(left + elapsed / step * steps * (config.epochs - epoch - 1))}")
+AGREE_SECONDS = 1.0  # off the CPU: the longest time between two reads of the sums
 
-def _position_at(step, sums, seconds, device, config, steps):
-    """Where a stopped epoch is, and the shape of run it assumes (another restarts the epoch)."""
-    cuda_rng = None
-    if device.torch_device.type == "cuda":
-        cuda_rng = torch.cuda.get_rng_state(device.torch_device)
-    return {"step": step, "sums": sums.tolist(), "seconds": seconds, "rng": torch.get_rng_state(),
-            "cuda_rng": cuda_rng, **run_shape(device.world_size, config.batch_size, steps)}
+def agree(device, wishes, first_bad_step):
+    """wishes ({name: number}) summed over the processes, and the earliest first bad step of any
+    (0: none), in one collective (none for one process)."""
+    if device.world_size == 1:
+        return {**wishes, "first_bad_step": first_bad_step}
+    bad_steps = [0.0] * device.world_size  # a slot per process: the earliest is the least
+    bad_steps[device.rank] = first_bad_step
+    local = torch.tensor([*wishes.values(), *bad_steps]).to(device.torch_device)
+    summed = all_reduce_sum(local, device).tolist()
+    agreed = dict(zip(wishes, summed))
+    agreed["first_bad_step"] = min([step for step in summed[len(wishes):] if step], default=0.0)
+    return agreed
+
+@dataclass
+class Agreement:
+    """What an epoch decides at a check point; but for sums, the same on every process."""
+    sums: dict              # this process's SUMS, read from the device
+    first_bad_step: float   # the earliest non-finite step of any process; 0: none
+    stop: bool              # SIGTERM / Ctrl-C reached at least one process
+    save: bool              # --save-every is due on at least one process
+    log: bool               # a progress line is due
+
+class _CheckPoints:
+    """The steps after which an epoch reads its sums (the host waits for the device) and the
+    processes agree, all at the same steps (one going on alone would wait forever). The CPU reads
+    every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS (well under 1% of
+    the time); one XLA process at progress lines and the epoch's end (a read elsewhere cut the
+    graph elsewhere: compilations in epoch 2). One process alone also reads when a stop, a save or
+    a progress line is due."""
+
+    def __init__(self, device, config, epoch, steps, first_step, save_every):
+        self.device = device
+        self.config = config
+        self.epoch = epoch
+        self.steps = steps
+        self.save_every = save_every
+        now = time.perf_counter()
+        self.read_step = first_step
+        self.read_time = now
+        self.logged = now - 10  # the first progress line after ~20 s
+        self.saved = now - 10
+        self.next_read = first_step + self._steps_between_reads(1.0)
+
+    def _steps_between_reads(self, seconds_per_step):
+        if self.device.kind == "cpu":
+            return 1
+        if self.device.kind == "xla" and self.device.world_size == 1:
+            return self.steps
+        return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
+
+    def after(self, step, now, sums):
+        """The Agreement at this step if it is a check point, else None (nothing is read)."""
+        stop = STOP["signal"] is not None
+        save = bool(self.save_every) and now - self.saved >= self.save_every
+        interval = self.config.log_interval
+        logged = bool(interval) and step % interval == 0
+        on_time = bool(interval) and now - self.logged >= 30
+        log = logged or on_time
+        due = step >= self.next_read or logged or step == self.steps
+        if self.device.world_size == 1:
+            due = due or stop or save or on_time
+        if not due:
+            return None
+        values = read_sums(sums)  # the one host read per check point
+        wishes = {"stop": float(stop), "save": float(save), "seconds": now - self.read_time}
+        agreed = agree(self.device, wishes, values["first_bad_step"])
+        seconds_per_step = agreed["seconds"] / self.device.world_size / (step - self.read_step)
+        self.next_read = step + self._steps_between_reads(seconds_per_step)
+        self.read_step = step
+        self.read_time = now
+        if log:
+            self.logged = now
+        if agreed["save"]:
+            self.saved = now
+        return Agreement(values, agreed["first_bad_step"], agreed["stop"] > 0, agreed["save"] > 0,
+                         log)
+
+    def progress_line(self, values, lr, step, elapsed):
+        images = values["images"]
+        epoch_left = elapsed / step * (self.steps - step)
+        run_left = epoch_left + elapsed / step * self.steps * (self.config.epochs - self.epoch - 1)
+        return (f"epoch {self.epoch + 1} step {step}/{self.steps} loss "
+                f"{values['main_loss'] / images:.4f} aux {values['aux_loss'] / images:.4f} top1 "
+                f"{values['correct'] / images:.4f} lr {lr:.4g} "
+                f"{images * self.device.world_size / elapsed:.0f} img/s | {_clock(elapsed)} "
+                f"elapsed, ETA epoch {_clock(epoch_left)} run {_clock(run_left)}")
+
+    def position(self, step, sums, seconds):
+        """Where a stopped epoch is, and the run shape it assumes (another restarts the epoch)."""
+        cuda_rng = None
+        if self.device.torch_device.type == "cuda":
+            cuda_rng = torch.cuda.get_rng_state(self.device.torch_device)
+        shape = run_shape(self.device.world_size, self.config.batch_size, self.steps)
+        return {"step": step, "sums": sums.tolist(), "seconds": seconds,
+                "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **shape}
 
 def _restore_rng(position, device):
     torch.set_rng_state(position["rng"])
     if position.get("cuda_rng") is not None and device.kind == "cuda":
         torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
 
-@dataclass
-class StepWants:
-    """What a step asks of the host."""
-    read: bool  # read the sums (a check point)
-    log: bool   # a progress line
-    save: bool  # the position (--save-every)
-    stop: bool  # SIGTERM / Ctrl-C came
-
-def _step_wants(device, config, step, steps, next_check, since_log, since_save, save_every):
-    stop = STOP["signal"] is not None
-    save = bool(save_every) and since_save >= save_every
-    logged = bool(config.log_interval) and step % config.log_interval == 0
-    on_time = bool(config.log_interval) and since_log >= 30
-    read = step >= next_check or logged or step == steps
-    if device.world_size == 1:  # alone it reads whenever it likes: a stop or a save reads first
-        read = read or on_time or stop or save
-        return StepWants(read=read, log=logged or on_time, save=save, stop=stop)
-    # All decide at the same check points: one going on alone would wait forever.
-    return StepWants(read=read, log=logged or (on_time and read), save=save and read,
-                     stop=stop and read)
-
-def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print, step_model=None,
-                    announce_first_step=False, scaler=None, position=None, save_position=None, save_every=0.0):
+def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
+                    step_model=None, announce_first_step=False, scaler=None, position=None,
+                    save_position=None, save_every=0.0):
     """One pass; metrics summed on the device, read at check points. position: a stopped epoch's
     place; save_position(position, stop): called once SIGTERM / Ctrl-C came, every save_every s."""
-    step_model = model if step_model is None else step_model  # a compiled module refuses bool()
+    if step_model is None:  # not `or`: a compiled module refuses bool()
+        step_model = model
     model.train()
-    precision, channels_last = resolve_precision(config.precision, device), uses_channels_last(config, device)
+    precision = resolve_precision(config.precision, device)
+    channels_last = uses_channels_last(config, device)
     scaler = scaler or make_grad_scaler(precision, device)
     steps = len(loader)
     sums = zeros_on(device, len(SUMS))
@@ -1257,48 +1317,39 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
         first = position["step"]
         sums += torch.tensor(position["sums"]).to(sums.device)
         start -= position["seconds"]
-    began = time.perf_counter()
-    last_log = last_save = began - 10  # the first progress line after ~20 s
-    last_check = (first, began)  # (step, time) of the last read of the sums
-    next_check = first + steps_to_next_check(device, 1.0, steps)
+    checks = _CheckPoints(device, config, epoch, steps, first, save_every)
     if announce_first_step:
-        log(f"compiling the first training step ({'torch.compile' if config.compile else 'XLA'}; once, for minutes)")
-    for step, batch in enumerate(itertools.islice(device_batches(loader, device), first, None), first + 1):
-        if position and step == first + 1:  # after the loader drew its seeds: dropout goes on as it was
+        compiler = "torch.compile" if config.compile else "XLA"
+        log(f"compiling the first training step ({compiler}; once, for minutes)")
+    batches = itertools.islice(device_batches(loader, device), first, None)
+    for step, batch in enumerate(batches, first + 1):
+        if position and step == first + 1:  # after the loader drew its seeds: dropout as it was
             _restore_rng(position, device)
-        if announce_first_step and step == 2:  # batch 2 comes once step 1 is compiled: no extra sync
+        if announce_first_step and step == 2:  # batch 2 comes once step 1 is compiled: no sync
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
-        set_lr(optimizer, learning_rate(config, epoch, step - 1, steps, device.world_size))
-        train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision, channels_last)
+        lr = learning_rate(config, epoch, step - 1, steps, device.world_size)
+        set_lr(optimizer, lr)
+        train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device,
+                   precision, channels_last)
         now = time.perf_counter()
-        wants = _step_wants(device, config, step, steps, next_check, now - last_log,
-                            now - last_save, save_every)
-        if not wants.read:
+        check = checks.after(step, now, sums)
+        if check is None:
             continue
-        values = read_sums(sums)  # the one host read per check point
-        pace = (now - last_check[1]) / (step - last_check[0])
-        agreed = agree(device, values["first_bad_step"], wants.stop, wants.save, pace)
-        if agreed.first_bad_step:
-            bad_step = int(agreed.first_bad_step)
-            raise _diverged(f"the loss became non-finite at step {bad_step} of epoch {epoch + 1}", config)
-        next_check = step + steps_to_next_check(device, agreed.seconds_per_step, steps)
-        last_check = (step, now)
-        if wants.log:
-            last_log = now
-            _log_progress(log, values, optimizer, device, config, epoch, step, steps, now - start)
-        if save_position is not None and step < steps and (agreed.stop or agreed.save):
+        if check.first_bad_step:
+            bad = int(check.first_bad_step)
+            raise _diverged(f"the loss became non-finite at step {bad} of epoch {epoch + 1}",
+                            config)
+        if check.log:
+            log(checks.progress_line(check.sums, lr, step, now - start))
+        if save_position is not None and step < steps and (check.stop or check.save):
             if not weights_finite(model):  # an update broke them after a finite loss: never save
-                raise _diverged(f"the weights became non-finite by step {step} of epoch {epoch + 1}",
-                                config)
-            last_save = now
-            save_position(_position_at(step, sums, now - start, device, config, steps), agreed.stop)
-    return _epoch_result(sums, device, start)
-
-def _epoch_result(sums, device, start):
+                raise _diverged(f"the weights became non-finite by step {step} of epoch "
+                                f"{epoch + 1}", config)
+            save_position(checks.position(step, sums, now - start), check.stop)
     totals = read_sums(all_reduce_sum(sums, device))
-    count = max(totals["images"], 1)
-    return {"loss": totals["main_loss"] / count, "aux_loss": totals["aux_loss"] / count,
-            "top1": totals["correct"] / count, "images": int(count),
+    images = max(totals["images"], 1)
+    return {"loss": totals["main_loss"] / images, "aux_loss": totals["aux_loss"] / images,
+            "top1": totals["correct"] / images, "images": int(images),
             "seconds": time.perf_counter() - start}
 
 def _eval_logits(model, images, device, precision, tta):
@@ -1314,55 +1365,55 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     with the mirror. precision: as train()'s (auto: the device's); a batch whose fp16 logits
     overflow is scored again in fp32."""
     model.eval()
-    precision, weight = resolve_precision(precision, device), next(model.parameters())
-    channels_last = device.kind != "xla" and weight.ndim == 4 and \
-        weight.is_contiguous(memory_format=torch.channels_last)
-    sums = zeros_on(device, 4)  # loss, top1, top5, n
+    precision = resolve_precision(precision, device)
+    weight = next(model.parameters())
+    channels_last = weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    channels_last = channels_last and device.kind != "xla"
+    sums = zeros_on(device, 4)  # loss, top1, top5, images
     for images, labels, mask in device_batches(loader, device):
-        images = eval_transform(images, model_config) if images.dtype == torch.uint8 else images
+        if images.dtype == torch.uint8:
+            images = eval_transform(images, model_config)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = _eval_logits(model, images, device, precision, tta)
         if precision == "fp16" and not torch.isfinite(logits).all():  # over 65504: a NaN loss
             logits = _eval_logits(model, images, device, "fp32", tta)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = torch.stack([F.cross_entropy(logits, labels, reduction="none"), (top5[:, 0] == labels).float(),
-                            (top5 == labels[:, None]).any(1).float(), torch.ones_like(labels, dtype=torch.float)])
-        sums += (hits * mask.float()).sum(1)
-    loss, top1, top5, count = all_reduce_sum(sums, device).tolist()
-    count = max(count, 1)
-    return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
-
-def resumed_position(resume, device, config, steps_per_epoch, log):
-    """The checkpoint's mid-epoch position, if in the epoch resumed and from a run of this shape."""
-    position = resume.get("position")
-    if position is None or position.get("epoch") != resume["config"]["epoch"]:
-        return None
-    if not fits_position(position, device, config, steps_per_epoch):
-        log(restart_notice(position, device, config, steps_per_epoch))
-        return None
-    return position
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        top1_hits = (top5[:, 0] == labels).float()
+        top5_hits = (top5 == labels[:, None]).any(1).float()
+        per_image = torch.stack([loss, top1_hits, top5_hits, torch.ones_like(loss)])
+        sums += (per_image * mask.float()).sum(1)
+    loss, top1, top5, images = all_reduce_sum(sums, device).tolist()
+    images = max(images, 1)
+    return {"loss": loss / images, "top1": top1 / images, "top5": top5 / images,
+            "images": int(images)}
 
 def run_shape(world_size, batch_size, steps_per_epoch):
     return {"world_size": world_size, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
 
-def fits_position(position, device, config, steps_per_epoch):
-    """Whether a mid-epoch position was saved by a run of this shape: then its step means the same
-    images and lr."""
+def resumed_position(resume, device, config, steps_per_epoch, log):
+    """The checkpoint's mid-epoch position, if in the epoch resumed and saved by a run of this
+    shape (then its step means the same images and lr)."""
+    position = resume.get("position")
+    if position is None or position["epoch"] != resume["config"]["epoch"]:
+        return None
     here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    return all(position.get(key) == value for key, value in here.items())
+    if any(position[key] != value for key, value in here.items()):
+        log(restart_notice(position, device, config, steps_per_epoch))
+        return None
+    return position
 
 def _shape_text(shape):
     processes = "1 process" if shape["world_size"] == 1 else f"{shape['world_size']} processes"
     return f"{processes} x batch {shape['batch_size']}, {shape['steps_per_epoch']} steps an epoch"
 
 def restart_notice(position, device, config, steps_per_epoch):
-    saved = {key: position.get(key, "?") for key in run_shape(0, 0, 0)}
     here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
     epoch = position["epoch"] + 1
     return (f"note: the position saved after step {position['step']} of epoch {epoch} was for "
-            f"{_shape_text(saved)}, this run is {_shape_text(here)}: epoch {epoch} restarts from "
-            f"its first step")
+            f"{_shape_text(position)}, this run is {_shape_text(here)}: epoch {epoch} restarts "
+            f"from its first step")
 
 def resume_point(checkpoint):
     """Where a checkpoint continues, counted as the stop line and the epoch lines count (from 1)."""
@@ -1406,10 +1457,11 @@ class RunFiles:
     cli_args: dict | None
 
     def clean_up_after_a_kill(self, log):
-        for stale in [p for name in CHECKPOINT_FILES for p in self.out_dir.glob(f".{name}.*.tmp")]:
-            stale.unlink()  # the temporary of a save that a kill interrupted
-            log(f"removed {stale.name}, the temporary file of an interrupted save, in "
-                f"{self.out_dir}")
+        for name in CHECKPOINT_FILES:
+            for stale in self.out_dir.glob(f".{name}.*.tmp"):  # a save that a kill interrupted
+                stale.unlink()
+                log(f"removed {stale.name}, the temporary file of an interrupted save, in "
+                    f"{self.out_dir}")
         if self.history:  # a kill after last, before metrics.jsonl: rewrite it from the checkpoint
             write_metrics(self.out_dir / "metrics.jsonl", self.history)
 
@@ -1557,9 +1609,11 @@ def write_metrics(path, history):
 
 @torch.no_grad()
 def predict_proba(model, config, images):
-    """Class probabilities [N, num_classes] of a uint8 batch from decode_image(..., config.source_size)."""
+    """Class probabilities [N, num_classes] of a uint8 batch from decode_image(...,
+    config.source_size)."""
     model.eval()
-    return model(eval_transform(images.to(next(model.parameters()).device), config)).float().softmax(1).cpu()
+    images = images.to(next(model.parameters()).device)
+    return model(eval_transform(images, config)).float().softmax(1).cpu()
 
 @torch.no_grad()
 def predict_with_cam(model, config, images):
