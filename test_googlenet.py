@@ -1484,7 +1484,8 @@ g.train = train_then_write_weight_sum
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path, capsys):
+def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     run = tmp_path / "run"
     result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", run], WRITE_WEIGHT_SUM, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -1501,17 +1502,18 @@ def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path, cap
     assert sum(p.detach().abs().sum().double() for p in model.parameters()).item() == pytest.approx(a, rel=1e-7)
     assert not list(run.glob(".*.tmp"))
     # What the 2 processes logged as validation is the saved model's (BatchNorm statistics included).
-    # (checked in this process: the same main() that a third launch would run)
     best = max(records, key=lambda r: r["val_top1"])
-    code, out, err = run_main(["--resume", run / "best.safetensors", "--evaluate",
-                               "--device", "cpu", "--workers", 0], capsys)
-    assert code == 0, err[-2000:]
-    loss, top1 = (float(out.split(f"{name} ")[1].split()[0]) for name in ("val loss", "top1"))
+    check = subprocess.run([sys.executable, str(HERE / "googlenet.py"), "--resume", str(run / "best.safetensors"),
+                            "--evaluate", "--device", "cpu", "--workers", "0"],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert check.returncode == 0, check.stderr[-2000:]
+    loss, top1 = (float(check.stdout.split(f"{name} ")[1].split()[0]) for name in ("val loss", "top1"))
     assert abs(loss - best["val_loss"]) <= 1.5e-4 and abs(top1 - best["val_top1"]) <= 1e-4
     # 2 -> 1 process: the epoch count and the schedule continue (at the new global batch)
-    code, out, err = run_main(["--resume", run / "last.safetensors", "--epochs", 3,
-                               "--device", "cpu", "--workers", 0], capsys)
-    assert code == 0, err[-2000:]
+    code = subprocess.run([sys.executable, str(HERE / "googlenet.py"), "--resume", str(run / "last.safetensors"),
+                           "--epochs", "3", "--device", "cpu", "--workers", "0"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert code.returncode == 0, code.stderr[-2000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and "processes" not in records[2]
     assert records[2]["lr"] == pytest.approx(g.learning_rate(g.TrainConfig(epochs=3, batch_size=16), 2, 0, 8))
