@@ -868,7 +868,7 @@ def _current_umask():
 @pytest.mark.parametrize("loader", ["fast", "torch"])
 def test_resume_gives_identical_weights(tmp_path, capsys, loader, monkeypatch):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run = SYNTH + ["--image-size", 16, "--loader", loader, "--workers", 0, "--epochs", 2]
+    run = SYNTH + ["--loader", loader, "--workers", 0, "--epochs", 2]
     assert run_main(run + ["--checkpoint-dir", straight], capsys)[0] == 0
     one_epoch = g.train_one_epoch
 
