@@ -199,9 +199,10 @@ def odd_images(tmp_path_factory) -> dict[str, Path]:
 
 
 class Server:
-    """`python demo.py ...` running in the background on 127.0.0.1."""
+    """`python demo.py ...` running in the background on 127.0.0.1. `timeout` is a wait, not a
+    bound: it returns as soon as the page serves (seconds), on a busy machine after minutes."""
 
-    def __init__(self, checkpoint: Path, log: Path, timeout: float = 120, env: dict | None = None):
+    def __init__(self, checkpoint: Path, log: Path, timeout: float = 300, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
@@ -476,11 +477,16 @@ def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
     assert server.process.returncode == 0 and not list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))
 
 
-def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_flat(client, server, odd_images):
+def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_flat(
+        server, odd_images):
     """200 requests at once from one client: every one answered (none refused as "queue full").
     Three bursts: the server's memory after the third is within 5% of after the first (the
-    uploads are ~150 MB once decoded, so leaking any would show). Prints p50/p95 latency."""
-    from gradio_client import handle_file
+    uploads are ~150 MB once decoded, so leaking any would show). Prints p50/p95 latency.
+    The client leaves the answers' map images on the server (the answer itself still comes
+    back whole) and gives each HTTP call 120 s, not httpx's 5 s: on a busy 2-core machine an
+    upload can wait that long for the server's attention."""
+    from gradio_client import Client, handle_file
+    client = Client(server.url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
     huge, small = odd_images["huge_8000x6000.jpg"], odd_images["transparent.png"]
     latencies = []
 
