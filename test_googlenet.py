@@ -292,10 +292,16 @@ def test_pad_crop_shifts_and_flips_exactly():
     x = images.float()
     expected = torch.zeros_like(x[2])
     expected[:, 1:, 2:] = x[2][:, :-1, :-2]
-    out = g._resample(images, params, 8)
-    assert torch.allclose(out[0], x[0], atol=1e-3)
-    assert torch.allclose(out[1], x[1].flip(-1), atol=1e-3)
-    assert torch.allclose(out[2], expected, atol=1e-3)
+    for out in (g._resample(images, params, 8), g._shift_crop(images, params).float()):
+        assert torch.allclose(out[0], x[0], atol=1e-3)
+        assert torch.allclose(out[1], x[1].flip(-1), atol=1e-3)
+        assert torch.allclose(out[2], expected, atol=1e-3)
+
+
+def test_gather_crop_equals_matmul_crop_on_random_params():
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    params = g.random_crop_params(torch.Generator().manual_seed(3), 64, 16, crop="pad")
+    assert torch.allclose(g._shift_crop(images, params).float(), g._resample(images, params, 16), atol=1e-3)
 
 
 def test_eval_transform_upsamples_and_normalises():
