@@ -45,9 +45,6 @@ REFRESH_SECONDS = 10
 MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
-RUN_SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs",
-                "batch_size": "batch per device", "lr": "lr per 256 images",
-                "schedule": "schedule", "precision": "precision", "device": "device"}
 RUNS_DIR = Path("runs")
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
 
@@ -80,6 +77,8 @@ def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
 
 def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]]:
     """Top-k ``{class name: probability}`` for each image (paths or PIL images), in one batch."""
+    if not images:
+        return []
     probs = googlenet.predict_proba(model, config, decode_batch(images, config))
     return [top_k(row, config.class_names, k) for row in probs]
 
@@ -188,12 +187,17 @@ def describe_run(history, checkpoint: dict | None) -> str:
     run = {}
     for part in ("args", "train_config", "config"):
         run.update((checkpoint or {}).get(part) or {})
-    settings = " · ".join(f"{label} **{plain(run.get(key, '?'))}**"
-                          for key, label in RUN_SETTINGS.items())
+    s = {key: plain(run.get(key, "?")) for key in
+         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
+    settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
+                f"batch **{s['batch_size']}** per device · "
+                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · "
+                f"precision **{s['precision']}** · device **{s['device']}**")
     best = max(history, key=lambda h: h["val_top1"])
+    epochs = "1 epoch" if len(history) == 1 else f"{len(history)} epochs"
     tta = " with flip TTA" if best.get("val_tta") else ""
     return (f"{settings}\n\n**Best epoch {best['epoch']}**: val top-1 {best['val_top1']:.2%}, "
-            f"top-5 {best.get('val_top5', 0):.2%}{tta} (epochs so far: {len(history)})")
+            f"top-5 {best.get('val_top5', 0):.2%}{tta} ({epochs} so far)")
 
 def page_header(model, config) -> str:
     """The page's first line: what the model is (no local paths: --share would publish them)."""
