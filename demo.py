@@ -102,15 +102,21 @@ def example_images(checkpoint: dict | None = None, examples_dir=None) -> list[Pa
     stored = (checkpoint or {}).get("examples")
     if not stored:
         return []
-    # mkdtemp: a new folder only we can write, so no file (or symlink) someone else planted in the
-    # shared temp folder is followed. No path stored in the checkpoint is used.
-    out_dir = Path(tempfile.mkdtemp(prefix="googlenet-demo-examples-"))
-    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+    out_dir = private_folder("googlenet-demo-examples-")  # no path stored in the checkpoint is used
     paths = []
     for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
         paths.append(out_dir / f"example-{index}.png")
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
     return paths
+
+def private_folder(prefix: str, parent: str | None = None) -> Path:
+    """A new folder (in parent, else the temp folder) removed at exit. mkdtemp: only we can write
+    it, so no file (or symlink) someone else planted in a shared folder is followed."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 class MetricsTail:
     """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
@@ -416,6 +422,10 @@ def main(argv=None) -> int:
         return 2
     if args.images:
         return classify_files(args.images, model, config, args.cam)
+    # Gradio names an upload by its content and, when a server stops, deletes every file it cached:
+    # two servers sharing /tmp/gradio would delete each other's copies of the same photo.
+    cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
     demo = build_demo(model, config, example_images(checkpoint, args.examples),
                       checkpoint_path=checkpoint_path, checkpoint=checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.

@@ -472,9 +472,34 @@ def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
     server = Server(checkpoint, tmp_path / "server.log", env=env)
     try:
         assert len(list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))) == 1  # there while serving
+        assert len(list((tmp_path / "tmp").glob("googlenet-demo-cache-*"))) == 1  # its uploads' folder
     finally:
         server.stop()
-    assert server.process.returncode == 0 and not list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))
+    assert server.process.returncode == 0 and not list((tmp_path / "tmp").glob("googlenet-demo-*"))
+
+
+def upload(server: Server, path: Path) -> str:
+    """Where the server keeps an uploaded file (Gradio's upload route, as a page's upload does)."""
+    import httpx
+    with path.open("rb") as f:
+        response = httpx.post(server.url + "gradio_api/upload", files={"files": (path.name, f)}, timeout=120)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def test_stopping_one_demo_leaves_another_demos_uploads_in_place(server, checkpoint, odd_images, tmp_path):
+    """Gradio names an upload by its content and deletes every file it cached when a server stops.
+    With one shared cache, stopping a demo deleted the same photo under another demo that was about
+    to classify it (seen as "No such file" answers in a burst): each demo has a cache of its own."""
+    photo = odd_images["transparent.png"]
+    other = Server(checkpoint, tmp_path / "other.log")
+    try:
+        there = upload(other, photo)
+        here = upload(server, photo)
+    finally:
+        other.stop()
+    assert here != there and not Path(there).exists()  # the stopped demo took its own copy with it
+    assert Path(here).read_bytes() == photo.read_bytes()
 
 
 def test_a_burst_of_200_concurrent_requests_is_all_answered_and_memory_stays_flat(
