@@ -339,7 +339,7 @@ def test_both_loaders_give_the_same_training_batches():
     for loader in (fast, per_batch):
         loader.set_epoch(2)
     pairs = list(zip(fast, per_batch))
-    assert len(pairs) == 5 and isinstance(per_batch.store, g.LazyStore)
+    assert len(pairs) == 5 and isinstance(per_batch.store, g.DecodedImages)
     for a, b in pairs:
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     config, device = g.TrainConfig(epochs=1, batch_size=8, precision="fp32", log_interval=0), g.make_device("cpu")
@@ -582,7 +582,7 @@ def test_fast_and_torch_paths_give_same_val_tensors():
     split = info.val.subset(40)
     config = g.ModelConfig("tiny", 200, [], 64, 64, info.mean, info.std)
     fast = g.eval_transform(g.build_store(split, 64).images, config)
-    dataset = g.LazyStore(split, 64)
+    dataset = g.DecodedImages(split, 64)
     baseline = g.eval_transform(torch.stack([dataset[i][0] for i in range(len(split))]), config)
     assert torch.allclose(fast, baseline, atol=1e-5)
     assert [dataset[i][1] for i in range(len(split))] == split.labels
@@ -675,7 +675,7 @@ def test_wrong_layout_one_line(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     for dataset in ("tiny", "folder"):
         code, out, err = run_main(["--dataset", dataset, "--data-dir", tmp_path, "--device", "cpu"], capsys)
-        assert code == 2 and "expected" in err and "images/" in err
+        assert code == 2 and "expected" in err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
