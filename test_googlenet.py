@@ -671,6 +671,36 @@ def test_build_store_with_workers_from_a_script_without_a_main_guard(tmp_path):
     assert result.returncode == 0 and "decoded 2400" in result.stdout, result.stderr[-2000:]
 
 
+DECODE_UNDER_THE_TRAINERS_HANDLER = """
+import signal, sys, googlenet as g
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as the trainer's: it only sets a flag
+files = sys.argv[1:]
+split = g.Split([i % 2 for i in range(len(files))], files=files)
+for repeat in range(20):
+    store = g.build_store(split, 8, workers=2, log=lambda line: None)
+print("decoded", len(store), "images 20 times")
+"""
+
+
+def test_decoding_workers_never_hang_under_the_trainers_sigterm_handler(tmp_path):
+    # Forked decoding workers inherited the trainer's SIGTERM handler, so the SIGTERM meant to end
+    # them did not, and decoding hung before training (today's main: within 3 repeats of this loop).
+    files = [str(tmp_path / f"{i}.png") for i in range(2048)]
+    for i, path in enumerate(files):
+        Image.new("RGB", (8, 8), (i % 256, i // 256, 0)).save(path)
+    script = tmp_path / "decode.py"
+    script.write_text(DECODE_UNDER_THE_TRAINERS_HANDLER)
+    process = subprocess.Popen([sys.executable, str(script), *files], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        out, err = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the script and the workers it waits for
+        pytest.fail("decoding with two workers hung under a SIGTERM handler that only sets a flag")
+    assert process.returncode == 0 and "decoded 2048 images 20 times" in out, err[-2000:]
+
+
 def test_wrong_layout_one_line(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     for dataset in ("tiny", "folder"):
