@@ -240,8 +240,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -390,15 +388,13 @@ def load_tiny_imagenet(data_dir, download=False):
     if missing:
         raise UserError(f"Tiny ImageNet at {root} is incomplete ({missing[0]} is missing or "
                         f"empty): remove it and run again with --download")
-    val = Split(labels=[], files=[])
-    for line in annotations.read_text().splitlines():
-        fields = line.split("\t")
-        if len(fields) < 2:
-            continue
-        if fields[1] not in wnids:
-            raise UserError(f"{annotations}: class {fields[1]} is not in wnids.txt")
-        val.files.append(str(root / "val" / "images" / fields[0]))
-        val.labels.append(wnids.index(fields[1]))
+    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if "\t" in line]
+    strangers = sorted({wnid for _, wnid in rows} - set(wnids))
+    if strangers:
+        raise UserError(f"{annotations}: class {strangers[0]} is not in wnids.txt")
+    label_of = {wnid: k for k, wnid in enumerate(wnids)}
+    val = Split([label_of[wnid] for _, wnid in rows],
+                files=[str(root / "val" / "images" / name) for name, _ in rows])
     words = {}  # wnid -> "goldfish, Carassius auratus"
     if (root / "words.txt").is_file():
         lines = (root / "words.txt").read_text().splitlines()
@@ -439,10 +435,9 @@ def load_cifar10(data_dir, download=False):
     except OSError as e:
         raise UserError(f"downloading CIFAR-10 failed ({e}): check the connection and "
                         f"retry") from None
-    classes = list(CIFAR10_CLASSES)
     return DatasetInfo("cifar10", Split(list(train.targets), arrays=train.data),
-                       Split(list(val.targets), arrays=val.data), classes, list(classes),
-                       CIFAR10_MEAN, CIFAR10_STD, 32)
+                       Split(list(val.targets), arrays=val.data), train.classes,
+                       list(train.classes), CIFAR10_MEAN, CIFAR10_STD, 32)
 
 def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, seed=0):
     """Learnable images for smoke tests: a smooth random pattern per class, shifted, plus noise."""
@@ -567,7 +562,8 @@ def build_store(split, size, workers=0, skip_bad_images=False, split_name="train
 def _decode(split, size, workers, skip_bad_images, split_name, log, out=None):
     """Decodes every image of split, the good ones into out[0], out[1], ... (if out): their
     indices. A stop (SIGTERM, Ctrl-C) ends it within a batch."""
-    chunks = [range(i, min(i + 64, len(split))) for i in range(0, len(split), 64)]
+    # 32 images a batch: what is in flight stays small beside the store
+    chunks = [range(i, min(i + 32, len(split))) for i in range(0, len(split), 32)]
     keep = []
     errors = []
     decoded = DecodedImages(split, size).batches(chunks, workers)
@@ -577,8 +573,10 @@ def _decode(split, size, workers, skip_bad_images, split_name, log, out=None):
         errors += [message for message in messages if message]
         if errors and not skip_bad_images:
             raise bad_image_error(errors[0])
+        if len(good) < len(images):
+            images = images[good]
         if out is not None:
-            out[len(keep):len(keep) + len(good)] = images[good]
+            out[len(keep):len(keep) + len(good)] = images
         keep += [chunk[k] for k in good]
     if errors:
         log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
@@ -696,8 +694,7 @@ class StoreLoader:
     def __post_init__(self):
         if self.train and len(self) == 0:
             raise UserError(f"{len(self.store)} training images make no full batch of "
-                            f"{self.batch_size} per replica ({self.world_size}): lower "
-                            f"--batch-size")
+                            f"{self.batch_size} per replica ({self.world_size}): lower --batch-size")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
