@@ -694,7 +694,8 @@ class StoreLoader:
     def __post_init__(self):
         if self.train and len(self) == 0:
             raise UserError(f"{len(self.store)} training images make no full batch of "
-                            f"{self.batch_size} per replica ({self.world_size}): lower --batch-size")
+                            f"{self.batch_size} per replica ({self.world_size} replicas): lower "
+                            f"--batch-size")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
