@@ -744,7 +744,7 @@ class StoreLoader:
     def _decoded(self, batches):
         for images, labels, errors in self.store.batches(batches.tolist(), self.workers):
             if any(errors):
-                raise bad_image_error(max(errors))
+                raise bad_image_error(next(error for error in errors if error))
             yield images, labels
 
 def _to(tensor, device):  # on `device` (None: where it is); host -> CUDA from pinned memory, async

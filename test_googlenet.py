@@ -701,6 +701,23 @@ def test_decoding_workers_never_hang_under_the_trainers_sigterm_handler(tmp_path
     assert process.returncode == 0 and "decoded 2048 images 20 times" in out, err[-2000:]
 
 
+def test_a_stop_ends_decoding_at_the_next_batch(tmp_path, monkeypatch):
+    # raise_if_stopped is asked once per decoded batch: a SIGTERM during a long decode ends it soon,
+    # and the workers it leaves shut down.
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    asked = []
+
+    def stopped_at_the_third_batch(what=""):
+        asked.append(what)
+        if len(asked) == 3:
+            raise g.UserError("stopped")
+    monkeypatch.setattr(g, "raise_if_stopped", stopped_at_the_third_batch)
+    split = g.Split([0] * 1000, files=[str(tmp_path / "a.png")] * 1000)
+    with pytest.raises(g.UserError, match="stopped"):
+        g.build_store(split, 8, workers=2, log=lambda line: None)
+    assert len(asked) == 3
+
+
 def test_wrong_layout_one_line(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     for dataset in ("tiny", "folder"):
