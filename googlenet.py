@@ -1764,25 +1764,22 @@ def save_checkpoint(path, model, optimizer, model_config, train_config=None, his
     and each rank's RNG states as tensors; configs, history, the command line (`argv`), the
     scaler's state and the rest of the position in the epoch as JSON metadata."""
     from safetensors.torch import save
+    position = dict(position or {})
+    examples = examples or {}
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    metadata = {"config": dataclasses.asdict(model_config), "history": list(history or []),
-                "argv": list(argv or []), "torch_version": torch.__version__}
     if optimizer is not None:
         for name, param in model.named_parameters():
             tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
-    if train_config is not None:
-        metadata["train_config"] = dataclasses.asdict(train_config)
-    if examples is not None:
-        tensors["examples"] = examples["images"]
-        metadata["examples"] = list(examples["labels"])
+    tensors.update({"examples": examples.get("images"), "position.rng": position.pop("rng", None),
+                    "position.cuda_rng": position.pop("cuda_rng", None)})
+    metadata = {"config": dataclasses.asdict(model_config), "history": list(history or []),
+                "argv": list(argv or []), "torch_version": torch.__version__,
+                "train_config": train_config and dataclasses.asdict(train_config),
+                "examples": examples.get("labels"), "position": position or None}
     if scaler is not None and scaler.is_enabled():
         metadata["scaler"] = scaler.state_dict()
-    if position is not None:
-        tensors["position.rng"] = position["rng"]
-        tensors["position.cuda_rng"] = position.get("cuda_rng")
-        metadata["position"] = {k: v for k, v in position.items() if k not in ("rng", "cuda_rng")}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
-    metadata = {key: json.dumps(value) for key, value in metadata.items()}
+    metadata = {key: json.dumps(value) for key, value in metadata.items() if value is not None}
     data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
@@ -2078,18 +2075,22 @@ def _check_device_flags(args):
     if args.precision == "fp16" and args.device == "xla":
         raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
                         "(--precision auto)")
+    pjrt_device = os.environ.get("PJRT_DEVICE", "").upper()
     if args.device != "xla" or args.num_cores == 1:
         return
-    if os.environ.get("PJRT_DEVICE", "").upper() == "CPU" and args.num_cores is not None:
+    if pjrt_device == "CPU" and args.num_cores is not None:
         raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
                         "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
     if args.num_cores is not None:
         raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
                         "--num-cores 1 or leave --num-cores out")
-    from torch_xla._internal import tpu  # (reads the PCI bus: starts no runtime)
-    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" and tpu.num_local_processes() == 0:
+    if pjrt_device == "TPU" and _tpu_chips_here() == 0:  # else the launcher starts no process
         raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU: run on a TPU VM, or try "
                         "XLA on the CPU with PJRT_DEVICE=CPU")
+
+def _tpu_chips_here():
+    from torch_xla._internal import tpu  # what the launcher counts (the PCI bus): no runtime
+    return tpu.num_local_processes()
 
 def _model_for_run(args, checkpoint, info):
     """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
@@ -2231,13 +2232,16 @@ def main(argv=None):
         return 0
     except SystemExit as e:  # argparse's, having printed its usage and error (or --help)
         return e.code
-    except UserError as e:  # Stopped too: its line, and 128 + the signal
+    except Stopped as e:  # saved where it stopped: not an error
         if rank0:
-            print(f"error: {printable(e)}" if not isinstance(e, Stopped) else str(e),
-                  file=sys.stderr, flush=True)
+            print(e, file=sys.stderr, flush=True)
+        return e.exit_code
+    except UserError as e:
+        if rank0:
+            print(f"error: {printable(e)}", file=sys.stderr, flush=True)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
-        return getattr(e, "exit_code", 1 if isinstance(e, TrainingDiverged) else 2)
+        return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         if rank0:
             print(_interrupted_line(args), file=sys.stderr, flush=True)
