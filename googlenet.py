@@ -1783,14 +1783,14 @@ def save_checkpoint(path, model, optimizer, model_config, train_config=None, his
     data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
-def _json_number(kind, text):
-    if kind is int and len(text.lstrip("-")) > 18 or not math.isfinite(kind(text)):
+def _json_number(kind, text):  # 20 digits: a uint64 (XLA's random seed) fits
+    if kind is int and len(text.lstrip("-")) > 20 or not math.isfinite(kind(text)):
         raise ValueError(f"the number {text[:30]} is out of range")
     return kind(text)
 
 def _bounded_json(text):
-    """json.loads refusing NaN, infinities and whole numbers of over 18 digits: no number read
-    from a file can overflow where it is used."""
+    """json.loads refusing NaN, infinities and whole numbers of over 20 digits: no number read
+    from a file can overflow where it is used (a float of it, a sum of a few)."""
     real = functools.partial(_json_number, float)
     return json.loads(text, parse_int=functools.partial(_json_number, int), parse_float=real,
                       parse_constant=real)

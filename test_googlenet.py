@@ -1249,7 +1249,7 @@ _HOSTILE = {
     "argv a 400-digit number": (lambda t, m: m.update(argv=[_BIG]), "out of range"),
     "args.seed of 400 digits": (_set("args", seed=_BIG), "out of range"),
     "scaler.scale of 400 digits": (_set("scaler", **{**_SCALER, "scale": _BIG}), "out of range"),
-    "a position's step of 19 digits": (_hostile_position({"step": 10**18}), "out of range"),
+    "a position's step of 21 digits": (_hostile_position({"step": 10**20}), "out of range"),
     "a metadata of 17 M characters": (lambda t, m: m.update(history=[{"epoch": 1, "note": "x" * 2**24}]),
                                       "over 16777216 characters"),
     "100,000 classes beside a 3-class net": (_set("config", num_classes=100_000,
@@ -1305,6 +1305,22 @@ def test_hostile_checkpoints_get_one_line_and_exit_2(problem, tmp_path, capsys):
     code, out, err = run_main(["--resume", path, "--evaluate"], capsys)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1 and out == ""
     assert "\x1b" not in err and "Traceback" not in err
+
+
+def test_a_position_with_every_ranks_random_states_round_trips(tmp_path):
+    model = g.build_model("tiny", 3)
+    config = g.ModelConfig("tiny", 3, ["a", "b", "c"], 32, 32, (0.5,) * 3, (0.2,) * 3)
+    rng = torch.stack([torch.get_rng_state(), torch.get_rng_state()])
+    position = {**_POSITION, "world_size": 2, "xla_rng": [2**64 - 1, 101], "rng": rng,
+                "cuda_rng": torch.zeros(2, 16, dtype=torch.uint8)}
+    g.save_checkpoint(tmp_path / "last.safetensors", model, None, config, position=position)
+    loaded = g.load_checkpoint(tmp_path / "last.safetensors")["position"]
+    assert loaded.keys() == position.keys() and loaded["xla_rng"] == [2**64 - 1, 101]
+    assert torch.equal(loaded["rng"], rng) and loaded["cuda_rng"].shape == (2, 16)
+    position["rng"] = rng[:1]  # one rank's state for two ranks
+    g.save_checkpoint(tmp_path / "last.safetensors", model, None, config, position=position)
+    with pytest.raises(g.CheckpointError, match="do not fit"):
+        g.load_checkpoint(tmp_path / "last.safetensors")
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '[{"epoch": 1, "lr": 1e400}]', '[{"lr": -1e999}]',
