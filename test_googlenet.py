@@ -1661,8 +1661,6 @@ def test_torchrun_loss_non_finite_on_one_rank_stops_both_with_one_line_from_rank
     assert stderr.keys() == {"0", "1"}, result.stderr[-3000:]
     assert stderr["0"].count("error:") == 1 and "non-finite at step 3 of epoch 1" in stderr["0"], stderr
     assert "error:" not in stderr["1"] and "Traceback" not in stderr["0"] + stderr["1"], stderr
-    # torchrun's own summary ends with our line as the root cause
-    assert "traceback : error: the loss became non-finite at step 3 of epoch 1" in result.stderr, result.stderr
 
 
 # --- crashes: kill -9 at random moments, resume, and end bit-identical ----------------------------
@@ -2050,24 +2048,6 @@ def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, 
     assert record["train_images"] == 128 and record["processes"] == 2  # each image once, none skipped
     # The epoch line's lr: the rates of its first and last steps (warming up: they differ).
     assert f"| lr {record['lr']:.4g}->{record['last_lr']:.4g} |" in result.stdout
-
-
-def test_a_second_trainer_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
-    import signal
-    run = [sys.executable, str(HERE / "googlenet.py")] + [str(a) for a in CRASH_RUN[:-1]] + ["1000"]
-    first = subprocess.Popen(run + ["--checkpoint-dir", str(tmp_path)], env=CRASH_ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, cwd=HERE)
-    for line in first.stdout:
-        if line.startswith("epoch 2/"):  # epoch 1 is in last.safetensors
-            break
-    code, out, err = run_main(["--resume", tmp_path / "last.safetensors", "--epochs", 1000], capsys)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "is in use by another run" in err and "--checkpoint-dir" in err and out == ""
-    epochs = g.load_checkpoint(tmp_path / "last.safetensors")["config"]["epoch"]
-    code, _, err = run_main(["--resume", tmp_path / "last.safetensors", "--epochs", epochs + 1], capsys)
-    assert code == 0, err  # the killed run held the folder no longer
 
 
 def test_sigterm_while_the_data_is_decoded_is_one_line_and_143(tmp_path):
