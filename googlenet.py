@@ -1952,7 +1952,8 @@ def build_parser():
         help="fast = decode once into memory; torch = decode per batch in --workers processes")
     add("--crop", default=None, choices=("pad", "resized"),
         help="pad = shift + flip; resized = random-resized crop + flip (folder's default)")
-    add("--workers", type=number(int, 0, cpus), default=min(4, cpus), help="decoding processes")
+    add("--workers", type=number(int, 0, cpus), default=min(4, cpus),
+        help=f"decoding processes ({min(4, cpus)}; at most the CPU count, {cpus})")
     add("--skip-bad-images", action="store_true", help="skip undecodable images (counted)")
     add = parser.add_argument_group("model").add_argument
     add("--arch", default="tiny", choices=ARCHS,
