@@ -1727,7 +1727,8 @@ class ModelConfig:
             ("mean", _three_numbers(self.mean, -10, 10), "three numbers in [-10, 10]"),
             ("std", _three_numbers(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
             ("model_options", type(options) is dict and all(
-                _text(k) and type(v) in (bool, type(None)) for k, v in options.items()), "switches"),
+                _text(k) and (type(v) in (bool, type(None)) or _number(v, 0, 1))
+                for k, v in options.items()), "switches and dropout rates"),
             ("dataset", _text(self.dataset), "text"),
             ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
             ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch"),

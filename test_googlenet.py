@@ -1307,6 +1307,15 @@ def test_hostile_checkpoints_get_one_line_and_exit_2(problem, tmp_path, capsys):
     assert "\x1b" not in err and "Traceback" not in err
 
 
+def test_model_options_with_dropout_rates_round_trip(tmp_path):
+    model = g.build_model("tiny", 3, aux_logits=False, dropout=0.25)
+    config = g.ModelConfig("tiny", 3, ["a", "b", "c"], 32, 32, (0.5,) * 3, (0.2,) * 3,
+                           model_options={"aux_logits": False, "dropout": 0.25, "batch_norm": None})
+    g.save_checkpoint(tmp_path / "best.safetensors", model, None, config)
+    model, config = g.load_for_inference(tmp_path / "best.safetensors")
+    assert config.model_options == {"aux_logits": False, "dropout": 0.25, "batch_norm": None}
+
+
 def test_a_position_with_every_ranks_random_states_round_trips(tmp_path):
     model = g.build_model("tiny", 3)
     config = g.ModelConfig("tiny", 3, ["a", "b", "c"], 32, 32, (0.5,) * 3, (0.2,) * 3)
