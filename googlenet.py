@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import functools
 import itertools
 import json
@@ -1561,7 +1560,6 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         start_epoch = resume["config"]["epoch"]
         history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
         position = resumed_position(resume, device, config, len(train_loader), log)
-    model_config.run_id = model_config.run_id or os.urandom(8).hex()
     files = None
     if checkpoint_dir is not None and device.is_master:
         files = RunFiles(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
@@ -1637,21 +1635,20 @@ def predict_with_cam(model, config, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint: atomic writes, self-describing files, and a whole check of every file read
+# Checkpoint: atomic safetensors files, read at one boundary that checks each file whole
 # ---------------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "googlenet-checkpoint-v2"  # v1 was torch.save's pickle (.pt): no longer read
+CHECKPOINT_FORMAT = "googlenet-checkpoint-v3"  # the command line as `argv`; each rank's RNG state
+OLDER_FORMAT = "googlenet-checkpoint-v2"  # flags as a dict (`args`), rank 0's RNG state alone
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
 MAX_IMAGE_SIZE = 1024  # a checkpoint's image sizes: larger ones take seconds and GBs per image
-MAX_HEADER_BYTES = 16 * 2**20  # a checkpoint's JSON header (tensors' table, metadata)
-MAX_EXAMPLES = 16
-MAX_NUMBER = 1e30  # any number a checkpoint holds: sums, products of a few stay finite
-MAX_TEXT = 1000  # characters in any string a checkpoint holds
+MAX_METADATA = 2**24  # characters of JSON: a long run's history fits, a memory bomb does not
+MAX_RANKS = 2**16  # processes whose random states a position holds (5 KB each)
+MAX_TEXT = 1000  # characters in a class name or a dataset's name
 
-def _number(value, low=-MAX_NUMBER, high=MAX_NUMBER):
-    # Compared, never converted: float() of a 400-digit int overflows; NaN fails both comparisons.
+def _number(value, low=-1e30, high=1e30):
     return type(value) in (int, float) and low <= value <= high
 
 def _whole(value, low=0, high=2**53):
@@ -1660,15 +1657,9 @@ def _whole(value, low=0, high=2**53):
 def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
     return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
 
-def _plain(value):
-    return value is None or type(value) is bool or _number(value) or _text(value)
-
-def _flags(value):
-    return type(value) is dict and all(_text(key) and _plain(v) for key, v in value.items())
-
 def _three_numbers(value, low, high):
-    numbers = type(value) in (list, tuple) and len(value) == 3
-    return numbers and all(_number(v, low, high) for v in value)
+    return type(value) in (list, tuple) and len(value) == 3 and all(
+        _number(v, low, high) for v in value)
 
 def _first_broken(settings, rules):  # rules: (field, whether it is right, what it must be)
     for name, ok, rule in rules:
@@ -1697,31 +1688,30 @@ class ModelConfig:
     best_top1: float | None = None
     best_epoch: int | None = None
     val_top1: float | None = None
-    run_id: str = ""
 
     def check(self):
-        """self, if every field has its type and range; else ValueError naming the first."""
-        names = self.class_names
+        """self, if every field has its type and range (the schema); else ValueError."""
+        names, options = self.class_names, self.model_options
         sizes = f"a whole number 8-{MAX_IMAGE_SIZE}"
-        rules = [("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
-                 ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
-                 ("class_names", type(names) is list and len(names) == self.num_classes
-                  and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
-                 ("class_ids", type(self.class_ids) is list
-                  and all(_text(c) or _whole(c) for c in self.class_ids), "names"),
-                 ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
-                 ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
-                 ("mean", _three_numbers(self.mean, -10, 10), "three numbers in [-10, 10]"),
-                 ("std", _three_numbers(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
-                 ("model_options", _flags(self.model_options), "a dict of flags"),
-                 ("dataset", _text(self.dataset), "text"),
-                 ("run_id", _text(self.run_id), "text"),
-                 ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
-                 ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch")]
-        for name in ("best_top1", "val_top1"):
-            value = getattr(self, name)
-            rules.append((name, value is None or _number(value, 0, 1), "a fraction or null"))
-        return _first_broken(self, rules)
+        return _first_broken(self, [
+            ("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
+            ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
+            ("class_names", type(names) is list and len(names) == self.num_classes
+             and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
+            ("class_ids", type(self.class_ids) is list
+             and all(_text(c) or _whole(c) for c in self.class_ids), "names"),
+            ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
+            ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
+            ("mean", _three_numbers(self.mean, -10, 10), "three numbers in [-10, 10]"),
+            ("std", _three_numbers(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
+            ("model_options", type(options) is dict and all(
+                _text(k) and (type(v) in (bool, type(None)) or _number(v, 0, 1))
+                for k, v in options.items()), "switches and dropout rates"),
+            ("dataset", _text(self.dataset), "text"),
+            ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
+            ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch"),
+            ("best_top1", self.best_top1 is None or _number(self.best_top1, 0, 1), "a fraction"),
+            ("val_top1", self.val_top1 is None or _number(self.val_top1, 0, 1), "a fraction")])
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
     return ModelConfig(arch, len(info.class_names), list(info.class_names),
@@ -1730,7 +1720,7 @@ def model_config_for(info, arch="tiny", image_size=None, **model_options):
 
 def _atomic_write(path, write):
     """write(file) to a new temporary, fsync, rename over path: the old file survives any crash.
-    A full, read-only or forbidden disk is a UserError of one line."""
+    An OSError (a full or read-only disk) is a UserError of one line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
@@ -1742,135 +1732,89 @@ def _atomic_write(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
             tmp.unlink(missing_ok=True)
-        full = (errno.ENOSPC, errno.EDQUOT)
-        if isinstance(e, OSError) and e.errno in (*full, errno.EROFS, errno.EACCES, errno.EPERM):
-            advice = "free some space there" if e.errno in full else "make it writable"
-            raise UserError(f"cannot write {path.name} in {path.parent} ({e.strerror or e}): "
-                            f"{advice}, or pass another --checkpoint-dir; the files already there "
-                            f"are intact") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); the files already there "
+                            f"are intact: free some space or pass another --checkpoint-dir") from None
         raise
 
-def save_checkpoint(path, model, optimizer, config, train_config=None, history=None,
-                    examples=None, cli_args=None, scaler=None, position=None):
+def save_checkpoint(path, model, optimizer, model_config, train_config=None, history=None,
+                    examples=None, argv=None, scaler=None, position=None):
     """An atomic safetensors file: weights, momentum buffers (by parameter name), example images
-    and RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
+    and each rank's RNG states as tensors; configs, history, the command line (`argv`), the
+    scaler's state and the rest of the position in the epoch as JSON metadata."""
     from safetensors.torch import save
+    position = dict(position or {})
+    examples = examples or {}
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
-                "args": dict(cli_args or {}), "torch_version": torch.__version__}
     if optimizer is not None:
         for name, param in model.named_parameters():
             tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
-    if train_config is not None:
-        metadata["train_config"] = dataclasses.asdict(train_config)
-    if examples is not None:
-        tensors["examples"] = examples["images"]
-        metadata["examples"] = list(examples["labels"])
+    tensors.update({"examples": examples.get("images"), "position.rng": position.pop("rng", None),
+                    "position.cuda_rng": position.pop("cuda_rng", None)})
+    metadata = {"config": dataclasses.asdict(model_config), "history": list(history or []),
+                "argv": list(argv or []), "torch_version": torch.__version__,
+                "train_config": train_config and dataclasses.asdict(train_config),
+                "examples": examples.get("labels"), "position": position or None}
     if scaler is not None and scaler.is_enabled():
         metadata["scaler"] = scaler.state_dict()
-    if position is not None:  # its RNG states as tensors, the rest as JSON
-        tensors["position.rng"] = position.get("rng")
-        tensors["position.cuda_rng"] = position.get("cuda_rng")
-        metadata["position"] = {k: v for k, v in position.items() if k not in ("rng", "cuda_rng")}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
-    metadata = {key: json.dumps(value) for key, value in metadata.items()}
+    metadata = {key: json.dumps(value) for key, value in metadata.items() if value is not None}
     data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
     _atomic_write(path, lambda f: f.write(data))
 
-def is_epoch_record(record):
-    """Whether a history entry (a line of metrics.jsonl) is one epoch's plain record."""
-    return (type(record) is dict and _whole(record.get("epoch"), 1, 10**6)
-            and all(_number(record.get(k), 0, 1) for k in ("val_top1", "val_top5", "train_top1")
-                    if k in record or k == "val_top1")
-            and all(_text(k) and (_plain(v) or type(v) is list and all(map(_number, v)))
-                    for k, v in record.items()))
+def _json_number(kind, text):  # 20 digits: a uint64 (XLA's random seed) fits
+    if kind is int and len(text.lstrip("-")) > 20 or not math.isfinite(kind(text)):
+        raise ValueError(f"the number {text[:30]} is out of range")
+    return kind(text)
 
-def _is_position(value):  # the JSON part of a mid-epoch position; its RNG states are tensors
-    keys = {"epoch", "step", "sums", "seconds", "world_size", "batch_size", "steps_per_epoch"}
-    if type(value) is not dict or set(value) != keys:
-        return False
-    sums = value["sums"]
-    return (type(sums) is list and len(sums) == 5 and all(_number(s, 0, 1e15) for s in sums)
-            and sums[3] >= 1 and _whole(value["epoch"], 0, 10**6)
-            and all(_whole(value[key], 1, 2**31) for key in run_shape(0, 0, 0))
-            and _whole(value["step"], 1, value["steps_per_epoch"] - 1)
-            and _number(value["seconds"], 0))
+def _bounded_json(text):
+    """json.loads refusing NaN, infinities and whole numbers of over 20 digits: no number read
+    from a file can overflow where it is used (a float of it, a sum of a few)."""
+    real = functools.partial(_json_number, float)
+    return json.loads(text, parse_int=functools.partial(_json_number, int), parse_float=real,
+                      parse_constant=real)
 
-_SCALER_RANGES = {"scale": (2**-64, 2**64), "growth_factor": (1, 1e3), "backoff_factor": (1e-3, 1),
-                  "growth_interval": (1, 2**31), "_growth_tracker": (0, 2**31)}
+# What each metadata entry is: (type, its items' type). Beyond the model's config (one schema
+# check) the entries are the run's own record, used as saved; "args": format v2's flags.
+_ENTRIES = {"config": (dict, None), "train_config": (dict, None), "scaler": (dict, None),
+            "position": (dict, None), "args": (dict, None), "torch_version": (str, None),
+            "history": (list, dict), "argv": (list, str), "examples": (list, int)}
 
-def _is_scaler_state(value):
-    return (type(value) is dict and set(value) == set(_SCALER_RANGES)
-            and all(_number(value[key], *_SCALER_RANGES[key]) for key in value))
-
-def _is_history(value):
-    return type(value) is list and all(map(is_epoch_record, value))
-
-def _is_labels(value):
-    return type(value) is list and len(value) <= MAX_EXAMPLES and all(map(_whole, value))
-
-# What each metadata entry beside the two configs must be (the configs check themselves).
-_ENTRIES = {"history": (_is_history, "per-epoch records"), "args": (_flags, "a dict of flags"),
-            "examples": (_is_labels, "labels"), "scaler": (_is_scaler_state, "a GradScaler state"),
-            "position": (_is_position, "an epoch, a step inside it, seconds, 5 metric sums and "
-                                       "the run's shape"),
-            "torch_version": (_text, "a version")}
-
-def _open_checkpoint(path):
-    """path, if it is a file that starts as a safetensors file of a bounded header does."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint: pass a file in it, "
-                              f"e.g. {path / BEST_FILE}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: train one with `python "
-                              f"googlenet.py` or pass the {LAST_FILE} or {BEST_FILE} it wrote")
-    with open(path, "rb") as f:
-        start = f.read(8)
-    if start.startswith(b"PK\x03\x04"):  # torch.save's zip: the format before safetensors
-        raise CheckpointError(f"{path} is a checkpoint from an earlier version of googlenet.py "
-                              f"(a pickled .pt, no longer read): train anew, or use the version "
-                              f"that wrote it")
-    if len(start) < 8 or int.from_bytes(start, "little") > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file with a header "
-                              f"under {MAX_HEADER_BYTES >> 20} MiB: an image, text, or truncated): "
-                              f"pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
-    return path
-
-def _checked_metadata(path, metadata):
-    """The metadata's JSON entries, parsed and each checked whole; a null entry is left out."""
+def _parse_metadata(path, metadata):
+    """The entries, each through one bounded JSON parse and of its type; the config checked."""
     def refuse(problem):
         raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
 
-    if metadata.pop("format", None) != CHECKPOINT_FORMAT:
+    checkpoint = {"format": metadata.pop("format", None), "train_config": None, "history": [],
+                  "argv": [], "examples": [], "scaler": None, "position": None}
+    if checkpoint["format"] not in (CHECKPOINT_FORMAT, OLDER_FORMAT):
         raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"marker): pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
-    checkpoint = {"format": CHECKPOINT_FORMAT, "train_config": None, "history": [], "args": {},
-                  "position": None}
+    if sum(map(len, metadata.values())) > MAX_METADATA:
+        refuse(f"its metadata is over {MAX_METADATA} characters")
     for key, text in metadata.items():
-        if key not in ("config", "train_config", *_ENTRIES):
-            known = ", ".join(("config", "train_config", *_ENTRIES))
-            refuse(f"unknown entry {key!r:.60} (known: {known})")
+        if key not in _ENTRIES:
+            refuse(f"its {key!r:.60} is not an entry googlenet.py writes ({', '.join(_ENTRIES)})")
+        kind, item = _ENTRIES[key]
         try:
-            value = json.loads(text)
+            value = _bounded_json(text)
         except (ValueError, RecursionError) as e:
-            refuse(f"its {key!r} is not the JSON googlenet.py writes ({str(e)[:80]})")
-        if value is not None:  # null: as if left out
-            checkpoint[key] = value
-    for key, settings in (("config", ModelConfig), ("train_config", TrainConfig)):
-        try:
-            if checkpoint.get(key) is not None:  # defaults filled in: files before a field
-                checkpoint[key] = dataclasses.asdict(settings(**checkpoint[key]).check())
-        except (TypeError, ValueError) as e:
-            refuse(f"{key!r}: {str(e)[:200]}")
-    for key, (ok, what) in _ENTRIES.items():
-        if checkpoint.get(key) is not None and not ok(checkpoint[key]):
-            refuse(f"{key!r} must be {what}")
+            refuse(f"its {key!r:.60} is not the JSON googlenet.py writes ({str(e)[:80]})")
+        if type(value) is not kind or item and any(type(v) is not item for v in value):
+            refuse(f"its {key!r} is not of the type googlenet.py writes ({kind.__name__})")
+        checkpoint[key] = value
     if "config" not in checkpoint:
-        raise CheckpointError(f"{path} has no model config: it is damaged or not from googlenet.py")
-    labels = checkpoint.get("examples", [])
-    if any(label >= checkpoint["config"]["num_classes"] for label in labels):
-        refuse("an example's label is not one of its classes")
+        refuse("it has no model config")
+    if checkpoint["format"] == OLDER_FORMAT:  # a position without each rank's RNG: not resumed
+        checkpoint["position"] = None
+        checkpoint["config"].pop("run_id", None)
+    try:
+        checkpoint["config"] = dataclasses.asdict(ModelConfig(**checkpoint["config"]).check())
+    except (TypeError, ValueError) as e:
+        refuse(f"its model config: {str(e)[:200]}")
+    labels = checkpoint["examples"]
+    if len(labels) > 16 or not all(0 <= n < checkpoint["config"]["num_classes"] for n in labels):
+        refuse("its examples must be at most 16, each with a label of its classes")
     return checkpoint
 
 def _check_tensor_table(path, checkpoint, file):
@@ -1880,17 +1824,22 @@ def _check_tensor_table(path, checkpoint, file):
         with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
             net = build_model(config["arch"], config["num_classes"], **config["model_options"])
     except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: config field 'model_options' does not build a net "
+        raise CheckpointError(f"{path}: its model_options do not build a net "
                               f"({str(e).strip()[:120]})") from None
     dtypes = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
     required = {f"model.{k}": (dtypes[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
-    if checkpoint.get("examples"):
+    if checkpoint["examples"]:
         size = config["source_size"]
         required["examples"] = ("U8", [len(checkpoint["examples"]), 3, size, size])
-    if checkpoint["position"] is not None:
-        required["position.rng"] = ("U8", list(torch.get_rng_state().shape))
-        optional["position.cuda_rng"] = ("U8", [16])  # CUDA's Philox generator: seed and offset
+    rng = [torch.get_rng_state().numel()]
+    if checkpoint["format"] == OLDER_FORMAT:  # rank 0's states, of a position not resumed
+        optional.update({"position.rng": ("U8", rng), "position.cuda_rng": ("U8", [16])})
+    if checkpoint["position"] is not None:  # a row per rank: the CPU generator, CUDA's Philox
+        ranks = checkpoint["position"].get("world_size")
+        ranks = min(ranks, MAX_RANKS) if _whole(ranks) else 0
+        required["position.rng"] = ("U8", [ranks, *rng])
+        optional["position.cuda_rng"] = ("U8", [ranks, 16])
     expected = {**optional, **required}
     found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
              for name in file.keys()}
@@ -1902,20 +1851,21 @@ def _check_tensor_table(path, checkpoint, file):
                               f"{len(misfit) - 1} more")
 
 def load_checkpoint(path):
-    """Read a checkpoint at one boundary; anything odd is a CheckpointError of one line. Nothing
-    from the file is used before it passed: metadata through the configs' checks, tensors' names,
-    dtypes and shapes exactly a reference net's (built on meta); then read, copied, finite."""
+    """Read a checkpoint at one boundary; anything odd, and any OSError of reading, is one
+    CheckpointError line. Nothing from the file is used before it passed: its metadata through
+    one bounded JSON parse and the config's schema, its tensors' names, dtypes and shapes exactly
+    a reference net's (built on meta); then read, copied, finite."""
     from safetensors import SafetensorError, safe_open
-    path = _open_checkpoint(path)
     try:
-        with safe_open(path, "pt") as file:  # parses the table: dtypes, shapes, byte ranges
-            checkpoint = _checked_metadata(path, file.metadata() or {})
+        with safe_open(path, "pt") as file:  # bounds and parses the table: dtypes, shapes, bytes
+            checkpoint = _parse_metadata(path, file.metadata() or {})
             _check_tensor_table(path, checkpoint, file)
             # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not written by "
-                              f"googlenet.py): {str(e)[:200]}") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
+                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py (earlier "
+                              f"versions' pickled .pt files are no longer read)") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
@@ -1923,11 +1873,13 @@ def load_checkpoint(path):
         prefix = section + "."
         checkpoint[section] = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()
                                if name.startswith(prefix)}
-    if checkpoint.get("examples"):
-        checkpoint["examples"] = {"images": tensors["examples"], "labels": checkpoint["examples"]}
+    labels = checkpoint.pop("examples")
+    checkpoint["examples"] = None
+    if labels:
+        checkpoint["examples"] = {"images": tensors["examples"], "labels": labels}
     if checkpoint["position"] is not None:
-        checkpoint["position"]["rng"] = tensors["position.rng"]
-        checkpoint["position"]["cuda_rng"] = tensors.get("position.cuda_rng")
+        checkpoint["position"].update(rng=tensors["position.rng"],
+                                      cuda_rng=tensors.get("position.cuda_rng"))
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
@@ -1945,52 +1897,43 @@ def load_for_inference(path, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: flags -> the library calls above; one line and exit code 2 for every mistake
+# CLI: flags -> the library calls above. A bad flag: argparse's usage and error; bad input (a
+# folder, a file, a value the data refuses): one line. Both exit with code 2.
 # ---------------------------------------------------------------------------------------------
 
-def number(kind, minimum, inclusive=True, maximum=MAX_NUMBER):
-    """An argparse type: a `kind` (int or float) from minimum (or above it) to maximum."""
+def number(kind, low, high=1e30, above=False):
+    """An argparse type: a `kind` (int or float) from low (or above it) to high."""
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum or (value == minimum and not inclusive):
-            bound = "at least" if inclusive else "above"
-            raise argparse.ArgumentTypeError(f"must be {bound} {minimum}, got {text}")
-        if not value <= maximum:  # also NaN and infinity
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text:.60}")
+        value = kind(text)  # a ValueError: argparse says "invalid int value: ..."
+        if not low <= value <= high or above and value == low:  # NaN too
+            bound = f"above {low}" if above else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound} and at most {high}, got {text:.60}")
         return value
+    parse.__name__ = kind.__name__
     return parse
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message, raised for main() to report
-        raise UserError(f"{message} (see python googlenet.py --help)")
-
 def build_parser():
-    parser = _Parser(description="Train and evaluate GoogLeNet (Inception v1) on Tiny ImageNet, "
-                     "CIFAR-10 or an image folder, on CUDA, TPU (torch_xla) or CPU; many GPUs or "
-                     "hosts: torchrun.")
+    parser = argparse.ArgumentParser(description="Train and evaluate GoogLeNet (Inception v1) on "
+                                     "Tiny ImageNet, CIFAR-10 or an image folder, on CUDA, TPU "
+                                     "(torch_xla) or CPU; many GPUs or hosts: torchrun.")
     parser.set_defaults(**dataclasses.asdict(TrainConfig()))  # the recipe's flags' defaults
+    cpus = os.cpu_count() or 1
     add = parser.add_argument_group("data").add_argument
     add("--dataset", default="tiny", choices=DATASETS,
         help="tiny = Tiny ImageNet (default); folder = DIR/train/<class>/, DIR/val/<class>/")
-    add("--data-dir", default="data",
-        help="where tiny-imagenet-200/ or cifar-10-batches-py/ is, or it (data)")
+    add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8),
+    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE),
         help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
     add("--subset", type=number(int, 0), default=0,
         help="about N train and N val images, from every class (0 = all)")
-    add("--loader", default="fast", choices=("fast", "torch"), help="fast (default) = decode "
-        "once into memory; torch = decode per batch in --workers processes")
+    add("--loader", default="fast", choices=("fast", "torch"),
+        help="fast = decode once into memory; torch = decode per batch in --workers processes")
     add("--crop", default=None, choices=("pad", "resized"),
         help="pad = shift + flip; resized = random-resized crop + flip (folder's default)")
-    add("--workers", type=number(int, 0), default=min(4, os.cpu_count() or 1),
-        help="decoding processes (up to 4)")
-    add("--skip-bad-images", action="store_true",
-        help="skip undecodable images (counted) instead of stopping")
+    add("--workers", type=number(int, 0, cpus), default=min(4, cpus),
+        help=f"decoding processes ({min(4, cpus)}; at most the CPU count, {cpus})")
+    add("--skip-bad-images", action="store_true", help="skip undecodable images (counted)")
     add = parser.add_argument_group("model").add_argument
     add("--arch", default="tiny", choices=ARCHS,
         help="original = the paper's 224 net; tiny (default) = 64x64, BN")
@@ -2002,72 +1945,60 @@ def build_parser():
     add = parser.add_argument_group("device, scale-out, checkpoints").add_argument
     add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
         help="auto = CUDA, else XLA, else CPU")
-    add("--num-cores", type=number(int, 1),
-        help="TPU: 1 core, or leave out for all of them (torch_xla's launcher)")
-    add("--sync-bn", action="store_true",
+    add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all of them")
+    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
         help="under torchrun on CUDA: BatchNorm statistics over all processes")
     add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl "
         "(default: runs/<dataset>, or --resume's folder)")
-    add("--resume", nargs="?", const="last",
-        help="continue from a checkpoint (no value: <checkpoint-dir>/last.safetensors)")
+    add("--resume", nargs="?", const="last", help="continue from a checkpoint, with its flags "
+        "(no value: <checkpoint-dir>/last.safetensors)")
     add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     return parser
 
 def _add_recipe_flags(add):  # TrainConfig's fields; their defaults are set on the parser
     switch = argparse.BooleanOptionalAction
-    add("--epochs", type=number(int, 1), help="total epochs (30; a resumed run stops here too)")
-    add("--batch-size", type=number(int, 1), help="per process (128); global = x processes")
-    add("--lr", type=number(float, 0, inclusive=False), help="peak SGD lr per 256 images (0.2)")
+    add("--epochs", type=number(int, 1, 10**6), help="total epochs (30; a resumed run stops here)")
+    add("--batch-size", type=number(int, 1, 2**16), help="per process (128); global = x processes")
+    add("--lr", type=number(float, 0, above=True), help="peak SGD lr per 256 images (0.2)")
     add("--schedule", choices=SCHEDULES, help="cosine (default) = per-step warmup, then cosine "
         "decay to 0; paper = warmup, then x0.96 every 8 epochs")
     add("--warmup-epochs", type=number(float, 0), help="linear warmup to the peak lr (2)")
-    add("--momentum", type=number(float, 0), help="SGD momentum (0.9)")
+    add("--momentum", type=number(float, 0, 0.999999), help="SGD momentum (0.9)")
     add("--nesterov", action=switch, help="Nesterov momentum (on)")
     add("--weight-decay", type=number(float, 0), help="on conv and FC weights only (5e-4)")
-    add("--label-smoothing", type=number(float, 0), help="label smoothing (0.1)")
+    add("--label-smoothing", type=number(float, 0, 0.999999), help="label smoothing (0.1)")
     add("--tta", action=switch, help="validate on each image and its mirror")
-    add("--seed", type=number(int, 0, maximum=2**32 - 1),
-        help="seeds data order, augmentation, init, dropout and --subset (0)")
+    add("--seed", type=number(int, 0, 2**32 - 1), help="data order, augmentation, init, dropout")
     add("--precision", choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA 8.0+, "
         "TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
     add("--channels-last", action=switch, help="channels_last (default: not on XLA)")
     add("--compile", action=switch, help="torch.compile the step (minutes)")
-    add("--log-interval", type=number(int, 0), help="steps between progress lines (50; ~30 s)")
+    add("--log-interval", type=number(int, 0, 2**31), help="steps between progress lines (50)")
     add("--save-every", type=number(float, 0), metavar="MINUTES",
         help="also save the position in the epoch this often (0; SIGTERM and Ctrl-C always do)")
 
-NOT_RESUMED = ("resume", "evaluate", "device", "num_cores", "checkpoint_dir", "download")
+# Flags of this machine and this call, never taken from a checkpoint's command line.
+MACHINE_FLAGS = ("workers", "device", "num_cores", "sync_bn", "checkpoint_dir", "download",
+                 "resume", "evaluate")
 
-def resumed_flags(parser, saved, path):
-    """The flags a checkpoint saved (those of the run, not of this call), each through the checks
-    a typed one gets: a file sets nothing the command line could not."""
-    flags = {}
+def _command_line(parser, flags):
+    """The arguments that give `flags` ({dest: value}) where they differ from the defaults,
+    machine-specific ones left out: what a checkpoint saves and a resumed run replays."""
+    argv = []
     for action in parser._actions:
-        if action.dest in saved and action.dest not in NOT_RESUMED:
-            value = saved[action.dest]
-            if not _flag_ok(action, value):
-                flag = action.option_strings[0]
-                raise CheckpointError(f"{path}: its flag {flag} = {value!r:.60} is not one the "
-                                      f"command line accepts; use a checkpoint written by "
-                                      f"googlenet.py")
-            flags[action.dest] = value
-    return flags
-
-def _flag_ok(action, value):
-    """Whether the command line could have given this value: its type, choices, or a switch's."""
-    if value is None:
-        return action.default is None
-    if action.nargs == 0:  # a switch
-        return type(value) is bool
-    if action.choices is not None:
-        return value in action.choices
-    try:
-        return type(value) is not bool and value == (action.type or str)(str(value))
-    except (argparse.ArgumentTypeError, ValueError):
-        return False
+        value = flags.get(action.dest, action.default)
+        if action.dest in MACHINE_FLAGS or not action.option_strings or value == action.default:
+            continue
+        option = f"{action.option_strings[0]}={value}"  # one string: a value may start with -
+        for switch in action.option_strings if action.nargs == 0 else ():
+            sets = not switch.startswith("--no-") if action.const is None else action.const
+            option = switch if sets is value else option
+        argv.append(option)
+    return argv
 
 def parse_args(argv=None, parser=None):
-    """(args, checkpoint); with --resume the checkpoint's flags are the defaults, given ones win."""
+    """(args, checkpoint). With --resume the checkpoint's command line (but its machine-specific
+    flags) passes through the same parser to give the defaults; the flags given now win."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     checkpoint = None
@@ -2078,7 +2009,11 @@ def parse_args(argv=None, parser=None):
         if path == "last":
             path = str(Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE)
         checkpoint = load_checkpoint(path)
-        parser.set_defaults(**resumed_flags(parser, checkpoint["args"], path))
+        saved = build_parser()
+        saved.prog = f"{saved.prog}: the flags saved in {path}"
+        saved_argv = checkpoint["argv"] or _command_line(saved, checkpoint.get("args", {}))
+        flags = vars(saved.parse_args(saved_argv))
+        parser.set_defaults(**{k: v for k, v in flags.items() if k not in MACHINE_FLAGS})
         args = parser.parse_args(argv)
         args.resume = path
         args.checkpoint_dir = args.checkpoint_dir or str(Path(path).parent)
@@ -2089,91 +2024,28 @@ def parse_args(argv=None, parser=None):
         args.image_size = 224
     if args.image_size is None:
         args.image_size = 32 if args.dataset == "cifar10" else 64
-    if args.image_size > MAX_IMAGE_SIZE:  # checkpoints larger than this are refused when read
-        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
     return args, checkpoint
 
-LOCK_FILE = ".lock"
-
-class CheckpointDirClaim:
-    """A run's hold on its checkpoint folder: made, proven writable, and locked (an flock on
-    <dir>/.lock) against a second trainer there; the OS drops the lock when the process ends,
-    killed too. Folders it made that hold nothing when it is released (a refused run) go."""
-
-    def __init__(self, out_dir):
-        import fcntl
-        out_dir = Path(out_dir)
-        self.made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = open(out_dir / LOCK_FILE, "a")
-        except OSError as e:
-            raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a "
-                            f"--checkpoint-dir you can write to") from None
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.lock.close()
-            raise UserError(f"{out_dir} is in use by another run that is still training (it holds "
-                            f"{out_dir / LOCK_FILE}): wait for it to end, or pass another "
-                            f"--checkpoint-dir") from None
-
-    def release(self):
-        with contextlib.suppress(OSError):
-            if self.made and [p.name for p in self.made[0].iterdir()] == [LOCK_FILE]:
-                (self.made[0] / LOCK_FILE).unlink()
-                for folder in self.made:  # each only if empty: rmdir refuses anything else
-                    folder.rmdir()
-        self.lock.close()
-
-def check_checkpoint_dir(out_dir, resume_path=None, resumed=None):
-    """Before any data is read, refuse a folder where another run's files would be lost."""
+def check_checkpoint_dir(out_dir, resumed=None):
+    """Before any data is read: out_dir can be written (one probe), holds no other run's files
+    unless this run resumes, and no last newer than the checkpoint resumed (one run a folder)."""
     out_dir = Path(out_dir)
-    found = [out_dir / name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
-    checkpoints = [path for path in found if path.name != "metrics.jsonl"]
-    if found and (resumed is None or not checkpoints):
-        advice = "pass another --checkpoint-dir"
-        if checkpoints and resumed is None:
-            advice = f"continue that run with --resume {checkpoints[0]}, or {advice}"
-        raise UserError(f"{out_dir} holds another run's {' and '.join(p.name for p in found)}: "
-                        f"{advice}")
-    for path in checkpoints:  # of the run resumed, and not newer than resume_path
-        if resume_path is not None and path.resolve() == Path(resume_path).resolve():
-            continue
-        there = load_checkpoint(path)["config"]
-        mine = resumed["config"]
-        if there["run_id"] != mine["run_id"]:
-            raise UserError(f"{out_dir} holds a different run (its {path.name} is not from the "
-                            f"run of {resume_path}): pass another --checkpoint-dir")
-        if path.name == LAST_FILE and there["epoch"] > mine["epoch"]:
-            raise UserError(f"{path} is at epoch {there['epoch']}, newer than {resume_path} "
-                            f"(epoch {mine['epoch']}): resume from {path}, or pass another "
-                            f"--checkpoint-dir to branch off")
-
-def check_room_for_checkpoints(out_dir, model):
-    """Before any decoding, refuse a folder that cannot be written (a file is made and removed:
-    a lock left by an earlier run proves nothing) or has no room for two checkpoints."""
-    out_dir = Path(out_dir)
-    needed = 4 * sum(t.nbytes for t in model.state_dict().values())  # 2 x (weights + momentum)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
-        free = shutil.disk_usage(out_dir).free
     except OSError as e:
         raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a "
                         f"--checkpoint-dir you can write to") from None
-    if free < needed:
-        raise UserError(f"{out_dir} has {free / 2**20:.0f} MiB free, less than the "
-                        f"{needed / 2**20:.0f} MiB two checkpoints of this model take: free some "
-                        f"space or pass another --checkpoint-dir")
-
-ORIGINAL_MIN_IMAGE_SIZE = 64  # the paper's net: 4x4 maps at 4a-4e (the aux heads' pool), 2x2 at 5b
-
-def _small_original_warning(size):
-    at_5b = math.ceil(size / 32)  # five stride-2 stages
-    return (f"warning: --arch original shrinks {size}x{size} images to {at_5b}x{at_5b} before "
-            f"inception 5b (the paper's 224 gives 7x7): use --image-size "
-            f"{ORIGINAL_MIN_IMAGE_SIZE} or more, or --arch tiny for small images")
+    found = [name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
+    if found and resumed is None:
+        raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: continue that run "
+                        f"with --resume PATH of its checkpoint, or pass another --checkpoint-dir")
+    if resumed is not None and LAST_FILE in found:
+        there = load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
+        if there > resumed["config"]["epoch"]:
+            raise UserError(f"{out_dir / LAST_FILE} is at epoch {there}, newer than the checkpoint "
+                            f"resumed (epoch {resumed['config']['epoch']}): resume from it, or "
+                            f"pass another --checkpoint-dir to branch off")
 
 def _check_device_flags(args):
     """Flags the device cannot follow, refused before any work."""
@@ -2183,20 +2055,22 @@ def _check_device_flags(args):
     if args.precision == "fp16" and args.device == "xla":
         raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
                         "(--precision auto)")
-    if args.device != "xla" or args.num_cores in (None, 1):
+    pjrt_device = os.environ.get("PJRT_DEVICE", "").upper()
+    if args.device != "xla" or args.num_cores == 1:
         return
-    if os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
+    if pjrt_device == "CPU" and args.num_cores is not None:
         raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
                         "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
-    raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
-                    "--num-cores 1 or leave --num-cores out")
+    if args.num_cores is not None:
+        raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                        "--num-cores 1 or leave --num-cores out")
+    if pjrt_device == "TPU" and _tpu_chips_here() == 0:  # else the launcher starts no process
+        raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU: run on a TPU VM, or try "
+                        "XLA on the CPU with PJRT_DEVICE=CPU")
 
-def _train_config(args):
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    try:
-        return TrainConfig(**fields).check()
-    except ValueError as e:
-        raise UserError(f"--{str(e).replace('_', '-')}") from None
+def _tpu_chips_here():
+    from torch_xla._internal import tpu  # what the launcher counts (the PCI bus): no runtime
+    return tpu.num_local_processes()
 
 def _model_for_run(args, checkpoint, info):
     """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
@@ -2214,9 +2088,7 @@ def _model_for_run(args, checkpoint, info):
         raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
                               f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
     model, _ = model_from_checkpoint(checkpoint)
-    model_config = model_config_for(info, args.arch, args.image_size, **saved["model_options"])
-    model_config.run_id = saved["run_id"]
-    return model, model_config
+    return model, model_config_for(info, args.arch, args.image_size, **saved["model_options"])
 
 def _log_setup(log, args, config, device, model, num_classes):
     precision = resolve_precision(config.precision, device)
@@ -2253,32 +2125,26 @@ def _choose_loader(args, info, device, log):
         return "fast", device.torch_device  # fits on the GPU: batches never cross the PCIe bus
     return "fast", None
 
-def run(args, checkpoint=None):
+def _run(args, checkpoint=None):
     """Train (or evaluate) as args say in this process (one of several: torchrun, torch_xla)."""
     if checkpoint is None and args.resume:
-        checkpoint = load_checkpoint(args.resume)  # each launched process reads it
-    config = _train_config(args)
+        checkpoint = load_checkpoint(args.resume)  # each TPU process reads it
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     device = make_device(args.device)
 
     def log(line):
         if device.is_master:
             print(line, flush=True)
 
-    if not args.evaluate:
-        check_checkpoint_dir(args.checkpoint_dir, args.resume, checkpoint)
     if not args.evaluate and checkpoint and checkpoint["config"]["epoch"] >= config.epochs:
         done = checkpoint["config"]["epoch"]
         log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to "
             f"train longer")
-        if device.is_master and checkpoint["history"]:  # a kill after last, before metrics.jsonl
-            write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint["history"]
     torch.manual_seed(config.seed)
     info = first_on_each_node(device, lambda first: load_dataset(
         args.dataset, args.data_dir, args.image_size, args.download and first))
     model, model_config = _model_for_run(args, checkpoint, info)
-    if not args.evaluate and device.is_master:
-        check_room_for_checkpoints(args.checkpoint_dir, model)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     _log_setup(log, args, config, device, model, len(info.class_names))
@@ -2301,53 +2167,28 @@ def run(args, checkpoint=None):
     else:
         log(f"writing checkpoints to {args.checkpoint_dir}")
     examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
-    plain_args = {k: v for k, v in vars(args).items() if _plain(v)}
+    argv = _command_line(build_parser(), vars(args))  # saved in each checkpoint
     return train(model, train_loader, val_loader, model_config, config, device,
-                 args.checkpoint_dir, checkpoint, examples, plain_args, log)
+                 args.checkpoint_dir, checkpoint, examples, argv, log)
 
 def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
-    run(args)
+    _run(args)
 
-def launch_on_tpu_cores(args):
-    """run(args) in a process per TPU core (torch_xla's launcher); SIGTERM here reaches them all."""
-    import torch_xla
-    signal.signal(signal.SIGTERM, _forward_to_children)
-    torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
-
-def run_here_or_on_tpu_cores(args, checkpoint):
-    """run() in this process, or in a process per TPU core (all of them, no --num-cores)."""
+def _run_here_or_on_tpu_cores(args, checkpoint):
+    """_run() in this process, or in a process per TPU core (all of them: no --num-cores), which
+    a SIGTERM to this process reaches."""
     on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
     if args.device != "xla" or args.num_cores == 1 or on_cpu:
-        return run(args, checkpoint)
+        return _run(args, checkpoint)
     if args.download:  # once, here: processes downloading together would trample each other
         load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
         args.download = False
-    return launch_on_tpu_cores(args)
+    return _launch_on_tpu_cores(args)
 
-def _stop_before_training():
-    """Until train() takes over, SIGTERM ends the run with one line and 143 (not a silent -15)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    _stopped_before_training.owner = os.getpid()
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _stopped_before_training)}
-
-def _say(line, rank0):
-    """Our one line on stderr (from rank 0); under torchrun also, from every process, its failure
-    summary's root cause (which would else read "To enable traceback see: ...")."""
-    if rank0:
-        print(line, file=sys.stderr, flush=True)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        with contextlib.suppress(OSError):
-            report = {"message": line, "timestamp": int(time.time())}
-            Path(error_file).write_text(json.dumps(report))
-
-def _error_line(error):
-    """A UserError's line; a DataLoader worker's arrives wrapped in its traceback's text."""
-    text = str(error)
-    if "Traceback" in text:
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return f"error: {printable(text)}"
+def _launch_on_tpu_cores(args):
+    import torch_xla
+    signal.signal(signal.SIGTERM, _forward_to_children)
+    torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
 def _interrupted_line(args):
     last = Path(args.checkpoint_dir) / LAST_FILE if args is not None else None
@@ -2356,40 +2197,45 @@ def _interrupted_line(args):
     return "interrupted before any epoch was saved: nothing to resume"
 
 def main(argv=None):
-    """The command line: 0; 2 and one line on bad input; 1 on divergence; 128 + signal: stopped."""
+    """The command line: 0; 2 on a bad flag or input; 1 on divergence; 128 + signal: stopped."""
     import torch.distributed as dist
+    install_stop_handlers()
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
     args = None
-    claim = None
-    signals = _stop_before_training()
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
         _check_device_flags(args)
-        if rank0 and not args.evaluate:  # rank 0 alone writes the folder
-            claim = CheckpointDirClaim(args.checkpoint_dir)
-        if rank0 and args.arch == "original" and args.image_size < ORIGINAL_MIN_IMAGE_SIZE:
-            print(_small_original_warning(args.image_size), flush=True)
-        run_here_or_on_tpu_cores(args, checkpoint)
+        if not args.evaluate:
+            check_checkpoint_dir(args.checkpoint_dir, checkpoint)
+        _run_here_or_on_tpu_cores(args, checkpoint)
         return 0
+    except SystemExit as e:  # argparse's, having printed its usage and error (or --help)
+        return e.code
     except Stopped as e:  # saved where it stopped: not an error
-        _say(str(e), rank0)
+        if rank0:
+            print(e, file=sys.stderr, flush=True)
         return e.exit_code
     except UserError as e:
-        _say(_error_line(e), rank0)
+        if rank0:
+            print(f"error: {printable(e)}", file=sys.stderr, flush=True)
         if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 said why,
             dist.barrier()  # as torchrun stops the other processes at the first one's exit
         return 1 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
-        _say(_interrupted_line(args), rank0)
+        if rank0:
+            print(_interrupted_line(args), file=sys.stderr, flush=True)
         return 130
     finally:
-        if claim is not None:
-            claim.release()
-        for sig, handler in signals.items():
-            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+# STAND-IN (TRAIN defines it in Device): the lead deletes this at merge.
+def install_stop_handlers():
+    """SIGTERM and a first Ctrl-C only set STOP (a second Ctrl-C raises KeyboardInterrupt)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _request_stop)
 
 if __name__ == "__main__":
     sys.exit(main())
