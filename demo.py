@@ -9,9 +9,7 @@ Other code can use ``build_demo(model, config)`` and ``predict(image, model, con
 
 import argparse
 import atexit
-import collections
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -45,6 +43,7 @@ REFRESH_SECONDS = 10
 MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
+MAX_TEXT = 1000  # characters of any one string from a record or a checkpoint shown on the page
 RUNS_DIR = Path("runs")
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
 
@@ -54,9 +53,6 @@ def default_device() -> str:
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
     """A path or PIL image decoded as validation does: uint8 [3, S, S], S `size` or source_size."""
     return googlenet.decode_image(image, size or config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
-
-def decode_batch(images, config) -> torch.Tensor:
-    return torch.stack([load_image(image, config) for image in images])
 
 def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
@@ -79,7 +75,8 @@ def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]
     """Top-k ``{class name: probability}`` for each image (paths or PIL images), in one batch."""
     if not images:
         return []
-    probs = googlenet.predict_proba(model, config, decode_batch(images, config))
+    batch = torch.stack([load_image(image, config) for image in images])
+    probs = googlenet.predict_proba(model, config, batch)
     return [top_k(row, config.class_names, k) for row in probs]
 
 def predict(image, model, config, k: int = TOP_K) -> dict[str, float]:
@@ -118,57 +115,60 @@ def private_folder(prefix: str, parent: str | None = None) -> Path:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
-class MetricsTail:
-    """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
-    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS epoch records; a shorter
-    file (a resumed run rewrote it) is read again. The app reads it from one event at a time."""
+def is_plain(value) -> bool:
+    """None, a bool, a number of sane size or short printable text: what a record may hold."""
+    if type(value) in (int, float):  # compared, never converted: float() of 10**400 overflows
+        return -1e30 <= value <= 1e30  # NaN fails both comparisons
+    text = type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
+    return value is None or type(value) is bool or text
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.offset = 0  # where the next read starts: the end of the last whole line read
-        self.rows = collections.deque(maxlen=MAX_METRICS_ROWS)
+def is_epoch_record(record) -> bool:
+    """A plain record of one epoch: a whole epoch, val top-1 (and top-5, if there) in [0, 1].
+    Neither metrics.jsonl nor a checkpoint's history is checked before it reaches us."""
+    if type(record) is not dict or type(record.get("epoch")) is not int:
+        return False
+    accuracies = [record.get("val_top1"), record.get("val_top5", 0.0)]
+    return (1 <= record["epoch"] <= 10**6 and all(map(is_plain, record.values()))
+            and all(type(a) in (int, float) and 0 <= a <= 1 for a in accuracies))
 
-    def read(self) -> list[dict]:
-        with contextlib.suppress(OSError):  # no file (yet), or it is being replaced: rows so far
-            self._read_new_lines()
-        return list(self.rows)
+def parse_row(line: bytes):
+    """A metrics.jsonl line's JSON; None for a line over MAX_ROW_BYTES or one that is not JSON."""
+    with contextlib.suppress(ValueError, RecursionError):  # torn, cut by the read, or hostile
+        return json.loads(line) if len(line) <= MAX_ROW_BYTES else None
 
-    def _read_new_lines(self):
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < self.offset:
-                self.rows.clear()
-                self.offset = 0
-            start = max(self.offset, size - MAX_READ_BYTES)
-            f.seek(start)
-            data = f.read(size - start)
-        first = 0
-        if start > self.offset:  # skipped ahead: the first line is cut
-            first = data.find(b"\n") + 1
-        end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits for its end
-        if end == 0 and len(data) == MAX_READ_BYTES:  # no line end in a whole window: skip it
-            end = len(data)
-        self.offset = start + end
-        for line in data[first:end].split(b"\n"):
-            if len(line) > MAX_ROW_BYTES:
-                continue
-            with contextlib.suppress(ValueError, RecursionError):  # a torn or hostile line
-                record = json.loads(line)
-                if googlenet.is_epoch_record(record):  # no huge or non-finite numbers, odd strings
-                    self.rows.append(record)
+def read_metrics(path) -> list[dict]:
+    """The epoch records in metrics.jsonl's newest MAX_READ_BYTES, the newest MAX_METRICS_ROWS of
+    them. Nothing is kept between calls, so concurrent calls are safe. (A line cut by the read's
+    start, or still being written, is not JSON: it is skipped as a bad one.)"""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
+            lines = f.read(MAX_READ_BYTES).split(b"\n")
+    except OSError:  # no file (yet), or it is being replaced
+        return []
+    rows = [parse_row(line) for line in lines]
+    return [row for row in rows if is_epoch_record(row)][-MAX_METRICS_ROWS:]
 
-def read_history(checkpoint_path, checkpoint: dict | None = None,
-                 tail: MetricsTail | None = None) -> list[dict]:
-    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains;
-    `tail` keeps what was read), else the checkpoint's history."""
+def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
+    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains),
+    else from the checkpoint's history; the newest MAX_METRICS_ROWS either way."""
     records = []
     if checkpoint_path is not None:
-        tail = tail or MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
-        records = tail.read()
-    if records:
+        records = read_metrics(Path(checkpoint_path).parent / "metrics.jsonl")
+    history = (checkpoint or {}).get("history")
+    if records or not isinstance(history, list):
         return records
-    stored = (checkpoint or {}).get("history") or []
-    return [record for record in stored if googlenet.is_epoch_record(record)]
+    return [record for record in history if is_epoch_record(record)][-MAX_METRICS_ROWS:]
+
+def saved_flags(argv) -> dict[str, str]:
+    """The `--name value` and `--name=value` flags in a run's saved command line."""
+    words = [str(word) for word in argv] if isinstance(argv, list) else []
+    flags = {}
+    for word, following in zip(words, words[1:] + [""]):
+        name, equals, value = word.partition("=")
+        if name.startswith("--"):
+            flags[name[2:].replace("-", "_")] = value if equals else following
+    return flags
 
 def curves(history):
     """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
@@ -190,10 +190,12 @@ def describe_run(history, checkpoint: dict | None) -> str:
         return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
                 "the checkpoint stores no history.")
     # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
-    run = {}
-    for part in ("args", "train_config", "config"):
-        run.update((checkpoint or {}).get(part) or {})
-    s = {key: plain(run.get(key, "?")) for key in
+    checkpoint = checkpoint or {}
+    run = saved_flags(checkpoint.get("argv"))
+    for part in ("train_config", "config"):
+        if isinstance(checkpoint.get(part), dict):
+            run.update(checkpoint[part])
+    s = {key: plain(str(run.get(key, "?"))[:MAX_TEXT]) for key in
          ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
     settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
                 f"batch **{s['batch_size']}** per device · "
@@ -239,7 +241,6 @@ def classify_uploads(payloads, model, config):
         for slot, row, cam in zip(decoded, probs, cams):
             labels[slot] = top_k(row, config.class_names)
             overlays[slot] = cam_overlay(decoded[slot][1], cam, next(iter(labels[slot])))
-    give_back_freed_memory()
     return labels, messages, overlays
 
 def refusal(payload, err: Exception) -> str:
@@ -257,12 +258,6 @@ def batch_size(config) -> int:
     burst's memory does not grow with the input size a checkpoint sets."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
-
-def give_back_freed_memory():
-    """glibc keeps what a thread freed in that thread's arena, so one large decode would stay in
-    the server's memory: hand it back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(None).malloc_trim(0)
 
 def write_gradio_cache_atomically():
     """Gradio names a cached output image by its content's hash and rewrites that file in place, so
@@ -298,12 +293,9 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
     import gradio as gr
 
     write_gradio_cache_atomically()
-    tail = None
-    if checkpoint_path is not None:
-        tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
 
     def training_view():
-        history = read_history(checkpoint_path, checkpoint, tail)
+        history = read_history(checkpoint_path, checkpoint)
         return describe_run(history, checkpoint), *curves(history)
 
     def open_training():  # refreshes run only while the Training tab is open
@@ -333,7 +325,7 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                                      elem_id=f"{name}-plot") for name, title in titles.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
-        # Only visitors who open the Training tab read metrics.jsonl, one at a time, new bytes only.
+        # Only visitors who open the Training tab read metrics.jsonl (its newest MiBs), one at a time.
         queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
@@ -372,18 +364,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message, for main() to print
         raise googlenet.UserError(f"{message} (see python demo.py --help)")
 
-def check_args(args):
-    """What argparse does not check: one line that says what to do, before the model loads."""
-    if not 0 < args.port < 65536:
-        raise googlenet.UserError(f"--port must be 1-65535, got {args.port} "
-                                  "(see python demo.py --help)")
-    if args.examples is not None and not args.examples.is_dir():
-        raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
-    if args.cam is not None and not args.images:
-        raise googlenet.UserError("--cam DIR goes with image files (the web app shows the map)")
-    if args.cam is not None and not args.cam.is_dir():
-        raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
-
 def newest_checkpoint() -> Path:
     """The newest best checkpoint under RUNS_DIR, for a demo started without --checkpoint."""
     found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
@@ -412,12 +392,14 @@ def main(argv=None) -> int:
         "activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
-        check_args(args)
+        if args.cam is not None and not args.images:
+            parser.error("--cam DIR goes with image files (the web app shows the map)")
         checkpoint_path = args.checkpoint or newest_checkpoint()
         checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights, metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
         model = model.to(default_device()).eval()
-    except googlenet.UserError as err:
+        examples = [] if args.images else example_images(checkpoint, args.examples)
+    except (googlenet.UserError, OSError) as err:  # OSError: --examples is not a folder
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
     if args.images:
@@ -426,8 +408,8 @@ def main(argv=None) -> int:
     # two servers sharing /tmp/gradio would delete each other's copies of the same photo.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
-    demo = build_demo(model, config, example_images(checkpoint, args.examples),
-                      checkpoint_path=checkpoint_path, checkpoint=checkpoint)
+    demo = build_demo(model, config, examples, checkpoint_path=checkpoint_path,
+                      checkpoint=checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -435,7 +417,7 @@ def main(argv=None) -> int:
                     max_file_size=MAX_UPLOAD_BYTES)
     except KeyboardInterrupt:  # SIGTERM or Ctrl-C before Gradio's own wait loop: a normal stop
         return 0
-    except OSError:  # Gradio's message talks about its own parameters, not our flags
+    except (OSError, OverflowError):  # Gradio's message talks of its parameters, not our flags
         print(f"error: cannot serve on {args.host}:{args.port}: the port is taken or the address "
               "is not this machine's; choose another with --port or --host", file=sys.stderr)
         return 2
