@@ -161,14 +161,10 @@ def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
     return [record for record in history if is_epoch_record(record)][-MAX_METRICS_ROWS:]
 
 def saved_flags(argv) -> dict[str, str]:
-    """The `--name value` and `--name=value` flags in a run's saved command line."""
+    """The `--name value` pairs of a run's saved command line (the device is only there)."""
     words = [str(word) for word in argv] if isinstance(argv, list) else []
-    flags = {}
-    for word, following in zip(words, words[1:] + [""]):
-        name, equals, value = word.partition("=")
-        if name.startswith("--"):
-            flags[name[2:].replace("-", "_")] = value if equals else following
-    return flags
+    return {name[2:].replace("-", "_"): value for name, value in zip(words, words[1:])
+            if name.startswith("--")}
 
 def curves(history):
     """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
@@ -190,11 +186,9 @@ def describe_run(history, checkpoint: dict | None) -> str:
         return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
                 "the checkpoint stores no history.")
     # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
-    checkpoint = checkpoint or {}
-    run = saved_flags(checkpoint.get("argv"))
+    run = saved_flags((checkpoint or {}).get("argv"))
     for part in ("train_config", "config"):
-        if isinstance(checkpoint.get(part), dict):
-            run.update(checkpoint[part])
+        run.update((checkpoint or {}).get(part) or {})
     s = {key: plain(str(run.get(key, "?"))[:MAX_TEXT]) for key in
          ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
     settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
@@ -260,9 +254,9 @@ def batch_size(config) -> int:
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
 def write_gradio_cache_atomically():
-    """Gradio names a cached output image by its content's hash and rewrites that file in place, so
-    two identical answers at once (the same photo uploaded twice) truncate a file while it is being
-    served ("Too little data for declared Content-Length"): write a file once, whole, by rename."""
+    """Gradio (6.31 too) names a cached output image by its content's hash and rewrites that file in
+    place, so two identical answers at once (the same photo uploaded twice) truncate a file while
+    it is being served (the burst test's downloads fail): write a file once, whole, by rename."""
     from gradio import processing_utils
 
     def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
