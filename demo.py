@@ -40,9 +40,9 @@ NUM_EXAMPLES = 4
 CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
 CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
-MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
+MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history records) the Training tab plots
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
-MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
+MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
 MAX_TEXT = 1000  # characters of any one string from a record or a checkpoint shown on the page
 RUNS_DIR = Path("runs")
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
@@ -137,17 +137,17 @@ def parse_row(line: bytes):
         return json.loads(line) if len(line) <= MAX_ROW_BYTES else None
 
 def read_metrics(path) -> list[dict]:
-    """The epoch records in metrics.jsonl's newest MAX_READ_BYTES, the newest MAX_METRICS_ROWS of
-    them. Nothing is kept between calls, so concurrent calls are safe. (A line cut by the read's
-    start, or still being written, is not JSON: it is skipped as a bad one.)"""
+    """The epoch records among metrics.jsonl's newest MAX_METRICS_ROWS lines (in its newest
+    MAX_READ_BYTES). Nothing is kept between calls, so concurrent calls are safe. (A line cut by
+    the read's start, or still being written, is not JSON: it is skipped as a bad one.)"""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
             lines = f.read(MAX_READ_BYTES).split(b"\n")
     except OSError:  # no file (yet), or it is being replaced
         return []
-    rows = [parse_row(line) for line in lines]
-    return [row for row in rows if is_epoch_record(row)][-MAX_METRICS_ROWS:]
+    rows = [parse_row(line) for line in lines[-MAX_METRICS_ROWS - 1:]]  # 1 more: "" after the end
+    return [row for row in rows if is_epoch_record(row)]
 
 def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
     """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains),
