@@ -151,14 +151,14 @@ def read_metrics(path) -> list[dict]:
 
 def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
     """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains),
-    else from the checkpoint's history; the newest MAX_METRICS_ROWS either way."""
+    else from the checkpoint's history: of its newest MAX_METRICS_ROWS entries either way."""
     records = []
     if checkpoint_path is not None:
         records = read_metrics(Path(checkpoint_path).parent / "metrics.jsonl")
     history = (checkpoint or {}).get("history")
     if records or not isinstance(history, list):
         return records
-    return [record for record in history if is_epoch_record(record)][-MAX_METRICS_ROWS:]
+    return [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
 
 def saved_flags(argv) -> dict[str, str]:
     """The `--name value` pairs of a run's saved command line (the device is only there)."""
