@@ -731,6 +731,15 @@ def test_training_tab_skips_a_row_with_a_401_digit_number(tmp_path):
     assert [len(table) for table in demo.curves(history)] == [1, 2, 1]
 
 
+def test_training_summary_takes_the_device_from_the_saved_command_line():
+    """The flags are the run's saved argv now; its TrainConfig and model config still win over them."""
+    checkpoint = {"argv": ["--sync-bn", "--device", "cuda", "--precision", "fp16", "--epochs", "9"],
+                  "train_config": {"precision": "bf16", "epochs": 30}, "config": {"arch": "tiny"}}
+    summary = demo.describe_run([{"epoch": 1, "val_top1": 0.5}], checkpoint)
+    assert "device **cuda**" in summary and "precision **bf16**" in summary and "epochs **30**" in summary
+    assert "device **\\?**" in demo.describe_run([{"epoch": 1, "val_top1": 0.5}], {"argv": {"device": "x"}})
+
+
 def own_memory_kib(field: str) -> int:
     return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith(field + ":"))
