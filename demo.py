@@ -161,7 +161,7 @@ def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
     return [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
 
 def saved_flags(argv) -> dict[str, str]:
-    """The `--name value` pairs of a run's saved command line (the device is only there)."""
+    """The `--name value` pairs of a run's saved command line: the device is not in its configs."""
     words = [str(word) for word in argv] if isinstance(argv, list) else []
     return {name[2:].replace("-", "_"): value for name, value in zip(words, words[1:])
             if name.startswith("--")}
@@ -319,7 +319,8 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                                      elem_id=f"{name}-plot") for name, title in titles.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
-        # Only visitors who open the Training tab read metrics.jsonl (its newest MiBs), one at a time.
+        # Only visitors who open the Training tab read metrics.jsonl, one at a time through the queue
+        # (a direct /gradio_api/run call runs at once, beside them: the read keeps no state).
         queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
