@@ -40,7 +40,7 @@ NUM_EXAMPLES = 4
 CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
 CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
-MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history records) the Training tab plots
+MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history entries) plotted
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
 MAX_TEXT = 1000  # characters of any one string from a record or a checkpoint shown on the page
@@ -319,8 +319,8 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                                      elem_id=f"{name}-plot") for name, title in titles.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
-        # Only visitors who open the Training tab read metrics.jsonl, one at a time through the queue
-        # (a direct /gradio_api/run call runs at once, beside them: the read keeps no state).
+        # Only visitors who open the Training tab read metrics.jsonl, one at a time through the
+        # queue (a direct /gradio_api/run call runs at once, beside them: the read keeps no state).
         queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
