@@ -1,7 +1,7 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
-    python demo.py --checkpoint runs/tiny/best.safetensors          # web app on 127.0.0.1:7860
-    python demo.py                                                  # newest runs/**/best.*
+    python demo.py                                  # web app on 127.0.0.1:7860 for runs/tiny/best.*
+    python demo.py --checkpoint runs/cifar10/best.safetensors            # another checkpoint's
     python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
 
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
@@ -21,7 +21,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -43,8 +42,8 @@ REFRESH_SECONDS = 10
 MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history entries) plotted
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
-MAX_TEXT = 1000  # characters of any one string from a record or a checkpoint shown on the page
-RUNS_DIR = Path("runs")
+MAX_TEXT = 1000  # characters of any one string from a checkpoint or an upload's name shown
+DEFAULT_CHECKPOINT = Path("runs/tiny/best.safetensors")  # what README's first training run writes
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
 
 def default_device() -> str:
@@ -59,7 +58,8 @@ def plain(text) -> str:
     # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
     # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, fold whitespace
     # so no block opens, and show characters that are not printable as \x.. escapes.
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
+    text = " ".join(googlenet.printable(str(text)[:MAX_TEXT]).split())
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
 
 def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
     """One row of class probabilities as ``{class name: probability}`` for the k best."""
@@ -89,23 +89,6 @@ def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
     cam = torch.nn.functional.interpolate(cam[None, None], size=(side, side), mode="bilinear")
     return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
 
-def example_images(checkpoint: dict | None = None, examples_dir=None) -> list[Path]:
-    """The image files in `examples_dir`, else the checkpoint's stored examples written as PNGs
-    into a private temporary folder removed at exit, else none."""
-    if examples_dir is not None:
-        images = sorted(p for p in Path(examples_dir).iterdir()
-                        if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)
-        return images[:NUM_EXAMPLES]
-    stored = (checkpoint or {}).get("examples")
-    if not stored:
-        return []
-    out_dir = private_folder("googlenet-demo-examples-")  # no path stored in the checkpoint is used
-    paths = []
-    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
-        paths.append(out_dir / f"example-{index}.png")
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-    return paths
-
 def private_folder(prefix: str, parent: str | None = None) -> Path:
     """A new folder (in parent, else the temp folder) removed at exit. mkdtemp: only we can write
     it, so no file (or symlink) someone else planted in a shared folder is followed."""
@@ -115,21 +98,29 @@ def private_folder(prefix: str, parent: str | None = None) -> Path:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
-def is_plain(value) -> bool:
-    """None, a bool, a number of sane size or short printable text: what a record may hold."""
-    if type(value) in (int, float):  # compared, never converted: float() of 10**400 overflows
-        return -1e30 <= value <= 1e30  # NaN fails both comparisons
-    text = type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
-    return value is None or type(value) is bool or text
+def example_images(checkpoint: dict | None) -> list[Path]:
+    """The checkpoint's stored example images as PNGs in a private folder (no path it names)."""
+    stored = (checkpoint or {}).get("examples")
+    if not stored:
+        return []
+    folder = private_folder("googlenet-demo-examples-")
+    paths = []
+    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
+        paths.append(folder / f"example-{index}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths
+
+def is_number(value) -> bool:
+    """An int or float within ±1e30: compared, never converted (float() of 10**400 overflows)."""
+    return type(value) in (int, float) and -1e30 <= value <= 1e30  # NaN fails both comparisons
 
 def is_epoch_record(record) -> bool:
-    """A plain record of one epoch: a whole epoch, val top-1 (and top-5, if there) in [0, 1].
-    Neither metrics.jsonl nor a checkpoint's history is checked before it reaches us."""
+    """What the Training tab may show: a dict with a whole epoch and val top-1 (and top-5, if
+    there) in [0, 1]. Neither metrics.jsonl nor a checkpoint's history is checked before here."""
     if type(record) is not dict or type(record.get("epoch")) is not int:
         return False
     accuracies = [record.get("val_top1"), record.get("val_top5", 0.0)]
-    return (1 <= record["epoch"] <= 10**6 and all(map(is_plain, record.values()))
-            and all(type(a) in (int, float) and 0 <= a <= 1 for a in accuracies))
+    return 1 <= record["epoch"] <= 10**6 and all(is_number(a) and 0 <= a <= 1 for a in accuracies)
 
 def parse_row(line: bytes):
     """A metrics.jsonl line's JSON; None for a line over MAX_ROW_BYTES or one that is not JSON."""
@@ -137,9 +128,8 @@ def parse_row(line: bytes):
         return json.loads(line) if len(line) <= MAX_ROW_BYTES else None
 
 def read_metrics(path) -> list[dict]:
-    """The epoch records among metrics.jsonl's newest MAX_METRICS_ROWS lines (in its newest
-    MAX_READ_BYTES). Nothing is kept between calls, so concurrent calls are safe. (A line cut by
-    the read's start, or still being written, is not JSON: it is skipped as a bad one.)"""
+    """The epoch records among metrics.jsonl's newest MAX_METRICS_ROWS lines, in its newest
+    MAX_READ_BYTES. Nothing is kept between calls, so concurrent calls are safe."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
@@ -150,8 +140,8 @@ def read_metrics(path) -> list[dict]:
     return [row for row in rows if is_epoch_record(row)]
 
 def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
-    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains),
-    else from the checkpoint's history: of its newest MAX_METRICS_ROWS entries either way."""
+    """The records of metrics.jsonl beside the checkpoint (it grows while the run trains), else
+    of the checkpoint's history: of the newest MAX_METRICS_ROWS either way."""
     records = []
     if checkpoint_path is not None:
         records = read_metrics(Path(checkpoint_path).parent / "metrics.jsonl")
@@ -160,20 +150,13 @@ def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
         return records
     return [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
 
-def saved_flags(argv) -> dict[str, str]:
-    """The `--name value` pairs of a run's saved command line: the device is not in its configs."""
-    words = [str(word) for word in argv] if isinstance(argv, list) else []
-    return {name[2:].replace("-", "_"): value for name, value in zip(words, words[1:])
-            if name.startswith("--")}
-
 def curves(history):
     """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
     import pandas as pd
 
     def table(columns: dict[str, str]):
         rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": name}
-                for h in history for key, name in columns.items()
-                if isinstance(h.get(key), (int, float))]
+                for h in history for key, name in columns.items() if is_number(h.get(key))]
         return pd.DataFrame(rows, columns=["epoch", "value", "series"])
 
     return (table({"train_loss": "train loss (main head)", "val_loss": "val loss"}),
@@ -181,20 +164,17 @@ def curves(history):
             table({"lr": "learning rate"}))
 
 def describe_run(history, checkpoint: dict | None) -> str:
-    """Markdown: the run's settings and its best epoch."""
+    """Markdown: the run's settings (its model config wins over its TrainConfig) and best epoch."""
     if not history:
         return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
                 "the checkpoint stores no history.")
-    # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
-    run = saved_flags((checkpoint or {}).get("argv"))
-    for part in ("train_config", "config"):
-        run.update((checkpoint or {}).get(part) or {})
-    s = {key: plain(str(run.get(key, "?"))[:MAX_TEXT]) for key in
-         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
+    checkpoint = checkpoint or {}
+    run = {**(checkpoint.get("train_config") or {}), **(checkpoint.get("config") or {})}
+    s = {key: plain(run.get(key, "?")) for key in
+         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision")}
     settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
                 f"batch **{s['batch_size']}** per device · "
-                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · "
-                f"precision **{s['precision']}** · device **{s['device']}**")
+                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · precision **{s['precision']}**")
     best = max(history, key=lambda h: h["val_top1"])
     epochs = "1 epoch" if len(history) == 1 else f"{len(history)} epochs"
     tta = " with flip TTA" if best.get("val_tta") else ""
@@ -272,21 +252,21 @@ def write_gradio_cache_atomically():
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
 def batched_classifier(model, config):
-    """The Classify handler: each batch of uploads runs on one inference thread. Gradio calls
-    handlers from a pool of up to 40 threads, and PyTorch's CPU thread pool (OpenMP) is per
-    calling thread, so each would grow its own threads and buffers."""
+    """The Classify handler, on one inference thread: Gradio calls handlers from up to 40 threads,
+    and each thread that calls PyTorch on the CPU grows its own OpenMP threads and buffers."""
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
 
     def classify(payloads):  # batched: one upload per queued request
         return inference_thread.submit(classify_uploads, payloads, model, config).result()
     return classify
 
-def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
+def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
 
     write_gradio_cache_atomically()
+    examples = example_images(checkpoint)
 
     def training_view():
         history = read_history(checkpoint_path, checkpoint)
@@ -332,44 +312,24 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
                      trigger_mode="always_last")
     return demo.queue(max_size=MAX_QUEUE_SIZE)
 
-def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
-    """No web app: the top-5 per image printed, and with cam_dir its map over the photo in red (as
-    the web app shows it) in cam_dir/NAME.cam.png; a bad image: one line on stderr. Exit code."""
+def classify_files(paths, model, config) -> int:
+    """No web app: the top-5 of each image printed; a bad image is one line on stderr. Exit code."""
     status = 0
     for path in paths:
         try:
-            probs, cams = googlenet.predict_with_cam(model, config, load_image(path, config)[None])
-            result = top_k(probs[0], config.class_names)
-            if cam_dir is not None:
-                photo, [(alpha, _)] = cam_overlay(load_image(path, config, CAM_SIZE), cams[0], "")
-                red = photo * (1 - alpha[..., None]) + np.array([255, 0, 0]) * alpha[..., None]
-                Image.fromarray(red.round().astype(np.uint8)).save(cam_dir / f"{path.stem}.cam.png")
-        except (googlenet.UserError, OSError) as err:  # OSError: the map could not be written
+            result = predict(path, model, config)
+        except googlenet.UserError as err:
             print(f"error: {googlenet.printable(err)}", file=sys.stderr)
             status = 2
             continue
         print(path)
         for rank, (name, prob) in enumerate(result.items(), start=1):
             print(f"  {rank}. {prob:6.1%}  {name}")
-        if cam_dir is not None:
-            print(f"  where it saw {next(iter(result))}: {cam_dir / f'{path.stem}.cam.png'}")
     return status
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message, for main() to print
         raise googlenet.UserError(f"{message} (see python demo.py --help)")
-
-def newest_checkpoint() -> Path:
-    """The newest best checkpoint under RUNS_DIR, for a demo started without --checkpoint."""
-    found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
-    if not found:
-        raise googlenet.UserError(
-            f"no --checkpoint given and no {googlenet.BEST_FILE} under {RUNS_DIR}/: train one with "
-            f"`python googlenet.py --dataset tiny --data-dir data --download` (it writes "
-            f"runs/tiny/{googlenet.BEST_FILE}) or pass --checkpoint PATH")
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    print(f"Using the newest checkpoint under {RUNS_DIR}/: {newest}", file=sys.stderr)
-    return newest
 
 def main(argv=None) -> int:
     """Run the demo (see the module docstring); returns the process exit code."""
@@ -377,34 +337,26 @@ def main(argv=None) -> int:
                                  "printed for the image files given.")
     add = parser.add_argument
     add("images", nargs="*", type=Path, help="image files to classify here (no web app)")
-    add("--checkpoint", type=Path,
-        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
-    add("--examples", type=Path, help="folder of example images (default: the checkpoint's own)")
+    add("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+        help=f"checkpoint to serve (default {DEFAULT_CHECKPOINT})")
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=7860, help="port to listen on (default 7860)")
     add("--share", action="store_true", help="also open a public gradio.live link")
-    add("--cam", type=Path, metavar="DIR", help="with image files: also write each one's class "
-        "activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
-        if args.cam is not None and not args.images:
-            parser.error("--cam DIR goes with image files (the web app shows the map)")
-        checkpoint_path = args.checkpoint or newest_checkpoint()
-        checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights, metadata
+        checkpoint = googlenet.load_checkpoint(args.checkpoint)  # checked whole: weights, metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
-        model = model.to(default_device()).eval()
-        examples = [] if args.images else example_images(checkpoint, args.examples)
-    except (googlenet.UserError, OSError) as err:  # OSError: --examples is not a folder
+    except googlenet.UserError as err:
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
+    model = model.to(default_device()).eval()
     if args.images:
-        return classify_files(args.images, model, config, args.cam)
+        return classify_files(args.images, model, config)
     # Gradio names an upload by its content and, when a server stops, deletes every file it cached:
     # two servers sharing /tmp/gradio would delete each other's copies of the same photo.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
-    demo = build_demo(model, config, examples, checkpoint_path=checkpoint_path,
-                      checkpoint=checkpoint)
+    demo = build_demo(model, config, checkpoint_path=args.checkpoint, checkpoint=checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
