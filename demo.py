@@ -1,8 +1,7 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
-    python demo.py                                  # web app on 127.0.0.1:7860 for runs/tiny/best.*
-    python demo.py --checkpoint runs/cifar10/best.safetensors            # another checkpoint's
-    python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
+    python demo.py                       # runs/tiny/best.safetensors's web app on 127.0.0.1:7860
+    python demo.py --checkpoint runs/cifar10/best.safetensors a.jpg b.png  # no browser: top-5 each
 
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
 """
@@ -28,11 +27,8 @@ import googlenet
 
 TOP_K = 5
 MAX_BATCH_SIZE = 16  # requests waiting in the queue go through the model together, up to this many
-# A waiting request holds only a file path, so a deep queue is cheap: a burst of hundreds from
-# one page or script is answered instead of refused.
-MAX_QUEUE_SIZE = 1024
-# Uploads are untrusted: bound their bytes, and their pixels after JPEG's reduced-scale decoding
-# (a huge PNG would otherwise take gigabytes and hold up everyone's queue for seconds).
+MAX_QUEUE_SIZE = 1024  # a waiting request holds only a file path: a burst of hundreds is answered
+# Uploads are untrusted: a huge PNG would take gigabytes and hold everyone's queue up for seconds.
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
@@ -43,11 +39,13 @@ MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history entries) p
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
 MAX_TEXT = 1000  # characters of any one string from a checkpoint or an upload's name shown
-DEFAULT_CHECKPOINT = Path("runs/tiny/best.safetensors")  # what README's first training run writes
+SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch/device",
+            "lr": "lr/256 images", "schedule": "schedule", "precision": "precision"}
+# The Training tab's plots: name: (title, {metrics.jsonl field: series})
+PLOTS = {"loss": ("Loss", {"train_loss": "train loss (main head)", "val_loss": "val loss"}),
+         "accuracy": ("Validation accuracy", {"val_top1": "val top-1", "val_top5": "val top-5"}),
+         "lr": ("Learning rate (epoch start)", {"lr": "learning rate"})}
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
     """A path or PIL image decoded as validation does: uint8 [3, S, S], S `size` or source_size."""
@@ -55,9 +53,8 @@ def load_image(image, config, size: int | None = None) -> torch.Tensor:
 
 def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
-    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
-    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, fold whitespace
-    # so no block opens, and show characters that are not printable as \x.. escapes.
+    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and $$
+    # LaTeX: escape every ASCII punctuation mark, fold whitespace (no block opens), \x.. the rest.
     text = " ".join(googlenet.printable(str(text)[:MAX_TEXT]).split())
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
 
@@ -73,8 +70,6 @@ def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
 
 def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]]:
     """Top-k ``{class name: probability}`` for each image (paths or PIL images), in one batch."""
-    if not images:
-        return []
     batch = torch.stack([load_image(image, config) for image in images])
     probs = googlenet.predict_proba(model, config, batch)
     return [top_k(row, config.class_names, k) for row in probs]
@@ -83,15 +78,8 @@ def predict(image, model, config, k: int = TOP_K) -> dict[str, float]:
     """Top-k for one image; ``model, config`` as ``googlenet.load_for_inference`` returns them."""
     return predict_many([image], model, config, k)[0]
 
-def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
-    """gr.AnnotatedImage's value: the photo, and the map (0..1) resized to it times CAM_OPACITY."""
-    side = photo.shape[-1]
-    cam = torch.nn.functional.interpolate(cam[None, None], size=(side, side), mode="bilinear")
-    return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
-
 def private_folder(prefix: str, parent: str | None = None) -> Path:
-    """A new folder (in parent, else the temp folder) removed at exit. mkdtemp: only we can write
-    it, so no file (or symlink) someone else planted in a shared folder is followed."""
+    """A new folder in parent (else the temp folder) that only we can write, removed at exit."""
     if parent:
         Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -115,66 +103,49 @@ def is_number(value) -> bool:
     return type(value) in (int, float) and -1e30 <= value <= 1e30  # NaN fails both comparisons
 
 def is_epoch_record(record) -> bool:
-    """What the Training tab may show: a dict with a whole epoch and val top-1 (and top-5, if
-    there) in [0, 1]. Neither metrics.jsonl nor a checkpoint's history is checked before here."""
+    """A record to show (nothing checked it before): a whole epoch, val top-1 (top-5) in [0, 1]."""
     if type(record) is not dict or type(record.get("epoch")) is not int:
         return False
     accuracies = [record.get("val_top1"), record.get("val_top5", 0.0)]
     return 1 <= record["epoch"] <= 10**6 and all(is_number(a) and 0 <= a <= 1 for a in accuracies)
 
 def parse_row(line: bytes):
-    """A metrics.jsonl line's JSON; None for a line over MAX_ROW_BYTES or one that is not JSON."""
     with contextlib.suppress(ValueError, RecursionError):  # torn, cut by the read, or hostile
         return json.loads(line) if len(line) <= MAX_ROW_BYTES else None
 
-def read_metrics(path) -> list[dict]:
-    """The epoch records among metrics.jsonl's newest MAX_METRICS_ROWS lines, in its newest
-    MAX_READ_BYTES. Nothing is kept between calls, so concurrent calls are safe."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
-            lines = f.read(MAX_READ_BYTES).split(b"\n")
-    except OSError:  # no file (yet), or it is being replaced
-        return []
-    rows = [parse_row(line) for line in lines[-MAX_METRICS_ROWS - 1:]]  # 1 more: "" after the end
-    return [row for row in rows if is_epoch_record(row)]
-
 def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
-    """The records of metrics.jsonl beside the checkpoint (it grows while the run trains), else
-    of the checkpoint's history: of the newest MAX_METRICS_ROWS either way."""
-    records = []
-    if checkpoint_path is not None:
-        records = read_metrics(Path(checkpoint_path).parent / "metrics.jsonl")
+    """The epoch records of metrics.jsonl beside the checkpoint (read afresh: it grows while the
+    run trains; nothing is kept, so concurrent calls are safe), else of the checkpoint's history."""
+    lines = []
+    with contextlib.suppress(OSError):  # no file (yet), or it is being replaced
+        if checkpoint_path is not None:
+            with open(Path(checkpoint_path).parent / "metrics.jsonl", "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
+                lines = f.read(MAX_READ_BYTES).split(b"\n")[-MAX_METRICS_ROWS - 1:]  # 1 more: ""
+    records = [row for row in map(parse_row, lines) if is_epoch_record(row)]
     history = (checkpoint or {}).get("history")
-    if records or not isinstance(history, list):
-        return records
-    return [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
+    if not records and isinstance(history, list):
+        records = [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
+    return records
 
 def curves(history):
-    """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
+    """A long-format table for each of PLOTS: the epoch, a value, its series."""
     import pandas as pd
-
-    def table(columns: dict[str, str]):
-        rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": name}
-                for h in history for key, name in columns.items() if is_number(h.get(key))]
-        return pd.DataFrame(rows, columns=["epoch", "value", "series"])
-
-    return (table({"train_loss": "train loss (main head)", "val_loss": "val loss"}),
-            table({"val_top1": "val top-1", "val_top5": "val top-5"}),
-            table({"lr": "learning rate"}))
+    tables = []
+    for _, columns in PLOTS.values():
+        rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": series}
+                for h in history for key, series in columns.items() if is_number(h.get(key))]
+        tables.append(pd.DataFrame(rows, columns=["epoch", "value", "series"]))
+    return tables
 
 def describe_run(history, checkpoint: dict | None) -> str:
     """Markdown: the run's settings (its model config wins over its TrainConfig) and best epoch."""
     if not history:
-        return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
-                "the checkpoint stores no history.")
+        return "No training metrics: no `metrics.jsonl` beside this checkpoint, no history in it."
     checkpoint = checkpoint or {}
     run = {**(checkpoint.get("train_config") or {}), **(checkpoint.get("config") or {})}
-    s = {key: plain(run.get(key, "?")) for key in
-         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision")}
-    settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
-                f"batch **{s['batch_size']}** per device · "
-                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · precision **{s['precision']}**")
+    settings = " · ".join(f"{label} **{plain(run.get(key, '?'))}**"
+                          for key, label in SETTINGS.items())
     best = max(history, key=lambda h: h["val_top1"])
     epochs = "1 epoch" if len(history) == 1 else f"{len(history)} epochs"
     tta = " with flip TTA" if best.get("val_tta") else ""
@@ -185,58 +156,53 @@ def page_header(model, config) -> str:
     """The page's first line: what the model is (no local paths: --share would publish them)."""
     top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
     accuracy = "**not measured**" if top1 is None else f"**{top1:.1%}**"
-    return " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
-                       f"arch **{config.arch}**", f"epoch **{config.epoch}**",
-                       f"validation top-1 {accuracy}",
-                       f"running on {next(model.parameters()).device}"])
+    return (f"dataset **{plain(config.dataset)}** ({config.num_classes} classes) · arch "
+            f"**{config.arch}** · epoch **{config.epoch}** · validation top-1 {accuracy} · "
+            f"running on {next(model.parameters()).device}")
 
 def classify_uploads(payloads, model, config):
     """The web app's batched handler: file payloads in; (top-k labels, messages, overlays) out."""
-    labels = [None] * len(payloads)
-    messages = [""] * len(payloads)
-    overlays = [None] * len(payloads)
+    results = [(None, NO_IMAGE_MESSAGE, None)] * len(payloads)  # each: label, message, overlay
     decoded = {}  # slot: (model input, photo at CAM_SIZE)
     for slot, payload in enumerate(payloads):
-        # preprocess=False: a payload is Gradio's file description (None once the image is cleared);
-        # we decode the file ourselves instead of letting Gradio re-encode it.
+        # preprocess=False: a payload is Gradio's file description (None once the image is cleared).
         if not payload or not payload.get("path"):
-            messages[slot] = NO_IMAGE_MESSAGE
             continue
         try:
             if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
-                raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES >> 20} MB")
             decoded[slot] = (load_image(payload["path"], config),
                              load_image(payload["path"], config, CAM_SIZE))
         except Exception as err:  # decoded one by one, so a bad file fails only its own request
-            messages[slot] = refusal(payload, err)
+            results[slot] = (None, refusal(payload, err), None)
     if decoded:
         inputs = torch.stack([model_input for model_input, _ in decoded.values()])
         probs, cams = googlenet.predict_with_cam(model, config, inputs)
-        for slot, row, cam in zip(decoded, probs, cams):
-            labels[slot] = top_k(row, config.class_names)
-            overlays[slot] = cam_overlay(decoded[slot][1], cam, next(iter(labels[slot])))
-    return labels, messages, overlays
+        # gr.AnnotatedImage's value: the photo, and the map (0..1) at its size times CAM_OPACITY.
+        cams = torch.nn.functional.interpolate(cams[:, None], CAM_SIZE, mode="bilinear")[:, 0]
+        for slot, row, cam in zip(decoded, probs, CAM_OPACITY * cams):
+            label = top_k(row, config.class_names)
+            photo = decoded[slot][1].permute(1, 2, 0).numpy()
+            results[slot] = (label, "", (photo, [(cam.numpy(), next(iter(label)))]))
+    return [list(column) for column in zip(*results)]  # a batch's answer: a list per output
 
 def refusal(payload, err: Exception) -> str:
     """The message an upload that could not be classified gets (and a line in the server's log)."""
     print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
     name = plain(payload.get("orig_name") or Path(payload["path"]).name)
     if isinstance(err, googlenet.ImageTooLargeError):
-        return (f"**{name} is too large**: please send an image under "
-                f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels.")
-    return (f"**Could not read {name} as an image.** Please upload a photo "
-            "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
+        return (f"**{name} is too large**: please send one under {MAX_UPLOAD_BYTES >> 20} MB and "
+                f"{MAX_UPLOAD_PIXELS // 10**6} megapixels.")
+    return f"**Could not read {name} as an image.** Please upload a photo (JPEG, PNG, WebP, ...)."
 
 def batch_size(config) -> int:
-    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a
-    burst's memory does not grow with the input size a checkpoint sets."""
+    """Requests per batch: fewer for inputs over 256x256, so a burst's memory stays bounded."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
 def write_gradio_cache_atomically():
-    """Gradio (6.31 too) names a cached output image by its content's hash and rewrites that file in
-    place, so two identical answers at once (the same photo uploaded twice) truncate a file while
-    it is being served (the burst test's downloads fail): write a file once, whole, by rename."""
+    """Gradio (6.31 too) rewrites a cached output image, named by its content's hash, in place: two
+    identical answers at once truncate a file being served. Write each file once, by rename."""
     from gradio import processing_utils
 
     def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
@@ -251,15 +217,6 @@ def write_gradio_cache_atomically():
 
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
-def batched_classifier(model, config):
-    """The Classify handler, on one inference thread: Gradio calls handlers from up to 40 threads,
-    and each thread that calls PyTorch on the CPU grows its own OpenMP threads and buffers."""
-    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
-
-    def classify(payloads):  # batched: one upload per queued request
-        return inference_thread.submit(classify_uploads, payloads, model, config).result()
-    return classify
-
 def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
@@ -267,6 +224,11 @@ def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = No
 
     write_gradio_cache_atomically()
     examples = example_images(checkpoint)
+    # One inference thread: each of Gradio's 40 handler threads would grow its own OpenMP pool.
+    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
+
+    def classify(payloads):  # batched: one upload per queued request
+        return inference_thread.submit(classify_uploads, payloads, model, config).result()
 
     def training_view():
         history = read_history(checkpoint_path, checkpoint)
@@ -275,15 +237,13 @@ def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = No
     def open_training():  # refreshes run only while the Training tab is open
         return gr.Timer(active=True), *training_view()
 
-    # delete_cache: uploads leave Gradio's temp folder after an hour instead of piling up.
-    hourly = (3600, 3600)
-    with gr.Blocks(title="GoogLeNet demo", delete_cache=hourly, analytics_enabled=False) as demo:
+    with gr.Blocks(title="GoogLeNet demo", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # uploads go after an hour, not pile up
         gr.Markdown("## What does this GoogLeNet see?\n" + page_header(model, config))
         with gr.Tab("Classify") as classify_tab:
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(label="Image", type="filepath",
-                                     sources=["upload", "clipboard", "webcam"], elem_id="image")
+                    image = gr.Image(label="Image", type="filepath", elem_id="image")
                     message = gr.Markdown(label="Message", elem_id="message")
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
                 overlay = gr.AnnotatedImage(label="Where it looked: the top class's activation map",
@@ -293,10 +253,8 @@ def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = No
         with gr.Tab("Training", elem_id="training-tab") as training_tab:
             summary = gr.Markdown(elem_id="run-summary")
             with gr.Row():
-                titles = {"loss": "Loss", "accuracy": "Validation accuracy",
-                          "lr": "Learning rate (epoch start)"}
                 plots = [gr.LinePlot(x="epoch", y="value", color="series", title=title,
-                                     elem_id=f"{name}-plot") for name, title in titles.items()]
+                                     elem_id=f"{name}-plot") for name, (title, _) in PLOTS.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
         # Only visitors who open the Training tab read metrics.jsonl, one at a time through the
@@ -306,7 +264,7 @@ def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = No
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
         # change (not upload): picking an example or clearing the image updates the prediction too.
-        image.change(batched_classifier(model, config), inputs=image,
+        image.change(classify, inputs=image,
                      outputs=[label, message, overlay], api_name="predict", preprocess=False,
                      batch=True, max_batch_size=batch_size(config), concurrency_limit=1,
                      trigger_mode="always_last")
@@ -332,13 +290,11 @@ class _Parser(argparse.ArgumentParser):
         raise googlenet.UserError(f"{message} (see python demo.py --help)")
 
 def main(argv=None) -> int:
-    """Run the demo (see the module docstring); returns the process exit code."""
-    parser = _Parser(description="Classify photos with a trained GoogLeNet: a web app, or top-5 "
-                                 "printed for the image files given.")
+    parser = _Parser(description="Classify photos with a trained GoogLeNet (a web app, or top-5).")
     add = parser.add_argument
     add("images", nargs="*", type=Path, help="image files to classify here (no web app)")
-    add("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-        help=f"checkpoint to serve (default {DEFAULT_CHECKPOINT})")
+    add("--checkpoint", type=Path, default=Path("runs/tiny/best.safetensors"),
+        help="checkpoint to serve (default %(default)s: what README's first run writes)")
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=7860, help="port to listen on (default 7860)")
     add("--share", action="store_true", help="also open a public gradio.live link")
@@ -349,11 +305,10 @@ def main(argv=None) -> int:
     except googlenet.UserError as err:
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
-    model = model.to(default_device()).eval()
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     if args.images:
         return classify_files(args.images, model, config)
-    # Gradio names an upload by its content and, when a server stops, deletes every file it cached:
-    # two servers sharing /tmp/gradio would delete each other's copies of the same photo.
+    # A stopping Gradio server deletes every file it cached (named by content), shared or not.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
     demo = build_demo(model, config, checkpoint_path=args.checkpoint, checkpoint=checkpoint)
