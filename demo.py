@@ -217,13 +217,12 @@ def write_gradio_cache_atomically():
 
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
-def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = None):
+def build_demo(model, config, examples=(), checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
 
     write_gradio_cache_atomically()
-    examples = example_images(checkpoint)
     # One inference thread: each of Gradio's 40 handler threads would grow its own OpenMP pool.
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
 
@@ -311,7 +310,7 @@ def main(argv=None) -> int:
     # A stopping Gradio server deletes every file it cached (named by content), shared or not.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
-    demo = build_demo(model, config, checkpoint_path=args.checkpoint, checkpoint=checkpoint)
+    demo = build_demo(model, config, example_images(checkpoint), args.checkpoint, checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
