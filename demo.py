@@ -1,6 +1,6 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
-    python demo.py                       # runs/tiny/best.safetensors's web app on 127.0.0.1:7860
+    python demo.py                       # web app on 127.0.0.1:7860 for runs/tiny/best.safetensors
     python demo.py --checkpoint runs/cifar10/best.safetensors a.jpg b.png  # no browser: top-5 each
 
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
@@ -39,9 +39,9 @@ MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history entries) p
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
 MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
 MAX_TEXT = 1000  # characters of any one string from a checkpoint or an upload's name shown
+# The Training tab: its settings line (field: label) and plots (name: (title, {field: series})).
 SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch/device",
             "lr": "lr/256 images", "schedule": "schedule", "precision": "precision"}
-# The Training tab's plots: name: (title, {metrics.jsonl field: series})
 PLOTS = {"loss": ("Loss", {"train_loss": "train loss (main head)", "val_loss": "val loss"}),
          "accuracy": ("Validation accuracy", {"val_top1": "val top-1", "val_top5": "val top-5"}),
          "lr": ("Learning rate (epoch start)", {"lr": "learning rate"})}
