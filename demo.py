@@ -1,17 +1,14 @@
 """Gradio demo: upload a photo and see what a trained GoogLeNet thinks it is.
 
-    python demo.py --checkpoint runs/tiny/best.safetensors          # web app on 127.0.0.1:7860
-    python demo.py                                                  # newest runs/**/best.*
-    python demo.py --checkpoint runs/tiny/best.safetensors a.jpg b.png   # no browser: print top-5
+    python demo.py                       # web app on 127.0.0.1:7860 for runs/tiny/best.safetensors
+    python demo.py --checkpoint runs/cifar10/best.safetensors a.jpg b.png  # no browser: top-5 each
 
 Other code can use ``build_demo(model, config)`` and ``predict(image, model, config)``.
 """
 
 import argparse
 import atexit
-import collections
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -23,7 +20,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -31,39 +27,36 @@ import googlenet
 
 TOP_K = 5
 MAX_BATCH_SIZE = 16  # requests waiting in the queue go through the model together, up to this many
-# A waiting request holds only a file path, so a deep queue is cheap: a burst of hundreds from
-# one page or script is answered instead of refused.
-MAX_QUEUE_SIZE = 1024
-# Uploads are untrusted: bound their bytes, and their pixels after JPEG's reduced-scale decoding
-# (a huge PNG would otherwise take gigabytes and hold up everyone's queue for seconds).
+MAX_QUEUE_SIZE = 1024  # a waiting request holds only a file path: a burst of hundreds is answered
+# Uploads are untrusted: a huge PNG would take gigabytes and hold everyone's queue up for seconds.
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
 NUM_EXAMPLES = 4
 CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
 CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
-MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl rows the Training tab keeps and plots
+MAX_METRICS_ROWS = 5000  # the newest metrics.jsonl lines (or history entries) plotted
 MAX_ROW_BYTES = 64 * 2**10  # a longer metrics.jsonl line is skipped unread
-MAX_READ_BYTES = 16 * 2**20  # one read takes at most the newest 16 MiB of metrics.jsonl
-RUNS_DIR = Path("runs")
+MAX_READ_BYTES = 8 * 2**20  # each refresh reads at most the newest 8 MiB of metrics.jsonl
+MAX_TEXT = 1000  # characters of any one string from a checkpoint or an upload's name shown
+# The Training tab: its settings line (field: label) and plots (name: (title, {field: series})).
+SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs", "batch_size": "batch/device",
+            "lr": "lr/256 images", "schedule": "schedule", "precision": "precision"}
+PLOTS = {"loss": ("Loss", {"train_loss": "train loss (main head)", "val_loss": "val loss"}),
+         "accuracy": ("Validation accuracy", {"val_top1": "val top-1", "val_top5": "val top-5"}),
+         "lr": ("Learning rate (epoch start)", {"lr": "learning rate"})}
 NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
     """A path or PIL image decoded as validation does: uint8 [3, S, S], S `size` or source_size."""
     return googlenet.decode_image(image, size or config.source_size, max_pixels=MAX_UPLOAD_PIXELS)
 
-def decode_batch(images, config) -> torch.Tensor:
-    return torch.stack([load_image(image, config) for image in images])
-
 def plain(text) -> str:
     """`text` (from a checkpoint, metrics.jsonl or an upload's name) as literal gr.Markdown text."""
-    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and
-    # $$ LaTeX, so html.escape is not enough: escape every ASCII punctuation mark, fold whitespace
-    # so no block opens, and show characters that are not printable as \x.. escapes.
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(googlenet.printable(text).split()))
+    # Gradio's Markdown renders raw HTML (its sanitizer keeps <img>, <a>, <form>), autolinks and $$
+    # LaTeX: escape every ASCII punctuation mark, fold whitespace (no block opens), \x.. the rest.
+    text = " ".join(googlenet.printable(str(text)[:MAX_TEXT]).split())
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
 
 def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
     """One row of class probabilities as ``{class name: probability}`` for the k best."""
@@ -77,128 +70,82 @@ def top_k(probs: torch.Tensor, class_names, k: int = TOP_K) -> dict[str, float]:
 
 def predict_many(images, model, config, k: int = TOP_K) -> list[dict[str, float]]:
     """Top-k ``{class name: probability}`` for each image (paths or PIL images), in one batch."""
-    if not images:
-        return []
-    probs = googlenet.predict_proba(model, config, decode_batch(images, config))
+    batch = torch.stack([load_image(image, config) for image in images])
+    probs = googlenet.predict_proba(model, config, batch)
     return [top_k(row, config.class_names, k) for row in probs]
 
 def predict(image, model, config, k: int = TOP_K) -> dict[str, float]:
     """Top-k for one image; ``model, config`` as ``googlenet.load_for_inference`` returns them."""
     return predict_many([image], model, config, k)[0]
 
-def cam_overlay(photo: torch.Tensor, cam: torch.Tensor, class_name: str):
-    """gr.AnnotatedImage's value: the photo, and the map (0..1) resized to it times CAM_OPACITY."""
-    side = photo.shape[-1]
-    cam = torch.nn.functional.interpolate(cam[None, None], size=(side, side), mode="bilinear")
-    return photo.permute(1, 2, 0).numpy(), [((CAM_OPACITY * cam[0, 0]).numpy(), class_name)]
-
-def example_images(checkpoint: dict | None = None, examples_dir=None) -> list[Path]:
-    """The image files in `examples_dir`, else the checkpoint's stored examples written as PNGs
-    into a private temporary folder removed at exit, else none."""
-    if examples_dir is not None:
-        images = sorted(p for p in Path(examples_dir).iterdir()
-                        if p.is_file() and p.suffix.lower() in googlenet.IMAGE_EXTENSIONS)
-        return images[:NUM_EXAMPLES]
-    stored = (checkpoint or {}).get("examples")
-    if not stored:
-        return []
-    out_dir = private_folder("googlenet-demo-examples-")  # no path stored in the checkpoint is used
-    paths = []
-    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
-        paths.append(out_dir / f"example-{index}.png")
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-    return paths
-
 def private_folder(prefix: str, parent: str | None = None) -> Path:
-    """A new folder (in parent, else the temp folder) removed at exit. mkdtemp: only we can write
-    it, so no file (or symlink) someone else planted in a shared folder is followed."""
+    """A new folder in parent (else the temp folder) that only we can write, removed at exit."""
     if parent:
         Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 
-class MetricsTail:
-    """metrics.jsonl read incrementally: each read parses only the bytes added since the last (at
-    most the newest MAX_READ_BYTES) and keeps the newest MAX_METRICS_ROWS epoch records; a shorter
-    file (a resumed run rewrote it) is read again. The app reads it from one event at a time."""
+def example_images(checkpoint: dict | None) -> list[Path]:
+    """The checkpoint's stored example images as PNGs in a private folder (no path it names)."""
+    stored = (checkpoint or {}).get("examples")
+    if not stored:
+        return []
+    folder = private_folder("googlenet-demo-examples-")
+    paths = []
+    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
+        paths.append(folder / f"example-{index}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.offset = 0  # where the next read starts: the end of the last whole line read
-        self.rows = collections.deque(maxlen=MAX_METRICS_ROWS)
+def is_number(value) -> bool:
+    """An int or float within ±1e30: compared, never converted (float() of 10**400 overflows)."""
+    return type(value) in (int, float) and -1e30 <= value <= 1e30  # NaN fails both comparisons
 
-    def read(self) -> list[dict]:
-        with contextlib.suppress(OSError):  # no file (yet), or it is being replaced: rows so far
-            self._read_new_lines()
-        return list(self.rows)
+def is_epoch_record(record) -> bool:
+    """A record to show (nothing checked it before): a whole epoch, val top-1 (top-5) in [0, 1]."""
+    if type(record) is not dict or type(record.get("epoch")) is not int:
+        return False
+    accuracies = [record.get("val_top1"), record.get("val_top5", 0.0)]
+    return 1 <= record["epoch"] <= 10**6 and all(is_number(a) and 0 <= a <= 1 for a in accuracies)
 
-    def _read_new_lines(self):
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < self.offset:
-                self.rows.clear()
-                self.offset = 0
-            start = max(self.offset, size - MAX_READ_BYTES)
-            f.seek(start)
-            data = f.read(size - start)
-        first = 0
-        if start > self.offset:  # skipped ahead: the first line is cut
-            first = data.find(b"\n") + 1
-        end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits for its end
-        if end == 0 and len(data) == MAX_READ_BYTES:  # no line end in a whole window: skip it
-            end = len(data)
-        self.offset = start + end
-        for line in data[first:end].split(b"\n"):
-            if len(line) > MAX_ROW_BYTES:
-                continue
-            with contextlib.suppress(ValueError, RecursionError):  # a torn or hostile line
-                record = json.loads(line)
-                if googlenet.is_epoch_record(record):  # no huge or non-finite numbers, odd strings
-                    self.rows.append(record)
+def parse_row(line: bytes):
+    with contextlib.suppress(ValueError, RecursionError):  # torn, cut by the read, or hostile
+        return json.loads(line) if len(line) <= MAX_ROW_BYTES else None
 
-def read_history(checkpoint_path, checkpoint: dict | None = None,
-                 tail: MetricsTail | None = None) -> list[dict]:
-    """Per-epoch records from metrics.jsonl beside the checkpoint (it grows while the run trains;
-    `tail` keeps what was read), else the checkpoint's history."""
-    records = []
-    if checkpoint_path is not None:
-        tail = tail or MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
-        records = tail.read()
-    if records:
-        return records
-    stored = (checkpoint or {}).get("history") or []
-    return [record for record in stored if googlenet.is_epoch_record(record)]
+def read_history(checkpoint_path, checkpoint: dict | None = None) -> list[dict]:
+    """The epoch records of metrics.jsonl beside the checkpoint (read afresh: it grows while the
+    run trains; nothing is kept, so concurrent calls are safe), else of the checkpoint's history."""
+    lines = []
+    with contextlib.suppress(OSError):  # no file (yet), or it is being replaced
+        if checkpoint_path is not None:
+            with open(Path(checkpoint_path).parent / "metrics.jsonl", "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_READ_BYTES))
+                lines = f.read(MAX_READ_BYTES).split(b"\n")[-MAX_METRICS_ROWS - 1:]  # 1 more: ""
+    records = [row for row in map(parse_row, lines) if is_epoch_record(row)]
+    history = (checkpoint or {}).get("history")
+    if not records and isinstance(history, list):
+        records = [record for record in history[-MAX_METRICS_ROWS:] if is_epoch_record(record)]
+    return records
 
 def curves(history):
-    """Long-format tables for the Training tab's plots: (loss, accuracy, learning rate)."""
+    """A long-format table for each of PLOTS: the epoch, a value, its series."""
     import pandas as pd
-
-    def table(columns: dict[str, str]):
-        rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": name}
-                for h in history for key, name in columns.items()
-                if isinstance(h.get(key), (int, float))]
-        return pd.DataFrame(rows, columns=["epoch", "value", "series"])
-
-    return (table({"train_loss": "train loss (main head)", "val_loss": "val loss"}),
-            table({"val_top1": "val top-1", "val_top5": "val top-5"}),
-            table({"lr": "learning rate"}))
+    tables = []
+    for _, columns in PLOTS.values():
+        rows = [{"epoch": h["epoch"], "value": float(h[key]), "series": series}
+                for h in history for key, series in columns.items() if is_number(h.get(key))]
+        tables.append(pd.DataFrame(rows, columns=["epoch", "value", "series"]))
+    return tables
 
 def describe_run(history, checkpoint: dict | None) -> str:
-    """Markdown: the run's settings and its best epoch."""
+    """Markdown: the run's settings (its model config wins over its TrainConfig) and best epoch."""
     if not history:
-        return ("No training metrics found: there is no `metrics.jsonl` beside this checkpoint and "
-                "the checkpoint stores no history.")
-    # The model config wins over the TrainConfig, which wins over the flags (the device is a flag).
-    run = {}
-    for part in ("args", "train_config", "config"):
-        run.update((checkpoint or {}).get(part) or {})
-    s = {key: plain(run.get(key, "?")) for key in
-         ("arch", "dataset", "epochs", "batch_size", "lr", "schedule", "precision", "device")}
-    settings = (f"arch **{s['arch']}** · dataset **{s['dataset']}** · epochs **{s['epochs']}** · "
-                f"batch **{s['batch_size']}** per device · "
-                f"lr **{s['lr']}** per 256 images ({s['schedule']}) · "
-                f"precision **{s['precision']}** · device **{s['device']}**")
+        return "No training metrics: no `metrics.jsonl` beside this checkpoint, no history in it."
+    checkpoint = checkpoint or {}
+    run = {**(checkpoint.get("train_config") or {}), **(checkpoint.get("config") or {})}
+    settings = " · ".join(f"{label} **{plain(run.get(key, '?'))}**"
+                          for key, label in SETTINGS.items())
     best = max(history, key=lambda h: h["val_top1"])
     epochs = "1 epoch" if len(history) == 1 else f"{len(history)} epochs"
     tta = " with flip TTA" if best.get("val_tta") else ""
@@ -209,65 +156,53 @@ def page_header(model, config) -> str:
     """The page's first line: what the model is (no local paths: --share would publish them)."""
     top1 = config.val_top1 if config.val_top1 is not None else config.best_top1
     accuracy = "**not measured**" if top1 is None else f"**{top1:.1%}**"
-    return " · ".join([f"dataset **{plain(config.dataset)}** ({config.num_classes} classes)",
-                       f"arch **{config.arch}**", f"epoch **{config.epoch}**",
-                       f"validation top-1 {accuracy}",
-                       f"running on {next(model.parameters()).device}"])
+    return (f"dataset **{plain(config.dataset)}** ({config.num_classes} classes) · arch "
+            f"**{config.arch}** · epoch **{config.epoch}** · validation top-1 {accuracy} · "
+            f"running on {next(model.parameters()).device}")
 
 def classify_uploads(payloads, model, config):
     """The web app's batched handler: file payloads in; (top-k labels, messages, overlays) out."""
-    labels = [None] * len(payloads)
-    messages = [""] * len(payloads)
-    overlays = [None] * len(payloads)
+    results = [(None, NO_IMAGE_MESSAGE, None)] * len(payloads)  # each: label, message, overlay
     decoded = {}  # slot: (model input, photo at CAM_SIZE)
     for slot, payload in enumerate(payloads):
-        # preprocess=False: a payload is Gradio's file description (None once the image is cleared);
-        # we decode the file ourselves instead of letting Gradio re-encode it.
+        # preprocess=False: a payload is Gradio's file description (None once the image is cleared).
         if not payload or not payload.get("path"):
-            messages[slot] = NO_IMAGE_MESSAGE
             continue
         try:
             if Path(payload["path"]).stat().st_size > MAX_UPLOAD_BYTES:
-                raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                raise googlenet.ImageTooLargeError(f"larger than {MAX_UPLOAD_BYTES >> 20} MB")
             decoded[slot] = (load_image(payload["path"], config),
                              load_image(payload["path"], config, CAM_SIZE))
         except Exception as err:  # decoded one by one, so a bad file fails only its own request
-            messages[slot] = refusal(payload, err)
+            results[slot] = (None, refusal(payload, err), None)
     if decoded:
         inputs = torch.stack([model_input for model_input, _ in decoded.values()])
         probs, cams = googlenet.predict_with_cam(model, config, inputs)
-        for slot, row, cam in zip(decoded, probs, cams):
-            labels[slot] = top_k(row, config.class_names)
-            overlays[slot] = cam_overlay(decoded[slot][1], cam, next(iter(labels[slot])))
-    give_back_freed_memory()
-    return labels, messages, overlays
+        # gr.AnnotatedImage's value: the photo, and the map (0..1) at its size times CAM_OPACITY.
+        cams = torch.nn.functional.interpolate(cams[:, None], CAM_SIZE, mode="bilinear")[:, 0]
+        for slot, row, cam in zip(decoded, probs, CAM_OPACITY * cams):
+            label = top_k(row, config.class_names)
+            photo = decoded[slot][1].permute(1, 2, 0).numpy()
+            results[slot] = (label, "", (photo, [(cam.numpy(), next(iter(label)))]))
+    return [list(column) for column in zip(*results)]  # a batch's answer: a list per output
 
 def refusal(payload, err: Exception) -> str:
     """The message an upload that could not be classified gets (and a line in the server's log)."""
     print(f"demo: refused upload {payload.get('orig_name')!r}: {err}", file=sys.stderr)
     name = plain(payload.get("orig_name") or Path(payload["path"]).name)
     if isinstance(err, googlenet.ImageTooLargeError):
-        return (f"**{name} is too large**: please send an image under "
-                f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS // 10**6} megapixels.")
-    return (f"**Could not read {name} as an image.** Please upload a photo "
-            "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...).")
+        return (f"**{name} is too large**: please send one under {MAX_UPLOAD_BYTES >> 20} MB and "
+                f"{MAX_UPLOAD_PIXELS // 10**6} megapixels.")
+    return f"**Could not read {name} as an image.** Please upload a photo (JPEG, PNG, WebP, ...)."
 
 def batch_size(config) -> int:
-    """Requests per batch: MAX_BATCH_SIZE at 256x256 and below, fewer for larger inputs, so a
-    burst's memory does not grow with the input size a checkpoint sets."""
+    """Requests per batch: fewer for inputs over 256x256, so a burst's memory stays bounded."""
     side = max(config.source_size, config.image_size)
     return max(1, min(MAX_BATCH_SIZE, MAX_BATCH_SIZE * 256**2 // side**2))
 
-def give_back_freed_memory():
-    """glibc keeps what a thread freed in that thread's arena, so one large decode would stay in
-    the server's memory: hand it back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(None).malloc_trim(0)
-
 def write_gradio_cache_atomically():
-    """Gradio names a cached output image by its content's hash and rewrites that file in place, so
-    two identical answers at once (the same photo uploaded twice) truncate a file while it is being
-    served ("Too little data for declared Content-Length"): write a file once, whole, by rename."""
+    """Gradio (6.31 too) rewrites a cached output image, named by its content's hash, in place: two
+    identical answers at once truncate a file being served. Write each file once, by rename."""
     from gradio import processing_utils
 
     def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
@@ -282,42 +217,32 @@ def write_gradio_cache_atomically():
 
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
-def batched_classifier(model, config):
-    """The Classify handler: each batch of uploads runs on one inference thread. Gradio calls
-    handlers from a pool of up to 40 threads, and PyTorch's CPU thread pool (OpenMP) is per
-    calling thread, so each would grow its own threads and buffers."""
-    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
-
-    def classify(payloads):  # batched: one upload per queued request
-        return inference_thread.submit(classify_uploads, payloads, model, config).result()
-    return classify
-
-def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: dict | None = None):
+def build_demo(model, config, examples=(), checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
 
     write_gradio_cache_atomically()
-    tail = None
-    if checkpoint_path is not None:
-        tail = MetricsTail(Path(checkpoint_path).parent / "metrics.jsonl")
+    # One inference thread: each of Gradio's 40 handler threads would grow its own OpenMP pool.
+    inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="googlenet-demo")
+
+    def classify(payloads):  # batched: one upload per queued request
+        return inference_thread.submit(classify_uploads, payloads, model, config).result()
 
     def training_view():
-        history = read_history(checkpoint_path, checkpoint, tail)
+        history = read_history(checkpoint_path, checkpoint)
         return describe_run(history, checkpoint), *curves(history)
 
     def open_training():  # refreshes run only while the Training tab is open
         return gr.Timer(active=True), *training_view()
 
-    # delete_cache: uploads leave Gradio's temp folder after an hour instead of piling up.
-    hourly = (3600, 3600)
-    with gr.Blocks(title="GoogLeNet demo", delete_cache=hourly, analytics_enabled=False) as demo:
+    with gr.Blocks(title="GoogLeNet demo", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # uploads go after an hour, not pile up
         gr.Markdown("## What does this GoogLeNet see?\n" + page_header(model, config))
         with gr.Tab("Classify") as classify_tab:
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(label="Image", type="filepath",
-                                     sources=["upload", "clipboard", "webcam"], elem_id="image")
+                    image = gr.Image(label="Image", type="filepath", elem_id="image")
                     message = gr.Markdown(label="Message", elem_id="message")
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
                 overlay = gr.AnnotatedImage(label="Where it looked: the top class's activation map",
@@ -327,107 +252,65 @@ def build_demo(model, config, examples=None, checkpoint_path=None, checkpoint: d
         with gr.Tab("Training", elem_id="training-tab") as training_tab:
             summary = gr.Markdown(elem_id="run-summary")
             with gr.Row():
-                titles = {"loss": "Loss", "accuracy": "Validation accuracy",
-                          "lr": "Learning rate (epoch start)"}
                 plots = [gr.LinePlot(x="epoch", y="value", color="series", title=title,
-                                     elem_id=f"{name}-plot") for name, title in titles.items()]
+                                     elem_id=f"{name}-plot") for name, (title, _) in PLOTS.items()]
         outputs = [summary, *plots]
         timer = gr.Timer(REFRESH_SECONDS, active=False)
-        # Only visitors who open the Training tab read metrics.jsonl, one at a time, new bytes only.
+        # Only visitors who open the Training tab read metrics.jsonl, one at a time through the
+        # queue (a direct /gradio_api/run call runs at once, beside them: the read keeps no state).
         queued = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "training"}
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
         # change (not upload): picking an example or clearing the image updates the prediction too.
-        image.change(batched_classifier(model, config), inputs=image,
+        image.change(classify, inputs=image,
                      outputs=[label, message, overlay], api_name="predict", preprocess=False,
                      batch=True, max_batch_size=batch_size(config), concurrency_limit=1,
                      trigger_mode="always_last")
     return demo.queue(max_size=MAX_QUEUE_SIZE)
 
-def classify_files(paths, model, config, cam_dir: Path | None = None) -> int:
-    """No web app: the top-5 per image printed, and with cam_dir its map over the photo in red (as
-    the web app shows it) in cam_dir/NAME.cam.png; a bad image: one line on stderr. Exit code."""
+def classify_files(paths, model, config) -> int:
+    """No web app: the top-5 of each image printed; a bad image is one line on stderr. Exit code."""
     status = 0
     for path in paths:
         try:
-            probs, cams = googlenet.predict_with_cam(model, config, load_image(path, config)[None])
-            result = top_k(probs[0], config.class_names)
-            if cam_dir is not None:
-                photo, [(alpha, _)] = cam_overlay(load_image(path, config, CAM_SIZE), cams[0], "")
-                red = photo * (1 - alpha[..., None]) + np.array([255, 0, 0]) * alpha[..., None]
-                Image.fromarray(red.round().astype(np.uint8)).save(cam_dir / f"{path.stem}.cam.png")
-        except (googlenet.UserError, OSError) as err:  # OSError: the map could not be written
+            result = predict(path, model, config)
+        except googlenet.UserError as err:
             print(f"error: {googlenet.printable(err)}", file=sys.stderr)
             status = 2
             continue
         print(path)
         for rank, (name, prob) in enumerate(result.items(), start=1):
             print(f"  {rank}. {prob:6.1%}  {name}")
-        if cam_dir is not None:
-            print(f"  where it saw {next(iter(result))}: {cam_dir / f'{path.stem}.cam.png'}")
     return status
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message, for main() to print
         raise googlenet.UserError(f"{message} (see python demo.py --help)")
 
-def check_args(args):
-    """What argparse does not check: one line that says what to do, before the model loads."""
-    if not 0 < args.port < 65536:
-        raise googlenet.UserError(f"--port must be 1-65535, got {args.port} "
-                                  "(see python demo.py --help)")
-    if args.examples is not None and not args.examples.is_dir():
-        raise googlenet.UserError(f"--examples {args.examples}: not a folder of images")
-    if args.cam is not None and not args.images:
-        raise googlenet.UserError("--cam DIR goes with image files (the web app shows the map)")
-    if args.cam is not None and not args.cam.is_dir():
-        raise googlenet.UserError(f"--cam {args.cam}: not a folder (make it first)")
-
-def newest_checkpoint() -> Path:
-    """The newest best checkpoint under RUNS_DIR, for a demo started without --checkpoint."""
-    found = [p for p in RUNS_DIR.rglob(googlenet.BEST_FILE) if p.is_file()]
-    if not found:
-        raise googlenet.UserError(
-            f"no --checkpoint given and no {googlenet.BEST_FILE} under {RUNS_DIR}/: train one with "
-            f"`python googlenet.py --dataset tiny --data-dir data --download` (it writes "
-            f"runs/tiny/{googlenet.BEST_FILE}) or pass --checkpoint PATH")
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    print(f"Using the newest checkpoint under {RUNS_DIR}/: {newest}", file=sys.stderr)
-    return newest
-
 def main(argv=None) -> int:
-    """Run the demo (see the module docstring); returns the process exit code."""
-    parser = _Parser(description="Classify photos with a trained GoogLeNet: a web app, or top-5 "
-                                 "printed for the image files given.")
+    parser = _Parser(description="Classify photos with a trained GoogLeNet (a web app, or top-5).")
     add = parser.add_argument
     add("images", nargs="*", type=Path, help="image files to classify here (no web app)")
-    add("--checkpoint", type=Path,
-        help="checkpoint to serve (default: the newest runs/**/best.safetensors)")
-    add("--examples", type=Path, help="folder of example images (default: the checkpoint's own)")
+    add("--checkpoint", type=Path, default=Path("runs/tiny/best.safetensors"),
+        help="checkpoint to serve (default %(default)s: what README's first run writes)")
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=7860, help="port to listen on (default 7860)")
     add("--share", action="store_true", help="also open a public gradio.live link")
-    add("--cam", type=Path, metavar="DIR", help="with image files: also write each one's class "
-        "activation map (where it saw the top class): DIR/NAME.cam.png")
     try:
         args = parser.parse_args(argv)
-        check_args(args)
-        checkpoint_path = args.checkpoint or newest_checkpoint()
-        checkpoint = googlenet.load_checkpoint(checkpoint_path)  # checked whole: weights, metadata
+        checkpoint = googlenet.load_checkpoint(args.checkpoint)  # checked whole: weights, metadata
         model, config = googlenet.model_from_checkpoint(checkpoint)
-        model = model.to(default_device()).eval()
     except googlenet.UserError as err:
         print(f"error: {googlenet.printable(err)}", file=sys.stderr)
         return 2
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     if args.images:
-        return classify_files(args.images, model, config, args.cam)
-    # Gradio names an upload by its content and, when a server stops, deletes every file it cached:
-    # two servers sharing /tmp/gradio would delete each other's copies of the same photo.
+        return classify_files(args.images, model, config)
+    # A stopping Gradio server deletes every file it cached (named by content), shared or not.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
-    demo = build_demo(model, config, example_images(checkpoint, args.examples),
-                      checkpoint_path=checkpoint_path, checkpoint=checkpoint)
+    demo = build_demo(model, config, example_images(checkpoint), args.checkpoint, checkpoint)
     # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -435,7 +318,7 @@ def main(argv=None) -> int:
                     max_file_size=MAX_UPLOAD_BYTES)
     except KeyboardInterrupt:  # SIGTERM or Ctrl-C before Gradio's own wait loop: a normal stop
         return 0
-    except OSError:  # Gradio's message talks about its own parameters, not our flags
+    except (OSError, OverflowError):  # Gradio's message talks of its parameters, not our flags
         print(f"error: cannot serve on {args.host}:{args.port}: the port is taken or the address "
               "is not this machine's; choose another with --port or --host", file=sys.stderr)
         return 2
