@@ -1864,8 +1864,8 @@ def load_checkpoint(path):
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
-                              f"{LAST_FILE} or {BEST_FILE} written by googlenet.py (earlier "
-                              f"versions' pickled .pt files are no longer read)") from None
+                              f"{LAST_FILE} or {BEST_FILE} that `python googlenet.py` wrote "
+                              f"(earlier versions' pickled .pt files are no longer read)") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")

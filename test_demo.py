@@ -14,7 +14,6 @@ Environment knobs:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -45,8 +44,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
 TOLERANCE = 1e-5  # served vs direct probabilities: same model, possibly other batch sizes
-# Checkpoints keep the run's command line (argv) since issue 38, a dict of flags (cli_args) before.
-SAVES_ARGV = "argv" in inspect.signature(googlenet.save_checkpoint).parameters
 
 
 def photo(name: str) -> Path:
@@ -120,7 +117,7 @@ def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
     """A loaded checkpoint dict written back in googlenet's safetensors layout as it is, unchecked (hostile
     variants for the tests); `metadata`: entries to add or replace, as Python values."""
     tensors = {f"model.{name}": value.contiguous() for name, value in checkpoint.get("model", {}).items()}
-    entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "args", "argv", "scaler")
+    entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "argv", "scaler")
                if checkpoint.get(key) is not None}
     if checkpoint.get("examples"):
         tensors["examples"] = checkpoint["examples"]["images"]
@@ -416,10 +413,7 @@ def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
         pickle.dump(Payload(), f)
     real = googlenet.load_checkpoint(checkpoint)
     real["config"].update(dataset="cifar10")
-    if SAVES_ARGV:
-        real["argv"] = ["--dataset", "cifar10", "--data-dir", str(evil_data.parent)]
-    else:
-        real["args"].update(dataset="cifar10", data_dir=str(evil_data.parent))
+    real["argv"] = ["--dataset", "cifar10", "--data-dir", str(evil_data.parent)]
     write_unchecked(tmp_path / "evil.safetensors", real)
     result = run_cli("--checkpoint", str(tmp_path / "evil.safetensors"), str(odd_images["1x1.png"]))
     assert result.returncode == 0, result.stderr
@@ -429,7 +423,7 @@ def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
     real["config"]["arch"] = Payload()
     torch.save(real, tmp_path / "evil2.pt")
     line = assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "evil2.pt"), str(odd_images["1x1.png"])))
-    assert "earlier version of googlenet.py" in line and not marker.exists()
+    assert "earlier versions" in line and not marker.exists()
 
 
 def test_oversized_uploads_are_refused_quickly_with_a_message(loaded, tmp_path):
@@ -659,7 +653,8 @@ def test_cli_checkpoint_with_odd_metadata_gives_one_line_and_exit_2(field, value
         write_unchecked(path, checkpoint)
     assert demo.main(["--checkpoint", str(path), str(odd_images["1x1.png"])]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and field in err, err
+    named = "out of range" if value == 10**400 else field  # the bounded JSON parse refuses it first
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and named in err, err
     assert "\x1b" not in err and "Traceback" not in err
 
 
