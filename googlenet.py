@@ -1249,7 +1249,8 @@ def _position(step, totals, seconds, device, config, steps):
     """Where a stopped epoch is, every process's random state, and the run shape it assumes (another
     shape restarts the epoch). Every process calls it: it gathers the states."""
     return {"step": step, "sums": [totals[name] for name in SUMS], "seconds": seconds,
-            **gather_rng_states(device), **run_shape(device.world_size, config.batch_size, steps)}
+            "world_size": device.world_size, "batch_size": config.batch_size,
+            "steps_per_epoch": steps, **gather_rng_states(device)}
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
                     step_model=None, announce_first_step=False, scaler=None, position=None,
@@ -1269,7 +1270,8 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     start = time.perf_counter()  # the epoch's, earlier on resume by the seconds it had run
     if position:
         first = position["step"]
-        sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master  # summed later
+        # The saved sums are all processes': rank 0 carries them on (the epoch's end adds them up).
+        sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master
         start -= position["seconds"]
     logged = saved = start - 10  # the first progress line after ~20 s
     if announce_first_step:
@@ -1345,8 +1347,9 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     return {"loss": loss / images, "top1": top1 / images, "top5": top5 / images,
             "images": int(images)}
 
-def run_shape(world_size, batch_size, steps_per_epoch):
-    return {"world_size": world_size, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+def _run_shape(world_size, batch_size, steps_per_epoch):  # what a saved position's step means
+    processes = "1 process" if world_size == 1 else f"{world_size} processes"
+    return f"{processes} x batch {batch_size}, {steps_per_epoch} steps an epoch"
 
 def resumed_position(resume, device, config, steps_per_epoch, log):
     """The checkpoint's mid-epoch position, if in the epoch resumed and saved by a run of this
@@ -1354,22 +1357,14 @@ def resumed_position(resume, device, config, steps_per_epoch, log):
     position = resume.get("position")
     if position is None or position["epoch"] != resume["config"]["epoch"]:
         return None
-    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    if any(position[key] != value for key, value in here.items()):
-        log(restart_notice(position, device, config, steps_per_epoch))
+    saved = _run_shape(position["world_size"], position["batch_size"], position["steps_per_epoch"])
+    here = _run_shape(device.world_size, config.batch_size, steps_per_epoch)
+    if saved != here:
+        epoch = position["epoch"] + 1
+        log(f"note: the position saved after step {position['step']} of epoch {epoch} was for "
+            f"{saved}, this run is {here}: epoch {epoch} restarts from its first step")
         return None
     return position
-
-def _shape_text(shape):
-    processes = "1 process" if shape["world_size"] == 1 else f"{shape['world_size']} processes"
-    return f"{processes} x batch {shape['batch_size']}, {shape['steps_per_epoch']} steps an epoch"
-
-def restart_notice(position, device, config, steps_per_epoch):
-    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    epoch = position["epoch"] + 1
-    return (f"note: the position saved after step {position['step']} of epoch {epoch} was for "
-            f"{_shape_text(position)}, this run is {_shape_text(here)}: epoch {epoch} restarts "
-            f"from its first step")
 
 def resume_point(checkpoint):
     """Where a checkpoint continues, counted as the stop line and the epoch lines count (from 1)."""
@@ -1466,10 +1461,8 @@ def _save_position(files, device, epoch, log, where, stop):
 
 def _begin_epoch(train_loader, config, epoch, device):
     seed_everything(config.seed * 1000 + epoch, device)
-    sampler = getattr(train_loader, "sampler", None)  # a DistributedSampler too
-    for has_epochs in (train_loader, sampler):
-        if hasattr(has_epochs, "set_epoch"):
-            has_epochs.set_epoch(epoch)
+    if hasattr(train_loader, "set_epoch"):  # make_loaders' do; a caller's own may not
+        train_loader.set_epoch(epoch)
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
     record = {"epoch": epoch + 1, "train_loss": result["loss"],
@@ -1761,7 +1754,8 @@ def _is_position(value):  # the JSON part of a mid-epoch position; its RNG state
     sums = value["sums"]
     return (type(sums) is list and len(sums) == 4 and all(_number(s, 0, 1e15) for s in sums)
             and sums[3] >= 1 and _whole(value["epoch"], 0, 10**6)
-            and all(_whole(value[key], 1, 2**31) for key in run_shape(0, 0, 0))
+            and all(_whole(value[key], 1, 2**31)  # STAND-IN (CKPT): TRAIN dropped run_shape
+                    for key in ("world_size", "batch_size", "steps_per_epoch"))
             and _whole(value["step"], 1, value["steps_per_epoch"] - 1)
             and _number(value["seconds"], 0))
 

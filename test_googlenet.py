@@ -1515,6 +1515,19 @@ def test_xla_sigterm_mid_epoch_then_resume_restores_xlas_random_state(tmp_path):
 
 @needs_xla
 @pytest.mark.xla
+def test_xla_compile_uses_the_openxla_backend_and_trains(tmp_path):
+    # inductor has no XLA code generation (KeyError: 'xla'): --compile on XLA is dynamo + openxla.
+    argv = [sys.executable, str(HERE / "googlenet.py"), "--dataset", "synthetic", "--image-size", 8, "--subset", 32,
+            "--batch-size", 16, "--device", "xla", "--compile", "--log-interval", 0, "--epochs", 1,
+            "--checkpoint-dir", tmp_path / "run"]
+    result = subprocess.run([str(a) for a in argv], env=XLA_ENV, capture_output=True, text=True, timeout=900,
+                            cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first step compiled in" in result.stdout and "epoch 1/1 train loss" in result.stdout
+
+
+@needs_xla
+@pytest.mark.xla
 def test_several_cpu_xla_processes_point_to_torchrun(tmp_path):
     argv = [sys.executable, str(HERE / "googlenet.py"), "--dataset", "synthetic", "--device", "xla",
             "--num-cores", 2, "--checkpoint-dir", tmp_path / "run"]
