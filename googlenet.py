@@ -1268,12 +1268,12 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     sums = zeros_on(device, len(SUMS))
     first = 0
     start = time.perf_counter()  # the epoch's, earlier on resume by the seconds it had run
+    logged = saved = start - 10  # the first progress line after ~20 s
     if position:
         first = position["step"]
         # The saved sums are all processes': rank 0 carries them on (the epoch's end adds them up).
         sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master
         start -= position["seconds"]
-    logged = saved = start - 10  # the first progress line after ~20 s
     if announce_first_step:
         compiler = "torch.compile" if config.compile else "XLA"
         log(f"compiling the first training step ({compiler}; once, for minutes)")
