@@ -978,6 +978,8 @@ def all_reduce_sum(tensor, device):
 
 def any_process(flag, device):
     """Whether flag is true in any process: one collective, so also a barrier."""
+    if device.world_size == 1:
+        return bool(flag)
     return all_reduce_sum(zeros_on(device, 1) + flag, device).item() > 0
 
 def gather_rng_states(device):
@@ -1009,8 +1011,12 @@ def restore_rng_states(states, device):
     if device.torch_device.type == "cuda" and states.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(states["cuda_rng"][device.rank].clone(), device.torch_device)
     if device.kind == "xla" and states.get("xla_rng") is not None:
+        import torch_xla
         import torch_xla.core.xla_model as xm
         xm.set_rng_state(int(states["xla_rng"][device.rank]), device.torch_device)
+        # Each sync advances XLA's seed. The stopped run's next step came after one more sync (the
+        # loader's, after the check's that this state was read at): this is that sync.
+        torch_xla.sync()
 
 def first_on_each_node(device, fn):
     """fn(True) on the node's first process, then fn(False) on the others; its UserError stops

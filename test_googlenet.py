@@ -1634,6 +1634,8 @@ g.set_lr = stop_in_epoch_2
 @pytest.mark.slow
 def test_torchrun_sigterm_then_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
     straight, stopped = tmp_path / "straight" / "run", tmp_path / "stopped" / "run"
+    straight.parent.mkdir()
+    stopped.parent.mkdir()
     result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", straight], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", stopped], STOP_ON_RANK_1, timeout=600)
