@@ -1457,7 +1457,9 @@ def test_xla_train_resume_compile_count_and_cpu_parity(tmp_path):
     expected = [g.learning_rate(two, 0, 0, 8), g.learning_rate(two, 1, 0, 8), g.learning_rate(three, 2, 0, 8)]
     assert [r["lr"] for r in records] == pytest.approx(expected)  # the schedule continues on resume
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    # no recompilation after the first epoch, with the learning rate changing every step
+    # no recompilation after the first epoch, with the learning rate changing every step; the epoch reads its
+    # sums every 2 steps (steps // 4), each time right after a sync that ends the step's graph where the
+    # loader's sync does: no graph of its own
     assert records[0]["val_images"] == 128
     parity = json.loads(result.stdout.split("RESULT", 1)[1])
     assert parity["compiles"][1] == parity["compiles"][0], parity["compiles"]
