@@ -1718,13 +1718,14 @@ def _atomic_write(path, write):
         raise
 
 def save_checkpoint(path, model, optimizer, config, train_config=None, history=None,
-                    examples=None, argv=None, scaler=None, position=None):  # STAND-IN (CKPT)
+                    examples=None, cli_args=None, scaler=None, position=None,
+                    argv=None):  # STAND-IN (CKPT): argv=
     """An atomic safetensors file: weights, momentum buffers (by parameter name), example images
     and RNG states as tensors; configs, history, flags, scaler state, position as JSON metadata."""
     from safetensors.torch import save
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     metadata = {"config": dataclasses.asdict(config), "history": list(history or []),
-                "args": dict(argv or {}), "torch_version": torch.__version__}
+                "args": dict(argv or cli_args or {}), "torch_version": torch.__version__}
     if optimizer is not None:
         for name, param in model.named_parameters():
             tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
@@ -1860,7 +1861,7 @@ def _check_tensor_table(path, checkpoint, file):
     if checkpoint["position"] is not None:
         ranks = checkpoint["position"]["world_size"]  # STAND-IN (CKPT): a row per process
         required["position.rng"] = ("U8", [ranks, *torch.get_rng_state().shape])
-        optional["position.cuda_rng"] = ("U8", [ranks, 16])  # CUDA's Philox generator: seed and offset
+        optional["position.cuda_rng"] = ("U8", [ranks, 16])  # CUDA's Philox: seed and offset
     expected = {**optional, **required}
     found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
              for name in file.keys()}
