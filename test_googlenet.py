@@ -1016,7 +1016,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
     # A rate of 1e30 per 256 images makes the loss infinite within a few steps.
     code, out, err = run_main(["--resume", tmp_path / "last.safetensors", "--epochs", 2, "--lr", 1e30], capsys)
     assert code == 1
-    assert "non-finite at step" in err and "epoch 2" in err and "--lr" in err and "--precision fp32" in err
+    assert "non-finite by step" in err and "epoch 2" in err and "--lr" in err and "--precision fp32" in err
     assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "last.safetensors").read_bytes() == before
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
