@@ -780,9 +780,6 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
     val_store = make_store(info.val, "val")
     return train, StoreLoader(val_store, batch_size, False, seed, rank, world_size, workers=workers)
 
-def raise_if_stopped(what=""):  # STAND-IN: defined in Device by TRAIN; the lead deletes it at merge
-    pass
-
 # ---------------------------------------------------------------------------------------------
 # Device: where training runs (CUDA, XLA, CPU), precision, and how processes talk (DDP, XLA)
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +797,42 @@ class Device:
     @property
     def is_master(self):
         return self.rank == 0
+
+class Stopped(UserError):
+    """SIGTERM or Ctrl-C: the run stopped, after saving where it was once training had begun."""
+
+    def __init__(self, message, signum=signal.SIGTERM):  # a default: unpickled from a TPU process
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+STOP = {"signal": None}  # the first SIGTERM or Ctrl-C; set by the handler, never cleared
+
+def _request_stop(signum, frame):
+    if signum == signal.SIGINT and STOP["signal"] is not None:
+        raise KeyboardInterrupt  # a second Ctrl-C: quit now
+    STOP["signal"] = signum
+
+def install_stop_handlers():
+    """SIGTERM and a first Ctrl-C only set STOP: the run stops at its next check and saves.
+    Python runs handlers in the main thread only, so only it can install them."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _request_stop)
+
+def raise_if_stopped(what="before training began: nothing new was saved"):
+    if STOP["signal"] is not None:
+        raise Stopped(f"stopped by {signal.Signals(STOP['signal']).name} {what}", STOP["signal"])
+
+class _MainThreadStopHandlers:
+    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in
+    its main thread (installing the handlers), then trains in a worker thread (torch_xla 2.9)."""
+
+    def __reduce__(self):
+        return (install_stop_handlers, ())
+
+def _forward_to_children(signum, frame):  # the TPU launcher's process: its children stop and save
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signum)
 
 def xla_available():
     import importlib.util
@@ -917,6 +950,48 @@ def all_reduce_sum(tensor, device):
     torch.distributed.all_reduce(tensor)
     return tensor
 
+def any_process(flag, device):
+    """Whether flag is true in any process: one collective, so also a barrier."""
+    if device.world_size == 1:
+        return bool(flag)
+    return all_reduce_sum(zeros_on(device, 1) + flag, device).item() > 0
+
+def gather_rng_states(device):
+    """Every process's random states, in rank order (one collective): a resumed epoch draws the
+    same dropout and crops from them as the stopped one would have."""
+    mine = {"rng": torch.get_rng_state(), "cuda_rng": None, "xla_rng": None}
+    if device.torch_device.type == "cuda":
+        mine["cuda_rng"] = torch.cuda.get_rng_state(device.torch_device)
+    if device.kind == "xla":
+        import torch_xla.core.xla_model as xm
+        mine["xla_rng"] = str(xm.get_rng_state(device.torch_device))  # a uint64: text in JSON
+    states = [mine]
+    if device.distributed == "ddp":
+        states = [None] * device.world_size
+        torch.distributed.all_gather_object(states, mine)
+    elif device.distributed == "xla":
+        import torch_xla.core.xla_model as xm
+        states = xm.mesh_reduce("rng_states", mine, list)
+    gathered = {"rng": torch.stack([s["rng"] for s in states]), "cuda_rng": None, "xla_rng": None}
+    if mine["cuda_rng"] is not None:
+        gathered["cuda_rng"] = torch.stack([s["cuda_rng"] for s in states])
+    if device.kind == "xla":
+        gathered["xla_rng"] = [s["xla_rng"] for s in states]
+    return gathered
+
+def restore_rng_states(states, device):
+    """This process's row of gather_rng_states' (saved by a run of the same shape)."""
+    torch.set_rng_state(states["rng"][device.rank].clone())
+    if device.torch_device.type == "cuda" and states.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(states["cuda_rng"][device.rank].clone(), device.torch_device)
+    if device.kind == "xla" and states.get("xla_rng") is not None:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        xm.set_rng_state(int(states["xla_rng"][device.rank]), device.torch_device)
+        # Each sync advances XLA's seed. The stopped run's next step came after one more sync (the
+        # loader's, after the check's that this state was read at): this is that sync.
+        torch_xla.sync()
+
 def first_on_each_node(device, fn):
     """fn(True) on the node's first process, then fn(False) on the others; its UserError stops
     them all."""
@@ -930,8 +1005,8 @@ def first_on_each_node(device, fn):
             result = fn(True)
         except UserError as e:
             error = e
-    # An all_reduce, not a barrier: it also tells the waiting processes whether the first failed.
-    if all_reduce_sum(zeros_on(device, 1) + (error is not None), device).item():
+    # Not a plain barrier: it also tells the waiting processes whether the first failed.
+    if any_process(error is not None, device):
         error = error or UserError("the first process of a node failed to prepare the data: see "
                                    "its message")
         error.everywhere = True
@@ -1079,14 +1154,9 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite."""
     everywhere = True  # the processes decide it together, or share the weights
 
-# What train_step adds up on the device, a slot each in one tensor: one host read per check point,
-# and a saved position's list. main / aux_loss: the heads' loss x images; first_bad_step: 0 while
-# every loss is finite.
-SUMS = ("main_loss", "aux_loss", "correct", "images", "first_bad_step")
-
-def read_sums(sums):
-    """The device sums as {name: float}, in one copy to the host."""
-    return dict(zip(SUMS, sums.tolist()))
+# What train_step adds up on the device, a slot each in one tensor: read at the epoch's checks,
+# and a saved position's list. main / aux_loss: the heads' loss x images.
+SUMS = ("main_loss", "aux_loss", "correct", "images")
 
 def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
                channels_last):
@@ -1108,70 +1178,10 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
         scaler.step(optimizer)
         scaler.update()
     n = labels.shape[0]
-    # The step's number from the device's own count: a Python int would be a new constant in XLA's
-    # graph at step 1 of every epoch, one more compilation in epoch 2.
-    step_number = sums[SUMS.index("images")] / n + 1
-    no_bad_step_yet = sums[SUMS.index("first_bad_step")] == 0
-    bad = (~torch.isfinite(loss.total.detach())).float() * step_number * no_bad_step_yet
-    added = {"main_loss": loss.main * n, "aux_loss": loss.aux * n,
-             "correct": (loss.logits.argmax(1) == labels).sum().float(),
-             "images": labels.new_full((), n, dtype=torch.float32), "first_bad_step": bad}
-    sums += torch.stack([added[name] for name in SUMS])
-
-class Stopped(UserError):
-    """SIGTERM or Ctrl-C: the run stopped after a step and saved where it was."""
-
-    def __init__(self, message, signum=signal.SIGTERM):  # a default: unpickled from a TPU process
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-STOP = {"signal": None}  # set by the SIGTERM / first Ctrl-C handler that train() installs
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-def _request_stop(signum, frame):
-    if signum == signal.SIGINT and STOP["signal"] is not None:
-        raise KeyboardInterrupt
-    STOP["signal"] = signum
-
-@contextlib.contextmanager
-def _graceful_stop():
-    """SIGTERM and a first Ctrl-C set STOP: the epoch saves its position and raises Stopped. A
-    second Ctrl-C quits. (In torch_xla's launcher's threads _MainThreadStopHandlers set them.)"""
-    STOP["signal"] = None
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _request_stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-def _main_thread_stop_handlers():
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _request_stop)
-    return _MainThreadStopHandlers()
-
-class _MainThreadStopHandlers:
-    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in
-    its main thread, then trains in a worker thread, where no signal handler can be set (torch_xla
-    2.9, _internal/pjrt.py)."""
-
-    def __reduce__(self):
-        return (_main_thread_stop_handlers, ())
-
-def _stopped_before_training(signum, frame):
-    if os.getpid() != _stopped_before_training.owner:  # a forked decoding process: end as before
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    name = signal.Signals(signum).name
-    raise Stopped(f"stopped by {name} before training began: nothing new was saved", signum)
-
-def _forward_to_children(signum, frame):  # the TPU launcher's process: its children stop and save
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signum)
+    # A non-finite loss to minimise (an aux head's too) makes the summed main loss non-finite.
+    main = torch.where(torch.isfinite(loss.total.detach()), loss.main, torch.nan)
+    correct = (loss.logits.argmax(1) == labels).sum().float()
+    sums += torch.stack([main * n, loss.aux * n, correct, labels.new_full((), n).float()])
 
 def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
@@ -1184,118 +1194,49 @@ def weights_finite(model):
     return bool(torch.isfinite(sums).all())
 
 def _diverged(what, config):
-    """what: e.g. "the loss became non-finite at step 3 of epoch 1"."""
+    """what: e.g. "the loss became non-finite by step 3 of epoch 1"."""
     return TrainingDiverged(f"{what}: lower --lr (now {config.lr} per 256 images) or use "
                             f"--precision fp32; the checkpoints saved before are kept")
 
-AGREE_SECONDS = 1.0  # off the CPU: the longest time between two reads of the sums
+def steps_between_checks(config, device, steps):
+    """How often an epoch reads its sums (the host waits for the device) and the processes agree
+    on stop, save and divergence, all at the same steps: every step on the CPU (a read costs
+    nothing there), else at every progress line and at least 4 times an epoch."""
+    if device.kind == "cpu":
+        return 1
+    return max(1, min(config.log_interval or steps, steps // 4))
 
-def agree(device, wishes, first_bad_step):
-    """wishes ({name: number}) summed over the processes, and the earliest first bad step of any
-    (0: none), in one collective (none for one process)."""
-    if device.world_size == 1:
-        return {**wishes, "first_bad_step": first_bad_step}
-    bad_steps = [0.0] * device.world_size  # a slot per process: the earliest is the least
-    bad_steps[device.rank] = first_bad_step
-    local = torch.tensor([*wishes.values(), *bad_steps]).to(device.torch_device)
-    summed = all_reduce_sum(local, device).tolist()
-    agreed = dict(zip(wishes, summed))
-    agreed["first_bad_step"] = min([step for step in summed[len(wishes):] if step], default=0.0)
-    return agreed
+def _agree(sums, device, stop, save):
+    """(the SUMS of all processes, whether any was asked to stop, or is due a save): one collective
+    of one small tensor. A NaN anywhere makes the summed loss NaN everywhere."""
+    if device.kind == "xla":  # the step's graph ends here as at any other step: no new graph
+        import torch_xla
+        torch_xla.sync()
+    wishes = torch.tensor([float(stop), float(save)]).to(sums.device)
+    agreed = all_reduce_sum(torch.cat([sums, wishes]), device).tolist()
+    return dict(zip(SUMS, agreed)), agreed[-2] > 0, agreed[-1] > 0
 
-@dataclass
-class Agreement:
-    """What an epoch decides at a check point; but for sums, the same on every process."""
-    sums: dict              # this process's SUMS, read from the device
-    first_bad_step: float   # the earliest non-finite step of any process; 0: none
-    stop: bool              # SIGTERM / Ctrl-C reached at least one process
-    save: bool              # --save-every is due on at least one process
-    log: bool               # a progress line is due
+def _progress_line(totals, lr, epoch, step, steps, config, elapsed):
+    images = totals["images"]
+    epoch_left = elapsed / step * (steps - step)
+    run_left = epoch_left + elapsed / step * steps * (config.epochs - epoch - 1)
+    return (f"epoch {epoch + 1} step {step}/{steps} loss {totals['main_loss'] / images:.4f} aux "
+            f"{totals['aux_loss'] / images:.4f} top1 {totals['correct'] / images:.4f} lr {lr:.4g} "
+            f"{images / elapsed:.0f} img/s | {_clock(elapsed)} elapsed, ETA epoch "
+            f"{_clock(epoch_left)} run {_clock(run_left)}")
 
-class _CheckPoints:
-    """The steps after which an epoch reads its sums (the host waits for the device) and the
-    processes agree, all at the same steps (one going on alone would wait forever). The CPU reads
-    every step (a read costs nothing there); a GPU or TPU every ~AGREE_SECONDS (well under 1% of
-    the time); one XLA process at progress lines and the epoch's end (a read elsewhere cut the
-    graph elsewhere: compilations in epoch 2). One process alone also reads when a stop, a save or
-    a progress line is due."""
-
-    def __init__(self, device, config, epoch, steps, first_step, save_every):
-        self.device = device
-        self.config = config
-        self.epoch = epoch
-        self.steps = steps
-        self.save_every = save_every
-        now = time.perf_counter()
-        self.read_step = first_step
-        self.read_time = now
-        self.logged = now - 10  # the first progress line after ~20 s
-        self.saved = now - 10
-        self.next_read = first_step + self._steps_between_reads(1.0)
-
-    def _steps_between_reads(self, seconds_per_step):
-        if self.device.kind == "cpu":
-            return 1
-        if self.device.kind == "xla" and self.device.world_size == 1:
-            return self.steps
-        return max(1, int(AGREE_SECONDS / max(seconds_per_step, 1e-9)))
-
-    def after(self, step, now, sums):
-        """The Agreement at this step if it is a check point, else None (nothing is read)."""
-        stop = STOP["signal"] is not None
-        save = bool(self.save_every) and now - self.saved >= self.save_every
-        interval = self.config.log_interval
-        logged = bool(interval) and step % interval == 0
-        on_time = bool(interval) and now - self.logged >= 30
-        log = logged or on_time
-        due = step >= self.next_read or logged or step == self.steps
-        if self.device.world_size == 1:
-            due = due or stop or save or on_time
-        if not due:
-            return None
-        values = read_sums(sums)  # the one host read per check point
-        wishes = {"stop": float(stop), "save": float(save), "seconds": now - self.read_time}
-        agreed = agree(self.device, wishes, values["first_bad_step"])
-        seconds_per_step = agreed["seconds"] / self.device.world_size / (step - self.read_step)
-        self.next_read = step + self._steps_between_reads(seconds_per_step)
-        self.read_step = step
-        self.read_time = now
-        if log:
-            self.logged = now
-        if agreed["save"]:
-            self.saved = now
-        return Agreement(values, agreed["first_bad_step"], agreed["stop"] > 0, agreed["save"] > 0,
-                         log)
-
-    def progress_line(self, values, lr, step, elapsed):
-        images = values["images"]
-        epoch_left = elapsed / step * (self.steps - step)
-        run_left = epoch_left + elapsed / step * self.steps * (self.config.epochs - self.epoch - 1)
-        return (f"epoch {self.epoch + 1} step {step}/{self.steps} loss "
-                f"{values['main_loss'] / images:.4f} aux {values['aux_loss'] / images:.4f} top1 "
-                f"{values['correct'] / images:.4f} lr {lr:.4g} "
-                f"{images * self.device.world_size / elapsed:.0f} img/s | {_clock(elapsed)} "
-                f"elapsed, ETA epoch {_clock(epoch_left)} run {_clock(run_left)}")
-
-    def position(self, step, sums, seconds):
-        """Where a stopped epoch is, and the run shape it assumes (another restarts the epoch)."""
-        cuda_rng = None
-        if self.device.torch_device.type == "cuda":
-            cuda_rng = torch.cuda.get_rng_state(self.device.torch_device)
-        shape = run_shape(self.device.world_size, self.config.batch_size, self.steps)
-        return {"step": step, "sums": sums.tolist(), "seconds": seconds,
-                "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **shape}
-
-def _restore_rng(position, device):
-    torch.set_rng_state(position["rng"])
-    if position.get("cuda_rng") is not None and device.kind == "cuda":
-        torch.cuda.set_rng_state(position["cuda_rng"], device.torch_device)
+def _position(step, totals, seconds, device, config, steps):
+    """Where a stopped epoch is, every process's random state, and the run shape it assumes (another
+    shape restarts the epoch). Every process calls it: it gathers the states."""
+    return {"step": step, "sums": [totals[name] for name in SUMS], "seconds": seconds,
+            "world_size": device.world_size, "batch_size": config.batch_size,
+            "steps_per_epoch": steps, **gather_rng_states(device)}
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
                     step_model=None, announce_first_step=False, scaler=None, position=None,
                     save_position=None, save_every=0.0):
-    """One pass; metrics summed on the device, read at check points. position: a stopped epoch's
-    place; save_position(position, stop): called once SIGTERM / Ctrl-C came, every save_every s."""
+    """One pass; metrics summed on the device, read every steps_between_checks. position: a
+    stopped epoch's place; save_position(position, stop): after a stop, and every save_every s."""
     if step_model is None:  # not `or`: a compiled module refuses bool()
         step_model = model
     model.train()
@@ -1303,43 +1244,47 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
     channels_last = uses_channels_last(config, device)
     scaler = scaler or make_grad_scaler(precision, device)
     steps = len(loader)
+    interval = steps_between_checks(config, device, steps)
     sums = zeros_on(device, len(SUMS))
     first = 0
     start = time.perf_counter()  # the epoch's, earlier on resume by the seconds it had run
+    logged = saved = start - 10  # the first progress line after ~20 s
     if position:
         first = position["step"]
-        sums += torch.tensor(position["sums"]).to(sums.device)
+        # The saved sums are all processes': rank 0 carries them on (the epoch's end adds them up).
+        sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master
         start -= position["seconds"]
-    checks = _CheckPoints(device, config, epoch, steps, first, save_every)
     if announce_first_step:
         compiler = "torch.compile" if config.compile else "XLA"
         log(f"compiling the first training step ({compiler}; once, for minutes)")
     batches = itertools.islice(device_batches(loader, device), first, None)
     for step, batch in enumerate(batches, first + 1):
         if position and step == first + 1:  # after the loader drew its seeds: dropout as it was
-            _restore_rng(position, device)
+            restore_rng_states(position, device)
         if announce_first_step and step == 2:  # batch 2 comes once step 1 is compiled: no sync
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         lr = learning_rate(config, epoch, step - 1, steps, device.world_size)
         set_lr(optimizer, lr)
         train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device,
                    precision, channels_last)
-        now = time.perf_counter()
-        check = checks.after(step, now, sums)
-        if check is None:
+        if step % interval and step < steps:
             continue
-        if check.first_bad_step:
-            bad = int(check.first_bad_step)
-            raise _diverged(f"the loss became non-finite at step {bad} of epoch {epoch + 1}",
+        now = time.perf_counter()
+        save_due = bool(save_every) and now - saved >= save_every
+        totals, stop, save = _agree(sums, device, STOP["signal"] is not None, save_due)
+        if not math.isfinite(totals["main_loss"]):
+            raise _diverged(f"the loss became non-finite by step {step} of epoch {epoch + 1}",
                             config)
-        if check.log:
-            log(checks.progress_line(check.sums, lr, step, now - start))
-        if save_position is not None and step < steps and (check.stop or check.save):
+        if config.log_interval and (step % config.log_interval == 0 or now - logged >= 30):
+            log(_progress_line(totals, lr, epoch, step, steps, config, now - start))
+            logged = now
+        if save_position is not None and step < steps and (stop or save):  # else: at the end
             if not weights_finite(model):  # an update broke them after a finite loss: never save
                 raise _diverged(f"the weights became non-finite by step {step} of epoch "
                                 f"{epoch + 1}", config)
-            save_position(checks.position(step, sums, now - start), check.stop)
-    totals = read_sums(all_reduce_sum(sums, device))
+            save_position(_position(step, totals, now - start, device, config, steps), stop)
+            saved = now
+    totals = dict(zip(SUMS, all_reduce_sum(sums, device).tolist()))
     images = max(totals["images"], 1)
     return {"loss": totals["main_loss"] / images, "aux_loss": totals["aux_loss"] / images,
             "top1": totals["correct"] / images, "images": int(images),
@@ -1382,8 +1327,9 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     return {"loss": loss / images, "top1": top1 / images, "top5": top5 / images,
             "images": int(images)}
 
-def run_shape(world_size, batch_size, steps_per_epoch):
-    return {"world_size": world_size, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch}
+def _run_shape(world_size, batch_size, steps_per_epoch):  # what a saved position's step means
+    processes = "1 process" if world_size == 1 else f"{world_size} processes"
+    return f"{processes} x batch {batch_size}, {steps_per_epoch} steps an epoch"
 
 def resumed_position(resume, device, config, steps_per_epoch, log):
     """The checkpoint's mid-epoch position, if in the epoch resumed and saved by a run of this
@@ -1391,22 +1337,14 @@ def resumed_position(resume, device, config, steps_per_epoch, log):
     position = resume.get("position")
     if position is None or position["epoch"] != resume["config"]["epoch"]:
         return None
-    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    if any(position[key] != value for key, value in here.items()):
-        log(restart_notice(position, device, config, steps_per_epoch))
+    saved = _run_shape(position["world_size"], position["batch_size"], position["steps_per_epoch"])
+    here = _run_shape(device.world_size, config.batch_size, steps_per_epoch)
+    if saved != here:
+        epoch = position["epoch"] + 1
+        log(f"note: the position saved after step {position['step']} of epoch {epoch} was for "
+            f"{saved}, this run is {here}: epoch {epoch} restarts from its first step")
         return None
     return position
-
-def _shape_text(shape):
-    processes = "1 process" if shape["world_size"] == 1 else f"{shape['world_size']} processes"
-    return f"{processes} x batch {shape['batch_size']}, {shape['steps_per_epoch']} steps an epoch"
-
-def restart_notice(position, device, config, steps_per_epoch):
-    here = run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    epoch = position["epoch"] + 1
-    return (f"note: the position saved after step {position['step']} of epoch {epoch} was for "
-            f"{_shape_text(position)}, this run is {_shape_text(here)}: epoch {epoch} restarts "
-            f"from its first step")
 
 def resume_point(checkpoint):
     """Where a checkpoint continues, counted as the stop line and the epoch lines count (from 1)."""
@@ -1426,10 +1364,11 @@ def _model_to_train(model, device, config):
     if device.distributed == "ddp":
         device_ids = [device.torch_device.index] if device.kind == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(model, device_ids)
-    if config.compile and isinstance(config.compile, str):  # "": not compiled, as False
-        step_model = torch.compile(step_model, backend=config.compile)
-    elif config.compile:
-        step_model = torch.compile(step_model)
+    if config.compile:  # a string names the backend ("": not compiled, as False)
+        backend = {"xla": "openxla"}.get(device.kind, "inductor")  # inductor makes no XLA code
+        if isinstance(config.compile, str):
+            backend = config.compile
+        step_model = torch.compile(step_model, backend=backend)
     return step_model
 
 def _best(history):
@@ -1447,7 +1386,7 @@ class RunFiles:
     config: TrainConfig
     history: list
     examples: dict | None
-    cli_args: dict | None
+    argv: list | None
 
     def clean_up_after_a_kill(self, log):
         for name in CHECKPOINT_FILES:
@@ -1458,13 +1397,13 @@ class RunFiles:
         if self.history:  # a kill after last, before metrics.jsonl: rewrite it from the checkpoint
             write_metrics(self.out_dir / "metrics.jsonl", self.history)
 
-    def save(self, name, **extra):
+    def save(self, name, position=None):
         best = _best(self.history)
         self.model_config.best_top1 = best["val_top1"] if best else None
         self.model_config.best_epoch = best["epoch"] if best else None
         save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.model_config,
-                        self.config, self.history, self.examples, self.cli_args, self.scaler,
-                        **extra)
+                        self.config, self.history, self.examples, argv=self.argv,
+                        scaler=self.scaler, position=position)
 
     def save_position(self, epoch, where):
         """Mid-epoch: last with the position; the history and best as they are."""
@@ -1482,6 +1421,13 @@ class RunFiles:
             self.save(LAST_FILE)
         write_metrics(self.out_dir / "metrics.jsonl", self.history)  # last, whole (again at start)
 
+def _stopped(files, where):
+    signum = STOP["signal"] or signal.SIGTERM  # (another process got it)
+    message = f"stopped by {signal.Signals(signum).name} {where}"
+    if files is not None:
+        message += f": saved in {files.out_dir / LAST_FILE}; continue with --resume"
+    return Stopped(message, signum)
+
 def _save_position(files, device, epoch, log, where, stop):
     """train_one_epoch's save_position: rank 0 saves; a stop raises Stopped on every process."""
     if files is not None:
@@ -1489,23 +1435,14 @@ def _save_position(files, device, epoch, log, where, stop):
         if not stop:
             log(f"saved the position (epoch {epoch + 1} step {where['step']}) in "
                 f"{files.out_dir / LAST_FILE}")
-    if not stop:
-        return
-    if device.distributed == "ddp":
-        torch.distributed.barrier()  # the others wait until rank 0 has written last
-    signum = STOP["signal"] or signal.SIGTERM  # (another replica got it)
-    name = signal.Signals(signum).name
-    message = f"stopped by {name} after step {where['step']} of epoch {epoch + 1}"
-    if files is not None:
-        message += f": saved in {files.out_dir / LAST_FILE}; continue with --resume"
-    raise Stopped(message, signum)
+    if stop:
+        any_process(True, device)  # a barrier: the others wait until rank 0 has written last
+        raise _stopped(files, f"after step {where['step']} of epoch {epoch + 1}")
 
 def _begin_epoch(train_loader, config, epoch, device):
     seed_everything(config.seed * 1000 + epoch, device)
-    sampler = getattr(train_loader, "sampler", None)  # a DistributedSampler too
-    for has_epochs in (train_loader, sampler):
-        if hasattr(has_epochs, "set_epoch"):
-            has_epochs.set_epoch(epoch)
+    if hasattr(train_loader, "set_epoch"):  # make_loaders' do; a caller's own may not
+        train_loader.set_epoch(epoch)
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
     record = {"epoch": epoch + 1, "train_loss": result["loss"],
@@ -1539,56 +1476,62 @@ def _log_done(log, history, run_start, files):
         line += f"; {', '.join(str(files.out_dir / name) for name in CHECKPOINT_FILES)}"
     log(line)
 
+def _resumed(resume, model, optimizer, scaler, device, config, steps_per_epoch, log):
+    """(the epoch to start at, the history so far, a mid-epoch position or None) of a resume."""
+    if resume is None:
+        return 0, [], None
+    load_momentum(optimizer, model, resume["momentum"])
+    if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on as it was
+        scaler.load_state_dict(resume["scaler"])
+    start_epoch = resume["config"]["epoch"]
+    history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
+    return start_epoch, history, resumed_position(resume, device, config, steps_per_epoch, log)
+
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
-          resume=None, examples=None, cli_args=None, log=print):
+          resume=None, examples=None, argv=None, log=print):
     """Train to config.epochs, validating each; returns the history. checkpoint_dir:
-    CHECKPOINT_FILES; resume: a load_checkpoint result (its weights already in model).
-    SIGTERM / Ctrl-C: saves, raises Stopped."""
+    CHECKPOINT_FILES; resume: a load_checkpoint result (its weights already in model); argv: the
+    command line, saved in each checkpoint. SIGTERM / Ctrl-C: saves, raises Stopped."""
     config.check()
+    install_stop_handlers()  # main() did already: this is for library callers
+    raise_if_stopped()  # a stop that came while the data was read
     device = device or make_device(resolve_device_kind("auto"))
     run_start = time.perf_counter()
     step_model = _model_to_train(model, device, config)
     optimizer = make_optimizer(model, config, device.kind)
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
-    start_epoch = 0
-    history = []
-    position = None
-    if resume is not None:
-        load_momentum(optimizer, model, resume["momentum"])
-        if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on as it was
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch = resume["config"]["epoch"]
-        history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
-        position = resumed_position(resume, device, config, len(train_loader), log)
+    start_epoch, history, position = _resumed(resume, model, optimizer, scaler, device, config,
+                                              len(train_loader), log)
     files = None
     if checkpoint_dir is not None and device.is_master:
         files = RunFiles(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
-                         history, examples, cli_args)
+                         history, examples, argv)
         files.out_dir.mkdir(parents=True, exist_ok=True)
         files.clean_up_after_a_kill(log)
     if start_epoch >= config.epochs:
         log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train "
             f"longer")
     announce_compiling = bool(config.compile) or device.kind == "xla"
-    with _graceful_stop():
-        for epoch in range(start_epoch, config.epochs):
-            _begin_epoch(train_loader, config, epoch, device)
-            first = epoch == start_epoch
-            save_position = functools.partial(_save_position, files, device, epoch, log)
-            result = train_one_epoch(model, train_loader, optimizer, device, model_config, config,
-                                     epoch, log, step_model, first and announce_compiling, scaler,
-                                     position if first else None, save_position,
-                                     config.save_every * 60)
-            average_buffers(model, device)  # validate the BatchNorm statistics that are saved
-            val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
-            if not weights_finite(model):  # the last update can break them after a finite loss
-                raise _diverged(f"the weights became non-finite in epoch {epoch + 1}", config)
-            record = _epoch_record(epoch, result, val, config, device, len(train_loader), run_start)
-            history.append(record)
-            seconds_per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
-            _log_epoch(log, record, config, (config.epochs - epoch - 1) * seconds_per_epoch)
-            if files is not None:
-                files.save_epoch(record)
+    for epoch in range(start_epoch, config.epochs):
+        _begin_epoch(train_loader, config, epoch, device)
+        first = epoch == start_epoch
+        save_position = functools.partial(_save_position, files, device, epoch, log)
+        result = train_one_epoch(model, train_loader, optimizer, device, model_config, config,
+                                 epoch, log, step_model, first and announce_compiling, scaler,
+                                 position if first else None, save_position,
+                                 config.save_every * 60)
+        average_buffers(model, device)  # validate the BatchNorm statistics that are saved
+        val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
+        if not weights_finite(model):  # the last update can break them after a finite loss
+            raise _diverged(f"the weights became non-finite in epoch {epoch + 1}", config)
+        record = _epoch_record(epoch, result, val, config, device, len(train_loader), run_start)
+        history.append(record)
+        seconds_per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+        _log_epoch(log, record, config, (config.epochs - epoch - 1) * seconds_per_epoch)
+        if files is not None:
+            files.save_epoch(record)
+        if any_process(STOP["signal"] is not None, device):  # in its last step or validation
+            raise _stopped(files, f"after epoch {epoch + 1}")
     if history and device.is_master:
         _log_done(log, history, run_start, files)
     return history
@@ -2229,13 +2172,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-# STAND-IN (TRAIN defines it in Device): the lead deletes this at merge.
-def install_stop_handlers():
-    """SIGTERM and a first Ctrl-C only set STOP (a second Ctrl-C raises KeyboardInterrupt)."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _request_stop)
 
 if __name__ == "__main__":
     sys.exit(main())

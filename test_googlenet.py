@@ -38,6 +38,18 @@ needs_cifar = pytest.mark.skipif(not (SHARED and (SHARED / "cifar-10-batches-py"
                                  reason="../shared/data/cifar-10-batches-py absent")
 
 
+@pytest.fixture(autouse=True)
+def no_stop_yet(monkeypatch):
+    """The stop flag is process-wide and nothing in googlenet clears it, and main() installs its
+    handlers: each test starts without a stop and ends with the signal handlers it began with."""
+    import signal
+    monkeypatch.setitem(g.STOP, "signal", None)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
 def run_main(argv, capsys):
     code = g.main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -824,7 +836,7 @@ def test_cuda_training_steps_never_wait_for_the_device():
     model = g.build_model("tiny", 10).cuda().to(memory_format=torch.channels_last).train()
     optimizer = g.make_optimizer(model, config, "cuda")
     precision = g.resolve_precision("auto", device)
-    scaler, sums = g.make_grad_scaler(precision, device), g.zeros_on(device, 5)
+    scaler, sums = g.make_grad_scaler(precision, device), g.zeros_on(device, len(g.SUMS))
     batches = g.device_batches(g.StoreLoader(store, 32, True, device=device.torch_device), device)
     step = lambda batch: g.train_step(model, optimizer, scaler, batch, sums, mc, config, device,  # noqa: E731
                                       precision, True)
@@ -837,7 +849,7 @@ def test_cuda_training_steps_never_wait_for_the_device():
             step(batch)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert sums[3].item() == 5 * 32 and sums[4].item() == 0
+    assert sums[3].item() == 5 * 32 and math.isfinite(sums[0].item())  # a non-finite loss would make it NaN
 
 
 # --- data: image folder ---------------------------------------------------------------------------
@@ -1047,7 +1059,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
     # A rate of 1e30 per 256 images makes the loss infinite within a few steps.
     code, out, err = run_main(["--resume", tmp_path / "last.safetensors", "--epochs", 2, "--lr", 1e30], capsys)
     assert code == 1
-    assert "non-finite at step" in err and "epoch 2" in err and "--lr" in err and "--precision fp32" in err
+    assert "non-finite by step" in err and "epoch 2" in err and "--lr" in err and "--precision fp32" in err
     assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "last.safetensors").read_bytes() == before
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
@@ -1612,11 +1624,75 @@ def test_xla_train_resume_compile_count_and_cpu_parity(tmp_path):
     expected = [g.learning_rate(two, 0, 0, 8), g.learning_rate(two, 1, 0, 8), g.learning_rate(three, 2, 0, 8)]
     assert [r["lr"] for r in records] == pytest.approx(expected)  # the schedule continues on resume
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    # no recompilation after the first epoch, with the learning rate changing every step
+    # no recompilation after the first epoch, with the learning rate changing every step; the epoch reads its
+    # sums every 2 steps (steps // 4), each time right after a sync that ends the step's graph where the
+    # loader's sync does: no graph of its own
     assert records[0]["val_images"] == 128
     parity = json.loads(result.stdout.split("RESULT", 1)[1])
     assert parity["compiles"][1] == parity["compiles"][0], parity["compiles"]
     assert parity["max_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"]), parity
+
+
+# A stop after step 2 of 4 on XLA, then a resume, against a straight epoch: dropout draws from XLA's own
+# generator, so the position must carry its state.
+XLA_RESUME_SCRIPT = r"""
+import sys, torch, googlenet as g
+from pathlib import Path
+out = Path(sys.argv[1])
+device = g.make_device("xla")
+info = g.make_synthetic(8, train_size=64, val_size=16)
+config = g.TrainConfig(epochs=1, batch_size=16, precision="fp32", log_interval=0)
+set_lr, steps = g.set_lr, []
+
+def run(folder, resume=None):
+    torch.manual_seed(0)
+    model = g.build_model("tiny", 10)
+    if resume is not None:
+        model, _ = g.model_from_checkpoint(resume)
+    try:
+        g.train(model, *g.make_loaders(info, 16, 8), g.model_config_for(info, "tiny", 8), config, device,
+                out / folder, resume, log=lambda line: None)
+    except g.Stopped as e:
+        print(e, flush=True)
+
+def stop_at_step_2(optimizer, lr):
+    steps.append(1)
+    if len(steps) == 2:
+        g.STOP["signal"] = 15
+    set_lr(optimizer, lr)
+
+run("straight")
+g.set_lr = stop_at_step_2
+run("stopped")
+g.set_lr = set_lr
+g.STOP["signal"] = None  # (a new process, as a resume is)
+run("stopped", g.load_checkpoint(out / "stopped" / "last.safetensors"))
+a, b = (g.load_checkpoint(out / folder / "last.safetensors")["model"] for folder in ("straight", "stopped"))
+print("SAME" if all(torch.equal(a[k], b[k]) for k in a) else "DIFFERENT")
+"""
+
+
+@needs_xla
+@pytest.mark.xla
+def test_xla_sigterm_mid_epoch_then_resume_restores_xlas_random_state(tmp_path):
+    result = subprocess.run([sys.executable, "-c", XLA_RESUME_SCRIPT, str(tmp_path)], env=XLA_ENV,
+                            capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped by SIGTERM after step 2 of epoch 1" in result.stdout, result.stdout
+    assert result.stdout.strip().endswith("SAME"), result.stdout
+
+
+@needs_xla
+@pytest.mark.xla
+def test_xla_compile_uses_the_openxla_backend_and_trains(tmp_path):
+    # inductor has no XLA code generation (KeyError: 'xla'): --compile on XLA is dynamo + openxla.
+    argv = [sys.executable, str(HERE / "googlenet.py"), "--dataset", "synthetic", "--image-size", 8, "--subset", 32,
+            "--batch-size", 16, "--device", "xla", "--compile", "--log-interval", 0, "--epochs", 1,
+            "--checkpoint-dir", tmp_path / "run"]
+    result = subprocess.run([str(a) for a in argv], env=XLA_ENV, capture_output=True, text=True, timeout=900,
+                            cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first step compiled in" in result.stdout and "epoch 1/1 train loss" in result.stdout
 
 
 @needs_xla
@@ -1715,8 +1791,41 @@ def test_torchrun_loss_non_finite_on_one_rank_stops_both_with_one_line_from_rank
     assert result.returncode != 0
     stderr = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     assert stderr.keys() == {"0", "1"}, result.stderr[-3000:]
-    assert stderr["0"].count("error:") == 1 and "non-finite at step 3 of epoch 1" in stderr["0"], stderr
+    assert stderr["0"].count("error:") == 1 and "non-finite by step 3 of epoch 1" in stderr["0"], stderr
     assert "error:" not in stderr["1"] and "Traceback" not in stderr["0"] + stderr["1"], stderr
+
+
+# Rank 1 alone hears a SIGTERM, in epoch 2's second step (4 steps an epoch under DDP_RUN).
+STOP_ON_RANK_1 = """
+import os, signal
+set_lr, steps = g.set_lr, []
+
+def stop_in_epoch_2(optimizer, lr):
+    steps.append(1)
+    if len(steps) == 6 and os.environ["RANK"] == "1":
+        g.STOP["signal"] = signal.SIGTERM
+    set_lr(optimizer, lr)
+
+g.set_lr = stop_in_epoch_2
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_then_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
+    straight, stopped = tmp_path / "straight" / "run", tmp_path / "stopped" / "run"
+    straight.parent.mkdir()
+    stopped.parent.mkdir()
+    result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", straight], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", stopped], STOP_ON_RANK_1, timeout=600)
+    assert result.returncode != 0 and "stopped by SIGTERM after step 2 of epoch 2" in result.stderr, result.stderr[-3000:]
+    position = g.load_checkpoint(stopped / "last.safetensors")["position"]
+    assert (position["epoch"], position["step"], position["world_size"]) == (1, 2, 2)
+    assert position["rng"].shape[0] == 2 and not torch.equal(position["rng"][0], position["rng"][1])  # each rank's
+    result = _torchrun(DDP_RUN + ["--epochs", 2, "--resume", stopped / "last.safetensors", "--checkpoint-dir", stopped],
+                       timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _same_weights(stopped / "last.safetensors", straight / "last.safetensors")
 
 
 # --- crashes: kill -9 at random moments, resume, and end bit-identical ----------------------------
@@ -1870,6 +1979,38 @@ def test_sigterm_saves_the_step_and_resume_ends_bit_identical(tmp_path, straight
     assert _same_weights(stopped / "last.safetensors", straight / "last.safetensors")
 
 
+@pytest.mark.parametrize("when", ["last step", "validation"])
+def test_a_stop_in_the_final_epochs_last_step_or_validation_saves_the_epoch_and_exits_143(when, tmp_path, capsys,
+                                                                                          monkeypatch):
+    import signal
+    run = ["--dataset", "synthetic", "--image-size", 16, "--subset", 64, "--batch-size", 16, "--device", "cpu",
+           "--log-interval", 0, "--workers", 0, "--precision", "fp32", "--checkpoint-dir", tmp_path]
+    set_lr, evaluate, calls = g.set_lr, g.evaluate, {"steps": 0, "validations": 0}
+
+    def stop_in_the_last_step(optimizer, lr):  # 4 steps an epoch: the 8th is epoch 2's last
+        calls["steps"] += 1
+        if calls["steps"] == 8 and when == "last step":
+            g.STOP["signal"] = signal.SIGTERM
+        set_lr(optimizer, lr)
+
+    def stop_in_validation(*args, **kwargs):
+        calls["validations"] += 1
+        if calls["validations"] == 2 and when == "validation":
+            g.STOP["signal"] = signal.SIGTERM
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(g, "set_lr", stop_in_the_last_step)
+    monkeypatch.setattr(g, "evaluate", stop_in_validation)
+    code, _, err = run_main(run + ["--epochs", 2], capsys)
+    assert code == 143 and "stopped by SIGTERM after epoch 2" in err and "--resume" in err, err
+    last = g.load_checkpoint(tmp_path / "last.safetensors")
+    assert last["config"]["epoch"] == 2 and last["position"] is None  # the final epoch saved whole
+    assert [r["epoch"] for r in _run_records(tmp_path)] == [1, 2]
+    g.STOP["signal"] = None  # (a new process, as a resume is)
+    assert run_main(["--resume", tmp_path / "last.safetensors", "--epochs", 2], capsys)[0] == 0
+    assert run_main(["--resume", tmp_path / "last.safetensors", "--epochs", 3], capsys)[0] == 0
+    assert [r["epoch"] for r in _run_records(tmp_path)] == [1, 2, 3]
+
+
 def test_progress_lines_come_every_30_seconds_whatever_the_step_interval(monkeypatch):
     import itertools
     store, mc = _fp16_batches(n=64)
@@ -1945,10 +2086,10 @@ def test_imports_and_explains_without_torch_xla(tmp_path):
 
 # --- issue 29: stop / save off the CPU, no NaN saved, resume across devices and run shapes ---------
 
-# Two processes whose device kind is "cuda" on CPU tensors: they read their sums at CUDA's check points
-# (~every second, not every step). Rank 1 alone gets the stop request (as one process of a preempted
-# job can), after step 3; each step takes >= 0.2 s. Then a loss that is infinite on rank 1 from step 4,
-# with a save due at every check point.
+# Two processes whose device kind is "cuda" on CPU tensors: they read their sums at CUDA's checks
+# (every min(log_interval, steps // 4) steps: 3 of 12 here, not every step). Rank 1 alone gets the stop
+# request (as one process of a preempted job can), after step 3. Then a loss that is infinite on rank 1
+# from step 4, with a save due at every check.
 CUDA_CHECK_POINTS = """
 import json, os, signal, sys, time
 import torch, torch.distributed as dist
@@ -2015,19 +2156,20 @@ def test_off_the_cpu_several_processes_stop_and_save_soon_after_a_request_and_ne
     ranks = [json.loads((tmp_path / f"result.{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]  # both decided the same, at the same steps
     stopped, diverged = ranks[0]["stopped"], ranks[0]["diverged"]
-    # The stop: at the first check point after step 3, within ~1 s (5 steps of >= 0.2 s), saved once.
+    # The stop: at the first check after step 3, within one check interval (3 steps), saved once.
     assert len(stopped["saves"]) == 1 and stopped["saves"][0][1] is True and 3 <= stopped["saves"][0][0] <= 8
-    # The bad step: saves before it, none after it, and the one line names it.
+    # The bad step: saves before it, none after it, and the one line names the check that saw it.
     assert diverged["saves"] and all(step < 4 for step, _ in diverged["saves"])
-    assert "non-finite at step 4 of epoch 1" in diverged["error"] and "saved before are kept" in diverged["error"]
+    assert "non-finite by step 6 of epoch 1" in diverged["error"] and "saved before are kept" in diverged["error"]
 
 
 def _cuda_like_epoch(monkeypatch, break_at_step_3):
-    """One process, device kind "cuda" on CPU tensors (reads only at check points), SIGTERM after step 3,
-    when step 3 broke the training (break_at_step_3(model)). Returns (saves, the error's line)."""
+    """One process, device kind "cuda" on CPU tensors (reads only at checks: a progress line each step
+    here), SIGTERM after step 3, when step 3 broke the training (break_at_step_3(model)). Returns (saves,
+    the error's line)."""
     store, mc = _fp16_batches(n=64, size=8)
     model = g.build_model("tiny", 4)
-    config = g.TrainConfig(epochs=1, batch_size=4, precision="fp32", log_interval=0)
+    config = g.TrainConfig(epochs=1, batch_size=4, precision="fp32", log_interval=1)
     optimizer, saves = g.make_optimizer(model, config), []
 
     def after_step(optimizer, args, kwargs):
@@ -2038,7 +2180,6 @@ def _cuda_like_epoch(monkeypatch, break_at_step_3):
     after_step.steps = 0
     optimizer.register_step_post_hook(after_step)
     monkeypatch.setitem(g.STOP, "signal", None)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())  # no GPU here
     with pytest.raises(g.TrainingDiverged) as error:
         g.train_one_epoch(model, g.StoreLoader(store, 4, True), optimizer, g.Device("cuda", torch.device("cpu")),
                           mc, config, 0, log=lambda line: None, save_position=lambda *a: saves.append(a),
@@ -2062,7 +2203,7 @@ def test_off_the_cpu_a_save_never_writes_after_a_bad_step_or_over_broken_weights
     assert [s[0]["step"] for s in saves] == [1, 2] and "weights became non-finite by step 3" in error
     monkeypatch.setattr(g, "googlenet_loss", third_infinite)
     saves, error = _cuda_like_epoch(monkeypatch, lambda model: None)
-    assert [s[0]["step"] for s in saves] == [1, 2] and "loss became non-finite at step 3" in error
+    assert [s[0]["step"] for s in saves] == [1, 2] and "loss became non-finite by step 3" in error
 
 
 def test_resume_on_another_device_kind_uses_this_devices_optimizer_kernels(tmp_path, monkeypatch):
@@ -2110,7 +2251,9 @@ def test_sigterm_while_the_data_is_decoded_is_one_line_and_143(tmp_path):
     import signal
     script = tmp_path / "slow.py"
     script.write_text("import sys, time\nimport googlenet as g\n"
-                      "def slow(*a, **k):\n    print('decoding', flush=True)\n    time.sleep(60)\n"
+                      "def slow(*a, **k):\n    print('decoding', flush=True)\n"
+                      "    for _ in range(600):  # as the data code does at every batch\n"
+                      "        g.raise_if_stopped()\n        time.sleep(0.1)\n"
                       "g.build_store = slow\nsys.exit(g.main(sys.argv[1:]))\n")
     process = subprocess.Popen([sys.executable, str(script)] + [str(a) for a in CRASH_RUN] +
                                ["--checkpoint-dir", str(tmp_path / "run")], env=CRASH_ENV,
@@ -2134,16 +2277,24 @@ def test_xla_without_pjrt_device_says_what_to_set_before_any_work(tmp_path, caps
 
 TPU_LAUNCH = """
 import os, signal, sys, time
+import torch
 import googlenet as g
 
 def training(args, checkpoint=None):  # in the launcher's worker thread, as the real run would be
-    with g._graceful_stop():
-        os.kill(os.getpid(), signal.SIGTERM)  # a preemptible TPU VM's notice
-        for _ in range(500):
-            if g.STOP["signal"] is not None:
-                print("heard SIGTERM", flush=True)
-                return
-            time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemptible TPU VM's notice, while the data is read
+    for _ in range(500):
+        if g.STOP["signal"] is not None:
+            print("heard SIGTERM", flush=True)
+            break
+        time.sleep(0.01)
+    info = g.make_synthetic(8, train_size=32, val_size=16)
+    config = g.TrainConfig(epochs=1, batch_size=16, precision="fp32", log_interval=0)
+    try:
+        g.train(g.build_model("tiny", 10), *g.make_loaders(info, 16, 8), g.model_config_for(info, "tiny", 8),
+                config, g.Device("cpu", torch.device("cpu")), log=lambda line: None)
+        print("trained on", flush=True)
+    except g.Stopped as e:
+        print(e, e.exit_code, flush=True)
 
 g._run = training
 if __name__ == "__main__":
@@ -2152,12 +2303,15 @@ if __name__ == "__main__":
 
 
 @pytest.mark.xla
-def test_tpu_launchers_worker_thread_hears_sigterm(tmp_path):
+def test_tpu_launchers_worker_thread_hears_sigterm_and_a_stop_before_training_is_kept(tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(TPU_LAUNCH)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=HERE,
                             env={**CRASH_ENV, "PJRT_DEVICE": "CPU"})
     assert result.returncode == 0 and "heard SIGTERM" in result.stdout, result.stderr[-2000:]
+    # the stop came before training began: train() stops before its first step
+    assert "stopped by SIGTERM before training began: nothing new was saved 143" in result.stdout, result.stdout
+    assert "trained on" not in result.stdout
 
 
 def test_bench_runs_on_image_files(tmp_path, capsys):
