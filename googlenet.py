@@ -2083,6 +2083,8 @@ def _run(args, checkpoint=None):
         done = checkpoint["config"]["epoch"]
         log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to "
             f"train longer")
+        if device.is_master and checkpoint["history"]:  # a kill after last, before metrics.jsonl
+            write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint["history"]
     torch.manual_seed(config.seed)
     info = first_on_each_node(device, lambda first: load_dataset(
