@@ -168,7 +168,7 @@ def main(argv=None):
         config.log_interval = 0
         info = g.load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
         benchmark = data if args.data else steps
-        benchmark(args, config.check(), device, info)
+        benchmark(args, config, device, info)
     except g.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

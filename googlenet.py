@@ -1049,29 +1049,6 @@ class TrainConfig:
     log_interval: int = 50            # steps between progress lines, or ~30 s (0: epoch lines only)
     save_every: float = 0.0           # minutes between mid-epoch saves of last (0: epoch ends only)
 
-    def check(self):
-        """self, if every field has its type and range (typed flags and a checkpoint's alike)."""
-        return _first_broken(self, [
-            ("epochs", _whole(self.epochs, 1, 10**6), "1-1000000"),
-            ("batch_size", _whole(self.batch_size, 1, 2**20), "1-1048576"),
-            ("lr", _number(self.lr) and self.lr > 0, "above 0"),
-            ("momentum", _number(self.momentum, 0, 0.999999), "in [0, 1)"),
-            ("label_smoothing", _number(self.label_smoothing, 0, 0.999999), "in [0, 1)"),
-            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-            ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-            ("crop", self.crop in ("pad", "resized"), "pad or resized"),
-            ("channels_last", self.channels_last in (None, True, False), "on, off or None"),
-            ("compile", type(self.compile) is bool or _text(self.compile), "a backend"),
-            ("seed", _whole(self.seed, 0, 2**32 - 1), "a whole number 0-4294967295"),
-            ("log_interval", _whole(self.log_interval, 0, 2**31), "a whole number, 0 or more"),
-            ("nesterov", type(self.nesterov) is bool, "on or off"),
-            ("tta", type(self.tta) is bool, "on or off"),
-            ("warmup_epochs", _number(self.warmup_epochs, 0), "0 or more"),
-            ("weight_decay", _number(self.weight_decay, 0), "0 or more"),
-            ("aux_weight", _number(self.aux_weight, 0), "0 or more"),
-            ("save_every", _number(self.save_every, 0), "0 or more"),
-        ])
-
 def peak_lr(config, world_size=1):
     return config.lr * config.batch_size * world_size / 256
 
@@ -1492,7 +1469,6 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     """Train to config.epochs, validating each; returns the history. checkpoint_dir:
     CHECKPOINT_FILES; resume: a load_checkpoint result (its weights already in model); argv: the
     command line, saved in each checkpoint. SIGTERM / Ctrl-C: saves, raises Stopped."""
-    config.check()
     install_stop_handlers()  # main() did already: this is for library callers
     raise_if_stopped()  # a stop that came while the data was read
     device = device or make_device(resolve_device_kind("auto"))
