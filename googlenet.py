@@ -778,7 +778,8 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
         train = StoreLoader(make_store(info.train, "train"), batch_size, True, seed, rank,
                             world_size, crop, device, workers)
     val_store = make_store(info.val, "val")
-    return train, StoreLoader(val_store, batch_size, False, seed, rank, world_size, workers=workers)
+    val_batch = min(batch_size, max(1, math.ceil(len(val_store) / world_size)))  # no batch of pads
+    return train, StoreLoader(val_store, val_batch, False, seed, rank, world_size, workers=workers)
 
 # ---------------------------------------------------------------------------------------------
 # Device: where training runs (CUDA, XLA, CPU), precision, and how processes talk (DDP, XLA)
@@ -1974,18 +1975,19 @@ def _check_device_flags(args):
     if args.precision == "fp16" and args.device == "xla":
         raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
                         "(--precision auto)")
-    pjrt_device = os.environ.get("PJRT_DEVICE", "").upper()
-    if args.device != "xla" or args.num_cores == 1:
+    if args.device != "xla":
         return
-    if pjrt_device == "CPU" and args.num_cores is not None:
-        raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
-                        "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
-    if args.num_cores is not None:
-        raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
-                        "--num-cores 1 or leave --num-cores out")
-    if pjrt_device == "TPU" and _tpu_chips_here() == 0:  # else the launcher starts no process
+    pjrt_device = os.environ.get("PJRT_DEVICE", "").upper()
+    if pjrt_device == "TPU" and _tpu_chips_here() == 0:  # else torch_xla fails deep inside
         raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU: run on a TPU VM, or try "
                         "XLA on the CPU with PJRT_DEVICE=CPU")
+    if args.num_cores in (None, 1):
+        return
+    if pjrt_device == "CPU":
+        raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
+                        "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
+    raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
+                    "--num-cores 1 or leave --num-cores out")
 
 def _tpu_chips_here():
     from torch_xla._internal import tpu  # what the launcher counts (the PCI bus): no runtime
@@ -2078,6 +2080,7 @@ def _run(args, checkpoint=None):
     if args.evaluate:
         model.to(device.torch_device)
         result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
+        raise_if_stopped("during evaluation: nothing was saved")
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
             f"top5 {result['top5']:.4f} over {result['images']} images"
             + " (flip TTA)" * config.tta)
@@ -2109,6 +2112,7 @@ def _run_here_or_on_tpu_cores(args, checkpoint):
 def _launch_on_tpu_cores(args):
     import torch_xla
     signal.signal(signal.SIGTERM, _forward_to_children)
+    raise_if_stopped()  # the TPU processes start afresh: a stop that came before is not theirs
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
 def _interrupted_line(args):

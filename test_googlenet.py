@@ -1716,6 +1716,38 @@ def test_xla_on_a_machine_without_a_tpu_says_so_in_one_line(tmp_path):
         pytest.skip("this machine has a TPU")
     assert result.returncode == 2 and "no TPU" in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
+    one_core = subprocess.run([str(a) for a in argv + ["--num-cores", 1]], env={**XLA_ENV, "PJRT_DEVICE": "TPU"},
+                              capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert one_core.returncode == 2 and "no TPU" in one_core.stderr, one_core.stderr[-2000:]
+    assert len(one_core.stderr.strip().splitlines()) == 1
+
+
+def test_a_stop_before_the_tpu_launcher_starts_its_processes_is_kept():
+    import signal
+    pytest.importorskip("torch_xla")
+    g.STOP["signal"] = signal.SIGTERM  # e.g. while the checkpoint was read: the launch would lose it
+    with pytest.raises(g.Stopped):
+        g._launch_on_tpu_cores(None)
+
+
+def test_a_stop_during_evaluate_only_exits_143(tmp_path, capsys, monkeypatch):
+    import signal
+    assert run_main(SYNTH + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)[0] == 0
+    evaluate = g.evaluate
+
+    def stopped_midway(*args, **kwargs):
+        g.STOP["signal"] = signal.SIGTERM
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(g, "evaluate", stopped_midway)
+    code, out, err = run_main(["--evaluate", "--resume", tmp_path / "last.safetensors"], capsys)
+    assert code == 143 and "during evaluation" in err and "over 96 images" not in out, err
+
+
+def test_a_validation_batch_is_never_larger_than_the_validation_split():
+    info = g.make_synthetic(16, train_size=64, val_size=100)
+    _, val = g.make_loaders(info, 65536, 16, need_train=False)  # as --evaluate
+    assert [images.shape[0] for images, _, _ in val] == [100]  # not 65,536 rows of padding
 
 
 # --- scale-out: torchrun + DistributedDataParallel (2 real gloo processes on the CPU) --------------
