@@ -2110,9 +2110,9 @@ def _run_here_or_on_tpu_cores(args, checkpoint):
     return _launch_on_tpu_cores(args)
 
 def _launch_on_tpu_cores(args):
-    import torch_xla
     signal.signal(signal.SIGTERM, _forward_to_children)
     raise_if_stopped()  # the TPU processes start afresh: a stop that came before is not theirs
+    import torch_xla
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
 def _interrupted_line(args):

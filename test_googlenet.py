@@ -1724,7 +1724,6 @@ def test_xla_on_a_machine_without_a_tpu_says_so_in_one_line(tmp_path):
 
 def test_a_stop_before_the_tpu_launcher_starts_its_processes_is_kept():
     import signal
-    pytest.importorskip("torch_xla")
     g.STOP["signal"] = signal.SIGTERM  # e.g. while the checkpoint was read: the launch would lose it
     with pytest.raises(g.Stopped):
         g._launch_on_tpu_cores(None)
