@@ -1653,8 +1653,9 @@ def _atomic_write(path, write):
         with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); the files already there "
-                            f"are intact: free some space or pass another --checkpoint-dir") from None
+            raise UserError(f"cannot write {path} ({e.strerror or e}); the files already "
+                            f"there are intact: free some space or pass another "
+                            f"--checkpoint-dir") from None
         raise
 
 def save_checkpoint(path, model, optimizer, model_config, train_config=None, history=None,
