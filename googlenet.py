@@ -835,43 +835,33 @@ def _forward_to_children(signum, frame):  # the TPU launcher's process: its chil
     for child in multiprocessing.active_children():
         os.kill(child.pid, signum)
 
-def xla_available():
-    import importlib.util
-    with contextlib.suppress(ImportError, ValueError):
-        return importlib.util.find_spec("torch_xla") is not None and (
-            bool(os.environ.get("PJRT_DEVICE")) or Path("/dev/accel0").exists())
-    return False
-
 def resolve_device_kind(requested):
-    """auto, cuda, xla or cpu -> the kind to train on; refused with what to do where unusable."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "xla" if xla_available() else "cpu"
-    if requested not in ("cuda", "xla", "cpu"):
-        raise UserError(f"unknown device {requested!r}: choose auto, cuda, xla or cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or "
-                        "auto")
-    if requested == "xla":
-        _check_xla()
-    return requested
-
-def _check_xla():
-    """torch_xla, and PJRT_DEVICE (unset: TPU where there is one; torch_xla would use the CPU)."""
+    """auto, cuda, xla or cpu -> the kind to train on; one line saying what to do where unusable.
+    XLA without PJRT_DEVICE: the TPU where there is one (torch_xla would default to the CPU)."""
+    import importlib.util
     pjrt_device = os.environ.get("PJRT_DEVICE")  # as set: torch_xla's import may default it
-    try:
-        import torch_xla  # noqa: F401
-    except ImportError:
-        raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
-                        "(matching torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
-    if pjrt_device:
-        return
-    if not list(Path("/dev").glob("accel*")):
-        raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
-                        "(/dev/accel*): on a TPU VM set PJRT_DEVICE=TPU; to try XLA on the CPU "
-                        "set PJRT_DEVICE=CPU")
-    os.environ["PJRT_DEVICE"] = "TPU"
+    tpu = pjrt_device or list(Path("/dev").glob("accel*"))
+    if requested == "auto" and torch.cuda.is_available():
+        return "cuda"
+    if requested == "auto":
+        with contextlib.suppress(ImportError, ValueError):
+            if tpu and importlib.util.find_spec("torch_xla"):
+                return "xla"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if requested == "xla":
+        try:
+            importlib.import_module("torch_xla")
+        except ImportError:
+            raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
+                            "(for torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
+        if not tpu:
+            raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
+                            "(/dev/accel*): set PJRT_DEVICE=TPU on a TPU VM, PJRT_DEVICE=CPU to "
+                            "try XLA on the CPU")
+        os.environ["PJRT_DEVICE"] = pjrt_device or "TPU"
+    return requested
 
 def make_device(kind):
     """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on the
@@ -888,7 +878,7 @@ def make_device(kind):
     if kind == "cuda":  # the fastest convolutions for the fixed shapes; TF32 for fp32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):  # torchrun's
+    if "LOCAL_RANK" not in os.environ:  # not under torchrun
         return Device(kind, torch.device(kind))
     torch_device = torch.device("cpu")
     if kind == "cuda":
@@ -899,15 +889,8 @@ def make_device(kind):
     return Device(kind, torch_device, dist.get_rank(), dist.get_world_size(), "ddp")
 
 def cpu_has_native_bf16():
-    """avx512_bf16 or AMX, by PyTorch's own probes or else by /proc/cpuinfo's flags."""
-    cpu = getattr(torch._C, "_cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        if getattr(cpu, probe, lambda: False)():
-            return True
-    with contextlib.suppress(OSError):
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-        return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
-    return False
+    """avx512_bf16 or AMX, by PyTorch's own probes."""
+    return torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported()
 
 def resolve_precision(precision, device):
     """auto: bf16 where native (CUDA 8.0+, TPUs, CPUs with avx512_bf16 or AMX), fp16 on older
@@ -915,9 +898,10 @@ def resolve_precision(precision, device):
     if precision != "auto":
         return precision
     if device.kind == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device.torch_device) >= (8, 0) else "fp16"
+        old = torch.cuda.get_device_capability(device.torch_device) < (8, 0)
+        return "fp16" if old else "bf16"
     if device.kind == "xla":
-        return "fp32" if device.note.startswith("on the CPU") else "bf16"
+        return "fp32" if device.note else "bf16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 def seed_everything(seed, device):
@@ -958,27 +942,22 @@ def any_process(flag, device):
     return all_reduce_sum(zeros_on(device, 1) + flag, device).item() > 0
 
 def gather_rng_states(device):
-    """Every process's random states, in rank order (one collective): a resumed epoch draws the
+    """Every process's random states, a row per rank (one collective): a resumed epoch draws the
     same dropout and crops from them as the stopped one would have."""
-    mine = {"rng": torch.get_rng_state(), "cuda_rng": None, "xla_rng": None}
+    mine = {"rng": torch.get_rng_state()}
     if device.torch_device.type == "cuda":
         mine["cuda_rng"] = torch.cuda.get_rng_state(device.torch_device)
     if device.kind == "xla":
         import torch_xla.core.xla_model as xm
         mine["xla_rng"] = str(xm.get_rng_state(device.torch_device))  # a uint64: text in JSON
-    states = [mine]
-    if device.distributed == "ddp":
-        states = [None] * device.world_size
-        torch.distributed.all_gather_object(states, mine)
-    elif device.distributed == "xla":
-        import torch_xla.core.xla_model as xm
-        states = xm.mesh_reduce("rng_states", mine, list)
-    gathered = {"rng": torch.stack([s["rng"] for s in states]), "cuda_rng": None, "xla_rng": None}
-    if mine["cuda_rng"] is not None:
-        gathered["cuda_rng"] = torch.stack([s["cuda_rng"] for s in states])
-    if device.kind == "xla":
-        gathered["xla_rng"] = [s["xla_rng"] for s in states]
-    return gathered
+        states = xm.mesh_reduce("rng_states", mine, list)  # [mine] with one process
+    else:
+        states = [mine] * device.world_size
+        if device.distributed == "ddp":
+            torch.distributed.all_gather_object(states, mine)
+    rows = {"cuda_rng": None, "xla_rng": None, **{key: [s[key] for s in states] for key in mine}}
+    rows.update({key: torch.stack(rows[key]) for key in ("rng", "cuda_rng") if key in mine})
+    return rows
 
 def restore_rng_states(states, device):
     """This process's row of gather_rng_states' (saved by a run of the same shape)."""
@@ -994,24 +973,12 @@ def restore_rng_states(states, device):
         torch_xla.sync()
 
 def first_on_each_node(device, fn):
-    """fn(True) on the node's first process, then fn(False) on the others; its UserError stops
-    them all."""
-    if device.distributed != "ddp":
-        return fn(True)
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    error = None
-    result = None
-    if first:
-        try:
-            result = fn(True)
-        except UserError as e:
-            error = e
-    # Not a plain barrier: it also tells the waiting processes whether the first failed.
-    if any_process(error is not None, device):
-        error = error or UserError("the first process of a node failed to prepare the data: see "
-                                   "its message")
-        error.everywhere = True
-        raise error
+    """fn(True) on each node's first process (LOCAL_RANK 0), then, once it is done, fn(False) on
+    the others. If it fails, that process exits and torchrun stops the others."""
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    result = fn(True) if first else None
+    if device.distributed == "ddp":
+        any_process(False, device)  # a barrier
     return result if first else fn(False)
 
 def average_buffers(model, device):
@@ -1019,7 +986,6 @@ def average_buffers(model, device):
         for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.copy_(all_reduce_sum(buffer, device) / device.world_size)
-
 
 # ---------------------------------------------------------------------------------------------
 # Train / evaluate: the recipe, the step, the epoch, the run, evaluation, prediction
@@ -1032,8 +998,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 class TrainConfig:
     """The recipe: Nesterov SGD, warmup then cosine (paper: x0.96 per 8 epochs), label smoothing."""
     epochs: int = 30
-    batch_size: int = 128             # per device / process; the global batch is this x processes
-    lr: float = 0.2                   # peak learning rate per 256 images of the global batch
+    batch_size: int = 128             # per process: the global batch is this x processes
+    lr: float = 0.2                   # the peak, per 256 images of the global batch
     schedule: str = "cosine"
     warmup_epochs: float = 2.0        # at most epochs / 4
     momentum: float = 0.9
@@ -1041,14 +1007,14 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     aux_weight: float = 0.3           # loss = main + aux_weight x (aux1 + aux2)
-    crop: str = "pad"                 # "pad" (shift + flip) or "resized" (random-resized + flip)
-    precision: str = "auto"           # bf16 where the hardware runs it, fp16 on old GPUs, else fp32
-    channels_last: bool | None = None  # None: on for CUDA and CPU, off on XLA
-    compile: bool | str = False       # torch.compile the training step (a string: its backend)
+    crop: str = "pad"                 # or "resized"
+    precision: str = "auto"           # see resolve_precision
+    channels_last: bool | None = None  # None: on, except on XLA
+    compile: bool | str = False       # torch.compile the step (a string: its backend)
     tta: bool = False                 # validation: mean logits of each image and its mirror
     seed: int = 0
-    log_interval: int = 50            # steps between progress lines, or ~30 s (0: epoch lines only)
-    save_every: float = 0.0           # minutes between mid-epoch saves of last (0: epoch ends only)
+    log_interval: int = 50            # steps between progress lines, or ~30 s (0: none)
+    save_every: float = 0.0           # minutes between mid-epoch saves of last (0: none)
 
 def peak_lr(config, world_size=1):
     return config.lr * config.batch_size * world_size / 256
@@ -1069,54 +1035,33 @@ def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
 
 def make_optimizer(model, config, device_kind="cpu"):
     """SGD; no weight decay on BatchNorm and biases (it only fights the normalisation)."""
-    decayed = [p for p in model.parameters() if p.ndim > 1]
-    not_decayed = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decayed, "weight_decay": config.weight_decay},
-              {"params": not_decayed, "weight_decay": 0.0}]
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     kernels = {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_kind, {})
-    nesterov = config.nesterov and config.momentum > 0
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum, nesterov=nesterov,
-                                **kernels)
-    if config.momentum and device_kind == "xla":
-        # Zero momentum made now (the numbers of SGD's first step) makes step 1 the graph of
-        # every later step.
-        for p in model.parameters():
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0, **kernels)
+    if config.momentum and device_kind == "xla":  # zero momentum now: step 1 is every step's graph
+        for p in params:
             optimizer.state[p]["momentum_buffer"] = torch.zeros(p.shape).to(p.device)
     return optimizer
-
-def load_momentum(optimizer, model, momentum):
-    """Saved momentum buffers (by parameter name) into an optimizer made from this run's settings:
-    a file sets no optimizer flag (fused, foreach, maximize). Each in its parameter's layout."""
-    for name, param in model.named_parameters():
-        if name in momentum:
-            buffer = torch.empty_like(param)
-            optimizer.state[param]["momentum_buffer"] = buffer.copy_(momentum[name])
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
-
 
 # total: what training minimises; main, aux: the plain cross-entropy of the main head (comparable
 # to the validation loss) and the aux heads' mean, detached, for logs; logits: the main head's.
 GoogLeNetLoss = namedtuple("GoogLeNetLoss", ["total", "main", "aux", "logits"])
 
 def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
-    logits = outputs
-    auxes = []
-    if isinstance(outputs, GoogLeNetOutputs):
-        logits = outputs.logits
-        auxes = [outputs.aux1, outputs.aux2]
-    total = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    for aux in auxes:
-        total = total + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing)
+    heads = list(outputs) if isinstance(outputs, GoogLeNetOutputs) else [outputs]
+    losses = [F.cross_entropy(h, labels, label_smoothing=label_smoothing) for h in heads]
+    total = losses[0] + aux_weight * sum(losses[1:])
     with torch.no_grad():
-        main = F.cross_entropy(logits.float(), labels)
-        if auxes:
-            aux = sum(F.cross_entropy(a.float(), labels) for a in auxes) / len(auxes)
-        else:
-            aux = torch.zeros_like(main)
-    return GoogLeNetLoss(total, main, aux, logits)
+        plain = [F.cross_entropy(h.float(), labels) for h in heads]
+        aux = sum(plain[1:], torch.zeros_like(plain[0])) / max(len(heads) - 1, 1)
+    return GoogLeNetLoss(total, plain[0], aux, heads[0])
 
 def _autocast(device, precision):
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -1132,8 +1077,17 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite."""
     everywhere = True  # the processes decide it together, or share the weights
 
-# What train_step adds up on the device, a slot each in one tensor: read at the epoch's checks,
-# and a saved position's list. main / aux_loss: the heads' loss x images.
+def _diverged(what, step, epoch, config):
+    return TrainingDiverged(f"the {what} became non-finite by step {step} of epoch {epoch + 1}: "
+                            f"lower --lr (now {config.lr} per 256 images) or use --precision "
+                            f"fp32; the checkpoints saved before are kept")
+
+def weights_finite(model):
+    sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
+    return bool(torch.isfinite(sums).all())
+
+# What train_step adds up on the device, a slot each in one tensor: read at the epoch's check
+# points, and a saved position's list. main / aux_loss: the heads' loss x images.
 SUMS = ("main_loss", "aux_loss", "correct", "images")
 
 def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
@@ -1163,78 +1117,38 @@ def train_step(step_model, optimizer, scaler, batch, sums, model_config, config,
 
 def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}:{seconds:02d}"
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
-def weights_finite(model):
-    sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
-    return bool(torch.isfinite(sums).all())
-
-def _diverged(what, config):
-    """what: e.g. "the loss became non-finite by step 3 of epoch 1"."""
-    return TrainingDiverged(f"{what}: lower --lr (now {config.lr} per 256 images) or use "
-                            f"--precision fp32; the checkpoints saved before are kept")
-
-def steps_between_checks(config, device, steps):
-    """How often an epoch reads its sums (the host waits for the device) and the processes agree
-    on stop, save and divergence, all at the same steps: every step on the CPU (a read costs
-    nothing there), else at every progress line and at least 4 times an epoch."""
-    if device.kind == "cpu":
-        return 1
-    return max(1, min(config.log_interval or steps, steps // 4))
-
-def _agree(sums, device, stop, save):
-    """(the SUMS of all processes, whether any was asked to stop, or is due a save): one collective
-    of one small tensor. A NaN anywhere makes the summed loss NaN everywhere."""
+def _agree(sums, device, *wishes):
+    """(the SUMS of all processes, whether any process wishes each of `wishes`): one all_reduce of
+    one small tensor, so a NaN anywhere makes the summed loss NaN everywhere."""
     if device.kind == "xla":  # the step's graph ends here as at any other step: no new graph
         import torch_xla
         torch_xla.sync()
-    wishes = torch.tensor([float(stop), float(save)]).to(sums.device)
-    agreed = all_reduce_sum(torch.cat([sums, wishes]), device).tolist()
-    return dict(zip(SUMS, agreed)), agreed[-2] > 0, agreed[-1] > 0
-
-def _progress_line(totals, lr, epoch, step, steps, config, elapsed):
-    images = totals["images"]
-    epoch_left = elapsed / step * (steps - step)
-    run_left = epoch_left + elapsed / step * steps * (config.epochs - epoch - 1)
-    return (f"epoch {epoch + 1} step {step}/{steps} loss {totals['main_loss'] / images:.4f} aux "
-            f"{totals['aux_loss'] / images:.4f} top1 {totals['correct'] / images:.4f} lr {lr:.4g} "
-            f"{images / elapsed:.0f} img/s | {_clock(elapsed)} elapsed, ETA epoch "
-            f"{_clock(epoch_left)} run {_clock(run_left)}")
-
-def _position(step, totals, seconds, device, config, steps):
-    """Where a stopped epoch is, every process's random state, and the run shape it assumes (another
-    shape restarts the epoch). Every process calls it: it gathers the states."""
-    return {"step": step, "sums": [totals[name] for name in SUMS], "seconds": seconds,
-            "world_size": device.world_size, "batch_size": config.batch_size,
-            "steps_per_epoch": steps, **gather_rng_states(device)}
+    agreed = all_reduce_sum(torch.cat([sums, torch.tensor(wishes).float().to(sums.device)]), device)
+    agreed = agreed.tolist()
+    return dict(zip(SUMS, agreed)), *[wish > 0 for wish in agreed[len(SUMS):]]
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
                     step_model=None, announce_first_step=False, scaler=None, position=None,
                     save_position=None, save_every=0.0):
-    """One pass; metrics summed on the device, read every steps_between_checks. position: a
-    stopped epoch's place; save_position(position, stop): after a stop, and every save_every s."""
-    if step_model is None:  # not `or`: a compiled module refuses bool()
-        step_model = model
+    """One pass; SUMS add up on the device. At check points (every step on the CPU, else at
+    progress lines and 4 times an epoch) the processes read them and agree on divergence, stop and
+    save: save_position(position, stop). position: a stopped epoch's place."""
     model.train()
     precision = resolve_precision(config.precision, device)
-    channels_last = uses_channels_last(config, device)
     scaler = scaler or make_grad_scaler(precision, device)
     steps = len(loader)
-    interval = steps_between_checks(config, device, steps)
+    interval = 1 if device.kind == "cpu" else max(1, min(config.log_interval or steps, steps // 4))
     sums = zeros_on(device, len(SUMS))
-    first = 0
-    start = time.perf_counter()  # the epoch's, earlier on resume by the seconds it had run
+    first = (position or {}).get("step", 0)
+    start = time.perf_counter()  # the epoch's: on resume earlier, by the seconds it had run
     logged = saved = start - 10  # the first progress line after ~20 s
-    if position:
-        first = position["step"]
-        # The saved sums are all processes': rank 0 carries them on (the epoch's end adds them up).
+    if position:  # its sums are all processes': rank 0 carries them on
         sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master
         start -= position["seconds"]
     if announce_first_step:
-        compiler = "torch.compile" if config.compile else "XLA"
-        log(f"compiling the first training step ({compiler}; once, for minutes)")
+        log("compiling the first training step (once, for minutes)")
     batches = itertools.islice(device_batches(loader, device), first, None)
     for step, batch in enumerate(batches, first + 1):
         if position and step == first + 1:  # after the loader drew its seeds: dropout as it was
@@ -1243,24 +1157,29 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             log(f"first step compiled in {time.perf_counter() - start:.1f}s")
         lr = learning_rate(config, epoch, step - 1, steps, device.world_size)
         set_lr(optimizer, lr)
-        train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device,
-                   precision, channels_last)
+        train_step(step_model or model, optimizer, scaler, batch, sums, model_config, config,
+                   device, precision, uses_channels_last(config, device))
         if step % interval and step < steps:
             continue
         now = time.perf_counter()
-        save_due = bool(save_every) and now - saved >= save_every
-        totals, stop, save = _agree(sums, device, STOP["signal"] is not None, save_due)
+        totals, stop, save = _agree(sums, device, STOP["signal"] is not None,
+                                    save_every and now - saved >= save_every)
         if not math.isfinite(totals["main_loss"]):
-            raise _diverged(f"the loss became non-finite by step {step} of epoch {epoch + 1}",
-                            config)
+            raise _diverged("loss", step, epoch, config)
         if config.log_interval and (step % config.log_interval == 0 or now - logged >= 30):
-            log(_progress_line(totals, lr, epoch, step, steps, config, now - start))
             logged = now
+            per_step = (now - start) / step
+            log(f"epoch {epoch + 1} step {step}/{steps} loss "
+                f"{totals['main_loss'] / totals['images']:.4f} lr {lr:.4g} | {_clock(now - start)} "
+                f"elapsed, ETA epoch {_clock(per_step * (steps - step))} run "
+                f"{_clock(per_step * (steps * (config.epochs - epoch) - step))}")
         if save_position is not None and step < steps and (stop or save):  # else: at the end
             if not weights_finite(model):  # an update broke them after a finite loss: never save
-                raise _diverged(f"the weights became non-finite by step {step} of epoch "
-                                f"{epoch + 1}", config)
-            save_position(_position(step, totals, now - start, device, config, steps), stop)
+                raise _diverged("weights", step, epoch, config)
+            save_position({"step": step, "sums": [totals[name] for name in SUMS],
+                           "seconds": now - start, "world_size": device.world_size,
+                           "batch_size": config.batch_size, "steps_per_epoch": steps,
+                           **gather_rng_states(device)}, stop)
             saved = now
     totals = dict(zip(SUMS, all_reduce_sum(sums, device).tolist()))
     images = max(totals["images"], 1)
@@ -1268,32 +1187,28 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             "top1": totals["correct"] / images, "images": int(images),
             "seconds": time.perf_counter() - start}
 
-def _eval_logits(model, images, device, precision, tta):
-    with _autocast(device, precision):
-        logits = model(images).float()
-        if tta:
-            logits = (logits + model(images.flip(3)).float()) / 2
-    return logits
-
 @torch.no_grad()
 def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean
-    with the mirror. precision: as train()'s (auto: the device's); a batch whose fp16 logits
-    overflow is scored again in fp32."""
+    with the mirror. precision: as train()'s; a batch whose fp16 logits overflow is scored again
+    in fp32."""
     model.eval()
     precision = resolve_precision(precision, device)
-    weight = next(model.parameters())
+    weight = next(model.parameters())  # the stem's: channels last or not, as the model is
     channels_last = weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    channels_last = channels_last and device.kind != "xla"
     sums = zeros_on(device, 4)  # loss, top1, top5, images
     for images, labels, mask in device_batches(loader, device):
         if images.dtype == torch.uint8:
             images = eval_transform(images, model_config)
-        if channels_last:
+        if channels_last and device.kind != "xla":
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = _eval_logits(model, images, device, precision, tta)
-        if precision == "fp16" and not torch.isfinite(logits).all():  # over 65504: a NaN loss
-            logits = _eval_logits(model, images, device, "fp32", tta)
+        for this_precision in (precision, "fp32"):  # fp16 logits over 65504: again in fp32
+            with _autocast(device, this_precision):
+                logits = model(images).float()
+                if tta:
+                    logits = (logits + model(images.flip(3)).float()) / 2
+            if precision != "fp16" or torch.isfinite(logits).all():
+                break
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         loss = F.cross_entropy(logits, labels, reduction="none")
         top1_hits = (top5[:, 0] == labels).float()
@@ -1305,25 +1220,6 @@ def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     return {"loss": loss / images, "top1": top1 / images, "top5": top5 / images,
             "images": int(images)}
 
-def _run_shape(world_size, batch_size, steps_per_epoch):  # what a saved position's step means
-    processes = "1 process" if world_size == 1 else f"{world_size} processes"
-    return f"{processes} x batch {batch_size}, {steps_per_epoch} steps an epoch"
-
-def resumed_position(resume, device, config, steps_per_epoch, log):
-    """The checkpoint's mid-epoch position, if in the epoch resumed and saved by a run of this
-    shape (then its step means the same images and lr)."""
-    position = resume.get("position")
-    if position is None or position["epoch"] != resume["config"]["epoch"]:
-        return None
-    saved = _run_shape(position["world_size"], position["batch_size"], position["steps_per_epoch"])
-    here = _run_shape(device.world_size, config.batch_size, steps_per_epoch)
-    if saved != here:
-        epoch = position["epoch"] + 1
-        log(f"note: the position saved after step {position['step']} of epoch {epoch} was for "
-            f"{saved}, this run is {here}: epoch {epoch} restarts from its first step")
-        return None
-    return position
-
 def resume_point(checkpoint):
     """Where a checkpoint continues, counted as the stop line and the epoch lines count (from 1)."""
     done = checkpoint["config"]["epoch"]
@@ -1331,6 +1227,21 @@ def resume_point(checkpoint):
     if position.get("epoch") == done:
         return f"after step {position['step']} of epoch {done + 1}"
     return f"after epoch {done}"
+
+def _resumed_position(resume, device, config, steps, log):
+    """The checkpoint's mid-epoch position if it is in the epoch resumed and was saved by a run of
+    this shape (then its step means the same images and lr), else None: the epoch restarts."""
+    position = resume.get("position")
+    if position is None or position["epoch"] != resume["config"]["epoch"]:
+        return None
+    saved = (position["world_size"], position["batch_size"], position["steps_per_epoch"])
+    here = (device.world_size, config.batch_size, steps)
+    if saved != here:
+        log(f"note: the position saved after step {position['step']} of epoch "
+            f"{position['epoch'] + 1} is for (processes, batch, steps an epoch) {saved}, this run "
+            f"is {here}: the epoch restarts from its first step")
+        return None
+    return position
 
 def _model_to_train(model, device, config):
     """Moves model to the device; returns what runs forward/backward (DDP, torch.compile) while
@@ -1342,128 +1253,73 @@ def _model_to_train(model, device, config):
     if device.distributed == "ddp":
         device_ids = [device.torch_device.index] if device.kind == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(model, device_ids)
-    if config.compile:  # a string names the backend ("": not compiled, as False)
-        backend = {"xla": "openxla"}.get(device.kind, "inductor")  # inductor makes no XLA code
+    if config.compile:  # a string names the backend; inductor makes no XLA code
+        backend = {"xla": "openxla"}.get(device.kind, "inductor")
         if isinstance(config.compile, str):
             backend = config.compile
         step_model = torch.compile(step_model, backend=backend)
     return step_model
 
-def _best(history):
-    """The record of the best validation top-1 (the earliest of equals)."""
-    return max(history, key=lambda h: h["val_top1"], default=None)
+def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, history, examples, argv):
+    """Readies rank 0's folder (an interrupted save's temporary goes; metrics.jsonl is rewritten
+    from the resumed history) and returns save(epoch, position=None): mid-epoch last with the
+    position; at an epoch's end best first when the epoch is the best (a crash between the writes
+    never loses it), then last (a copy of best's bytes), then metrics.jsonl whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        for stale in out_dir.glob(f".{name}.*.tmp"):  # a save that a kill interrupted
+            stale.unlink()
+    if history:  # a kill after last, before metrics.jsonl
+        write_metrics(out_dir / "metrics.jsonl", history)
 
-@dataclass
-class RunFiles:
-    """What a checkpoint of this run holds, and the folder rank 0 writes it to."""
-    out_dir: Path
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: object
-    model_config: ModelConfig
-    config: TrainConfig
-    history: list
-    examples: dict | None
-    argv: list | None
+    def save(epoch, position=None):
+        model_config.epoch = epoch
+        best = max(history, key=lambda h: h["val_top1"], default=None)  # the earliest of equals
+        if best is not None:
+            model_config.best_top1 = best["val_top1"]
+            model_config.best_epoch = best["epoch"]
+        name = LAST_FILE
+        if position is None:
+            model_config.val_top1 = history[-1]["val_top1"]
+            if best is history[-1]:
+                name = BEST_FILE
+        save_checkpoint(out_dir / name, model, optimizer, model_config, config, history, examples,
+                        argv, scaler, position)
+        if name == BEST_FILE:
+            best_bytes = (out_dir / BEST_FILE).read_bytes()
+            _atomic_write(out_dir / LAST_FILE, lambda f: f.write(best_bytes))
+        if position is None:
+            write_metrics(out_dir / "metrics.jsonl", history)
+    return save
 
-    def clean_up_after_a_kill(self, log):
-        for name in CHECKPOINT_FILES:
-            for stale in self.out_dir.glob(f".{name}.*.tmp"):  # a save that a kill interrupted
-                stale.unlink()
-                log(f"removed {stale.name}, the temporary file of an interrupted save, in "
-                    f"{self.out_dir}")
-        if self.history:  # a kill after last, before metrics.jsonl: rewrite it from the checkpoint
-            write_metrics(self.out_dir / "metrics.jsonl", self.history)
-
-    def save(self, name, position=None):
-        best = _best(self.history)
-        self.model_config.best_top1 = best["val_top1"] if best else None
-        self.model_config.best_epoch = best["epoch"] if best else None
-        save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.model_config,
-                        self.config, self.history, self.examples, argv=self.argv,
-                        scaler=self.scaler, position=position)
-
-    def save_position(self, epoch, where):
-        """Mid-epoch: last with the position; the history and best as they are."""
-        self.model_config.epoch = epoch
-        self.save(LAST_FILE, position={"epoch": epoch, **where})
-
-    def save_epoch(self, record):
-        self.model_config.epoch = record["epoch"]
-        self.model_config.val_top1 = record["val_top1"]
-        if _best(self.history) is record:  # best first: a crash between the writes never loses it
-            self.save(BEST_FILE)
-            best_bytes = (self.out_dir / BEST_FILE).read_bytes()
-            _atomic_write(self.out_dir / LAST_FILE, lambda f: f.write(best_bytes))
-        else:
-            self.save(LAST_FILE)
-        write_metrics(self.out_dir / "metrics.jsonl", self.history)  # last, whole (again at start)
-
-def _stopped(files, where):
+def _stopped(checkpoint_dir, where):
     signum = STOP["signal"] or signal.SIGTERM  # (another process got it)
     message = f"stopped by {signal.Signals(signum).name} {where}"
-    if files is not None:
-        message += f": saved in {files.out_dir / LAST_FILE}; continue with --resume"
+    if checkpoint_dir is not None:
+        message += f": saved in {Path(checkpoint_dir) / LAST_FILE}; continue with --resume"
     return Stopped(message, signum)
 
-def _save_position(files, device, epoch, log, where, stop):
+def _save_position(save, device, epoch, checkpoint_dir, log, position, stop):
     """train_one_epoch's save_position: rank 0 saves; a stop raises Stopped on every process."""
-    if files is not None:
-        files.save_position(epoch, where)
-        if not stop:
-            log(f"saved the position (epoch {epoch + 1} step {where['step']}) in "
-                f"{files.out_dir / LAST_FILE}")
+    if save is not None:
+        save(epoch, {"epoch": epoch, **position})
     if stop:
         any_process(True, device)  # a barrier: the others wait until rank 0 has written last
-        raise _stopped(files, f"after step {where['step']} of epoch {epoch + 1}")
-
-def _begin_epoch(train_loader, config, epoch, device):
-    seed_everything(config.seed * 1000 + epoch, device)
-    if hasattr(train_loader, "set_epoch"):  # make_loaders' do; a caller's own may not
-        train_loader.set_epoch(epoch)
+        raise _stopped(checkpoint_dir, f"after step {position['step']} of epoch {epoch + 1}")
+    log(f"saved the position (epoch {epoch + 1} step {position['step']})")
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
-    record = {"epoch": epoch + 1, "train_loss": result["loss"],
-              "train_aux_loss": result["aux_loss"], "train_top1": result["top1"],
-              "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-              "val_images": val["images"], "val_tta": config.tta, "train_images": result["images"],
+    record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in result.items()},
+              **{f"val_{key}": value for key, value in val.items()}, "val_tta": config.tta,
               "lr": learning_rate(config, epoch, 0, steps, device.world_size),
               "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
               "epoch_seconds": result["seconds"],
               "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
               "elapsed_seconds": time.perf_counter() - run_start}
+    del record["train_seconds"]
     if device.world_size > 1:
         record["processes"] = device.world_size
     return record
-
-def _log_epoch(log, record, config, seconds_left):
-    tta = "(flip TTA) " if config.tta else ""
-    log(f"epoch {record['epoch']}/{config.epochs} train loss {record['train_loss']:.4f} "
-        f"(aux {record['train_aux_loss']:.4f}) top1 {record['train_top1']:.4f} | "
-        f"val loss {record['val_loss']:.4f} top1 {record['val_top1']:.4f} "
-        f"top5 {record['val_top5']:.4f} "
-        f"{tta}| lr {_lr_span(record['lr'], record['last_lr'])} | {record['epoch_seconds']:.1f}s "
-        f"{record['train_images_per_second']:.0f} img/s | run ETA {_clock(seconds_left)}")
-
-def _log_done(log, history, run_start, files):
-    best = _best(history)
-    took = _clock(time.perf_counter() - run_start)
-    line = (f"done in {took}: best val top1 {best['val_top1']:.4f} "
-            f"top5 {best['val_top5']:.4f} at epoch {best['epoch']}")
-    if files is not None:
-        line += f"; {', '.join(str(files.out_dir / name) for name in CHECKPOINT_FILES)}"
-    log(line)
-
-def _resumed(resume, model, optimizer, scaler, device, config, steps_per_epoch, log):
-    """(the epoch to start at, the history so far, a mid-epoch position or None) of a resume."""
-    if resume is None:
-        return 0, [], None
-    load_momentum(optimizer, model, resume["momentum"])
-    if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on as it was
-        scaler.load_state_dict(resume["scaler"])
-    start_epoch = resume["config"]["epoch"]
-    history = [h for h in resume.get("history") or [] if h.get("epoch", 0) <= start_epoch]
-    return start_epoch, history, resumed_position(resume, device, config, steps_per_epoch, log)
 
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
           resume=None, examples=None, argv=None, log=print):
@@ -1474,47 +1330,56 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
     raise_if_stopped()  # a stop that came while the data was read
     device = device or make_device(resolve_device_kind("auto"))
     run_start = time.perf_counter()
+    steps = len(train_loader)
     step_model = _model_to_train(model, device, config)
     optimizer = make_optimizer(model, config, device.kind)
     scaler = make_grad_scaler(resolve_precision(config.precision, device), device)
-    start_epoch, history, position = _resumed(resume, model, optimizer, scaler, device, config,
-                                              len(train_loader), log)
-    files = None
+    resume = resume or {"config": {"epoch": 0}, "history": [], "momentum": {}}
+    start_epoch = resume["config"]["epoch"]
+    history = list(resume["history"])
+    for name, param in model.named_parameters():  # each in its parameter's layout
+        if name in resume["momentum"]:
+            buffer = torch.empty_like(param).copy_(resume["momentum"][name])
+            optimizer.state[param]["momentum_buffer"] = buffer
+    if resume.get("scaler") and scaler.is_enabled():  # fp16: the loss scale goes on
+        scaler.load_state_dict(resume["scaler"])
+    position = _resumed_position(resume, device, config, steps, log)
+    save = None
     if checkpoint_dir is not None and device.is_master:
-        files = RunFiles(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
-                         history, examples, argv)
-        files.out_dir.mkdir(parents=True, exist_ok=True)
-        files.clean_up_after_a_kill(log)
-    if start_epoch >= config.epochs:
-        log(f"already trained {start_epoch} epochs: pass --epochs N (> {start_epoch}) to train "
-            f"longer")
-    announce_compiling = bool(config.compile) or device.kind == "xla"
+        save = _checkpoints(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
+                            history, examples, argv)
     for epoch in range(start_epoch, config.epochs):
-        _begin_epoch(train_loader, config, epoch, device)
+        seed_everything(config.seed * 1000 + epoch, device)
+        if hasattr(train_loader, "set_epoch"):  # make_loaders' do; a caller's own may not
+            train_loader.set_epoch(epoch)
         first = epoch == start_epoch
-        save_position = functools.partial(_save_position, files, device, epoch, log)
-        result = train_one_epoch(model, train_loader, optimizer, device, model_config, config,
-                                 epoch, log, step_model, first and announce_compiling, scaler,
-                                 position if first else None, save_position,
-                                 config.save_every * 60)
+        result = train_one_epoch(
+            model, train_loader, optimizer, device, model_config, config, epoch, log, step_model,
+            first and (bool(config.compile) or device.kind == "xla"), scaler, first and position,
+            functools.partial(_save_position, save, device, epoch, checkpoint_dir, log),
+            config.save_every * 60)
         average_buffers(model, device)  # validate the BatchNorm statistics that are saved
         val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
         if not weights_finite(model):  # the last update can break them after a finite loss
-            raise _diverged(f"the weights became non-finite in epoch {epoch + 1}", config)
-        record = _epoch_record(epoch, result, val, config, device, len(train_loader), run_start)
-        history.append(record)
-        seconds_per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
-        _log_epoch(log, record, config, (config.epochs - epoch - 1) * seconds_per_epoch)
-        if files is not None:
-            files.save_epoch(record)
+            raise _diverged("weights", steps, epoch, config)
+        history.append(_epoch_record(epoch, result, val, config, device, steps, run_start))
+        r = history[-1]
+        left = r["elapsed_seconds"] / (epoch + 1 - start_epoch) * (config.epochs - epoch - 1)
+        log(f"epoch {epoch + 1}/{config.epochs} train loss {r['train_loss']:.4f} (aux "
+            f"{r['train_aux_loss']:.4f}) top1 {r['train_top1']:.4f} | val loss {r['val_loss']:.4f} "
+            f"top1 {r['val_top1']:.4f} top5 {r['val_top5']:.4f} {'(flip TTA) ' * config.tta}| lr "
+            f"{r['lr']:.4g}->{r['last_lr']:.4g} | {r['epoch_seconds']:.1f}s "
+            f"{r['train_images_per_second']:.0f} img/s | run ETA {_clock(left)}")
+        if save is not None:
+            save(epoch + 1)
         if any_process(STOP["signal"] is not None, device):  # in its last step or validation
-            raise _stopped(files, f"after epoch {epoch + 1}")
-    if history and device.is_master:
-        _log_done(log, history, run_start, files)
+            raise _stopped(checkpoint_dir, f"after epoch {epoch + 1}")
+    best = max(history, key=lambda h: h["val_top1"], default=None)
+    if save is not None and best is not None:
+        log(f"done in {_clock(time.perf_counter() - run_start)}: best val top1 "
+            f"{best['val_top1']:.4f} top5 {best['val_top5']:.4f} at epoch {best['epoch']}; "
+            + ", ".join(str(Path(checkpoint_dir) / name) for name in CHECKPOINT_FILES))
     return history
-
-def _lr_span(first, last):  # the rates the epoch's first and last steps used
-    return f"{first:.4g}" if f"{first:.4g}" == f"{last:.4g}" else f"{first:.4g}->{last:.4g}"
 
 def write_metrics(path, history):
     _atomic_write(path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
@@ -1529,10 +1394,9 @@ def predict_proba(model, config, images):
 
 @torch.no_grad()
 def predict_with_cam(model, config, images):
-    """(class probabilities [N, num_classes], class activation maps [N, S, S]) of a uint8 batch
-    [N, 3, S, S], from one forward pass. A map (Zhou et al. 2016) is inception5b's output weighted
-    by fc's row for the image's top class: that class's logit before the global average pool,
-    upsampled bilinearly to S x S and scaled to 0 (weakest place) .. 1 (strongest)."""
+    """(class probabilities [N, num_classes], class activation maps [N, S, S] scaled to 0..1) of a
+    uint8 batch [N, 3, S, S], from one forward pass. A map (Zhou et al. 2016): inception5b's output
+    weighted by fc's row of the top class, upsampled bilinearly to S x S."""
     net = next(m for m in model.modules() if isinstance(m, GoogLeNet))  # also inside a wrapper
     caller = threading.get_ident()
     features = []

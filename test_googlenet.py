@@ -2270,8 +2270,8 @@ def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, 
     result = _torchrun(DDP_RUN + ["--resume", tmp_path / "last.safetensors", "--checkpoint-dir", tmp_path])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {tmp_path / 'last.safetensors'} after step 3 of epoch 1" in result.stdout
-    assert ("the position saved after step 3 of epoch 1 was for 1 process x batch 16, 8 steps an epoch, this run "
-            "is 2 processes x batch 16, 4 steps an epoch: epoch 1 restarts from its first step") in result.stdout
+    assert ("the position saved after step 3 of epoch 1 is for (processes, batch, steps an epoch) (1, 16, 8), this "
+            "run is (2, 16, 4): the epoch restarts from its first step") in result.stdout
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["train_images"] == 128 and record["processes"] == 2  # each image once, none skipped
     # The epoch line's lr: the rates of its first and last steps (warming up: they differ).
