@@ -101,7 +101,7 @@ def default_rate(args, config, device, info):
         images = g.ImageStore(store.images[part], store.labels[part])
         loader = g.StoreLoader(images, batch, True, config.seed)
         result = g.train_one_epoch(model, loader, optimizer, device, model_config, config, 0, quiet)
-    return result["images"] / result["seconds"]
+    return result["train_images"] / result["epoch_seconds"]
 
 
 def steps(args, config, device, info):

@@ -793,8 +793,7 @@ class Device:
     rank: int = 0
     world_size: int = 1
     distributed: str | None = None
-    note: str = ""  # said in the device line, e.g. why XLA runs on the CPU
-
+    note: str = ""  # said in the device line: why XLA runs on the CPU
     @property
     def is_master(self):
         return self.rank == 0
@@ -814,8 +813,7 @@ def _request_stop(signum, frame):
     STOP["signal"] = signum
 
 def install_stop_handlers():
-    """SIGTERM and a first Ctrl-C only set STOP: the run stops at its next check and saves.
-    Python runs handlers in the main thread only, so only it can install them."""
+    """SIGTERM and a first Ctrl-C set STOP (the run stops at its next check); main thread only."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _request_stop)
@@ -825,9 +823,8 @@ def raise_if_stopped(what="before training began: nothing new was saved"):
         raise Stopped(f"stopped by {signal.Signals(STOP['signal']).name} {what}", STOP["signal"])
 
 class _MainThreadStopHandlers:
-    """Travels in the arguments torch_xla's launcher sends each TPU process, which unpickles them in
-    its main thread (installing the handlers), then trains in a worker thread (torch_xla 2.9)."""
-
+    """Unpickled in a TPU process's main thread (installing the handlers) before it trains in a
+    worker thread (torch_xla 2.9's launcher)."""
     def __reduce__(self):
         return (install_stop_handlers, ())
 
@@ -844,22 +841,16 @@ def resolve_device_kind(requested):
     if requested == "auto" and torch.cuda.is_available():
         return "cuda"
     if requested == "auto":
-        with contextlib.suppress(ImportError, ValueError):
-            if tpu and importlib.util.find_spec("torch_xla"):
-                return "xla"
-        return "cpu"
+        return "xla" if tpu and importlib.util.find_spec("torch_xla") else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if requested == "xla" and importlib.util.find_spec("torch_xla") is None:
+        raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' (for "
+                        "torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)")
+    if requested == "xla" and not tpu:
+        raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU: set "
+                        "PJRT_DEVICE=TPU on a TPU VM, PJRT_DEVICE=CPU to try XLA on the CPU")
     if requested == "xla":
-        try:
-            importlib.import_module("torch_xla")
-        except ImportError:
-            raise UserError("--device xla needs torch_xla: pip install 'torch_xla[tpu]==2.9.0' "
-                            "(for torch 2.9.x), then set PJRT_DEVICE=TPU (or CPU)") from None
-        if not tpu:
-            raise UserError("--device xla: PJRT_DEVICE is not set and this machine has no TPU "
-                            "(/dev/accel*): set PJRT_DEVICE=TPU on a TPU VM, PJRT_DEVICE=CPU to "
-                            "try XLA on the CPU")
         os.environ["PJRT_DEVICE"] = pjrt_device or "TPU"
     return requested
 
@@ -921,18 +912,16 @@ def device_batches(loader, device):
     for batch in loader:
         yield tuple(t.to(device.torch_device, non_blocking=device.kind == "cuda") for t in batch)
 
-def zeros_on(device, n):
-    # Made on the host and copied: on XLA a device-side torch.zeros is a graph of its own.
+def zeros_on(device, n):  # made on the host: on XLA a device-side zeros is a graph of its own
     return torch.zeros(n).to(device.torch_device)
 
 def all_reduce_sum(tensor, device):
-    if device.world_size == 1:
-        return tensor
     if device.distributed == "xla":
         import torch_xla.core.xla_model as xm
         return xm.all_reduce(xm.REDUCE_SUM, tensor)
-    tensor = tensor.clone()
-    torch.distributed.all_reduce(tensor)
+    if device.distributed == "ddp":
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
     return tensor
 
 def any_process(flag, device):
@@ -950,11 +939,11 @@ def gather_rng_states(device):
     if device.kind == "xla":
         import torch_xla.core.xla_model as xm
         mine["xla_rng"] = str(xm.get_rng_state(device.torch_device))  # a uint64: text in JSON
-        states = xm.mesh_reduce("rng_states", mine, list)  # [mine] with one process
-    else:
-        states = [mine] * device.world_size
-        if device.distributed == "ddp":
-            torch.distributed.all_gather_object(states, mine)
+    states = [mine] * device.world_size
+    if device.distributed == "ddp":
+        torch.distributed.all_gather_object(states, mine)
+    if device.distributed == "xla":
+        states = xm.mesh_reduce("rng_states", mine, list)
     rows = {"cuda_rng": None, "xla_rng": None, **{key: [s[key] for s in states] for key in mine}}
     rows.update({key: torch.stack(rows[key]) for key in ("rng", "cuda_rng") if key in mine})
     return rows
@@ -1028,8 +1017,7 @@ def learning_rate(config, epoch, step, steps_per_epoch, world_size=1):
         return peak * min(1.0, (progress + 1 / steps_per_epoch) / warmup)
     if config.schedule == "paper":  # Szegedy et al.: -4% every 8 epochs
         return peak * 0.96 ** (epoch // 8)
-    # Cosine, at the step's start: the last step's rate is small but never 0 (on XLA a 0 would be
-    # a constant in the graph, and one more compilation).
+    # Cosine, at the step's start: never 0 (on XLA a 0 would be one more compiled graph).
     decayed = min((progress - warmup) / max(config.epochs - warmup, 1e-9), 1.0)
     return peak * 0.5 * (1 + math.cos(math.pi * decayed))
 
@@ -1050,8 +1038,7 @@ def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-# total: what training minimises; main, aux: the plain cross-entropy of the main head (comparable
-# to the validation loss) and the aux heads' mean, detached, for logs; logits: the main head's.
+# total: minimised; main, aux: the heads' plain cross-entropy (aux: mean), detached, for logs.
 GoogLeNetLoss = namedtuple("GoogLeNetLoss", ["total", "main", "aux", "logits"])
 
 def googlenet_loss(outputs, labels, aux_weight=0.3, label_smoothing=0.0):
@@ -1086,15 +1073,14 @@ def weights_finite(model):
     sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
     return bool(torch.isfinite(sums).all())
 
-# What train_step adds up on the device, a slot each in one tensor: read at the epoch's check
-# points, and a saved position's list. main / aux_loss: the heads' loss x images.
+# What train_step adds up on the device, in one tensor (main / aux_loss: the loss x images).
 SUMS = ("main_loss", "aux_loss", "correct", "images")
 
 def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
                channels_last):
     """One step, adding its SUMS to `sums`; reads nothing back."""
     images, labels, crop_params = batch
-    if images.dtype == torch.uint8:  # the fast loader's: augmented here, on the device
+    if images.dtype == torch.uint8:  # the fast loader's: augmented on the device
         images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
                                  model_config.std, config.crop)
     if channels_last:
@@ -1183,15 +1169,14 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             saved = now
     totals = dict(zip(SUMS, all_reduce_sum(sums, device).tolist()))
     images = max(totals["images"], 1)
-    return {"loss": totals["main_loss"] / images, "aux_loss": totals["aux_loss"] / images,
-            "top1": totals["correct"] / images, "images": int(images),
-            "seconds": time.perf_counter() - start}
+    return {"train_loss": totals["main_loss"] / images, "train_aux_loss": totals["aux_loss"] / images,
+            "train_top1": totals["correct"] / images, "train_images": int(images),
+            "epoch_seconds": time.perf_counter() - start}
 
 @torch.no_grad()
 def evaluate(model, loader, device, model_config, precision="auto", tta=False):
     """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean
-    with the mirror. precision: as train()'s; a batch whose fp16 logits overflow is scored again
-    in fp32."""
+    with the mirror. precision: as train()'s."""
     model.eval()
     precision = resolve_precision(precision, device)
     weight = next(model.parameters())  # the stem's: channels last or not, as the model is
@@ -1261,10 +1246,8 @@ def _model_to_train(model, device, config):
     return step_model
 
 def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, history, examples, argv):
-    """Readies rank 0's folder (an interrupted save's temporary goes; metrics.jsonl is rewritten
-    from the resumed history) and returns save(epoch, position=None): mid-epoch last with the
-    position; at an epoch's end best first when the epoch is the best (a crash between the writes
-    never loses it), then last (a copy of best's bytes), then metrics.jsonl whole."""
+    """Readies rank 0's folder; returns save(epoch, position=None): last with a position, or at an
+    epoch's end best first if it is the best (a crash never loses it), last, metrics.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in CHECKPOINT_FILES:
         for stale in out_dir.glob(f".{name}.*.tmp"):  # a save that a kill interrupted
@@ -1309,23 +1292,19 @@ def _save_position(save, device, epoch, checkpoint_dir, log, position, stop):
     log(f"saved the position (epoch {epoch + 1} step {position['step']})")
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
-    record = {"epoch": epoch + 1, **{f"train_{key}": value for key, value in result.items()},
-              **{f"val_{key}": value for key, value in val.items()}, "val_tta": config.tta,
-              "lr": learning_rate(config, epoch, 0, steps, device.world_size),
+    record = {"epoch": epoch + 1, **result, **{f"val_{key}": value for key, value in val.items()},
+              "val_tta": config.tta, "lr": learning_rate(config, epoch, 0, steps, device.world_size),
               "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
-              "epoch_seconds": result["seconds"],
-              "train_images_per_second": result["images"] / max(result["seconds"], 1e-9),
+              "train_images_per_second": result["train_images"] / result["epoch_seconds"],
               "elapsed_seconds": time.perf_counter() - run_start}
-    del record["train_seconds"]
     if device.world_size > 1:
         record["processes"] = device.world_size
     return record
 
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
           resume=None, examples=None, argv=None, log=print):
-    """Train to config.epochs, validating each; returns the history. checkpoint_dir:
-    CHECKPOINT_FILES; resume: a load_checkpoint result (its weights already in model); argv: the
-    command line, saved in each checkpoint. SIGTERM / Ctrl-C: saves, raises Stopped."""
+    """Train to config.epochs, validating each; returns the history. resume: load_checkpoint's
+    result (its weights already in model). SIGTERM / Ctrl-C: saves, raises Stopped."""
     install_stop_handlers()  # main() did already: this is for library callers
     raise_if_stopped()  # a stop that came while the data was read
     device = device or make_device(resolve_device_kind("auto"))
@@ -1400,11 +1379,9 @@ def predict_with_cam(model, config, images):
     net = next(m for m in model.modules() if isinstance(m, GoogLeNet))  # also inside a wrapper
     caller = threading.get_ident()
     features = []
-
     def keep_features(module, inputs, output):  # this call's only: threads may share a model
         if threading.get_ident() == caller:
             features.append(output)
-
     hook = net.inception5b.register_forward_hook(keep_features)
     try:
         probs = predict_proba(model, config, images)
