@@ -1782,22 +1782,20 @@ def build_parser():
     parser.set_defaults(**dataclasses.asdict(TrainConfig()))  # the recipe's flags' defaults
     cpus = os.cpu_count() or 1
     switch = argparse.BooleanOptionalAction
-    add = parser.add_argument_group("data").add_argument
+    add = parser.add_argument
     add("--dataset", default="tiny", choices=DATASETS, help="folder: DIR/{train,val}/<class>/")
     add("--data-dir", default="data", help="where the dataset is (or goes: --download)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="input (original 224, else 64)")
+    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="input (original 224, cifar 32, else 64)")
     add("--subset", type=number(int, 0), default=0, help="about N train and N val images (0: all)")
     add("--loader", default="fast", choices=("fast", "torch"), help="torch: decode per batch")
     add("--crop", choices=("pad", "resized"), help="augmentation (folder: resized, else pad)")
     add("--workers", type=number(int, 0, cpus), default=min(4, cpus), help="decoding processes")
     add("--skip-bad-images", action="store_true", help="skip undecodable images (counted)")
-    add = parser.add_argument_group("model").add_argument
     add("--arch", default="tiny", choices=ARCHS, help="original: the paper's; tiny: 64x64, BN")
     add("--batch-norm", action=switch, help="BatchNorm after each conv (default: tiny's)")
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
     add("--aux-weight", type=number(float, 0), help="loss weight of each aux head (0.3)")
-    add = parser.add_argument_group("training recipe").add_argument
     add("--epochs", type=number(int, 1, 10**6), help="total epochs (30; a resumed run stops here)")
     add("--batch-size", type=number(int, 1, 2**16), help="per process (128)")
     add("--lr", type=number(float, 0, above=True), help="peak SGD lr per 256 images (0.2)")
@@ -1814,7 +1812,6 @@ def build_parser():
     add("--compile", action=switch, help="torch.compile the step (minutes)")
     add("--log-interval", type=number(int, 0, 2**31), help="steps between progress lines (50)")
     add("--save-every", type=number(float, 0), metavar="MINUTES", help="save mid-epoch too (0)")
-    add = parser.add_argument_group("device, scale-out, checkpoints").add_argument
     add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto: any")
     add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all")
     add("--sync-bn", action=switch, default=False, help="torchrun, CUDA: BatchNorm over all")
@@ -1875,7 +1872,7 @@ def check_checkpoint_dir(out_dir, resumed=None):
         raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e})") from None
     found = [name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
     if found and resumed is None:
-        raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: --resume it, or "
+        raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: --resume it or "
                         f"pass another --checkpoint-dir")
     last = LAST_FILE in found and load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
     if last and last > resumed["config"]["epoch"]:
@@ -1891,8 +1888,7 @@ def _check_device_flags(args):
     if args.device == "xla" and os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
         from torch_xla._internal import tpu  # the chips on the PCI bus: no runtime started
         if tpu.num_local_processes() == 0:  # else torch_xla fails deep inside
-            raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU: run on a TPU VM, or "
-                            "XLA on the CPU with PJRT_DEVICE=CPU")
+            raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU (on the CPU: =CPU)")
     if args.device == "xla" and args.num_cores not in (None, 1):
         raise UserError("--num-cores: one TPU core, or all (leave it out); CPU-XLA runs one "
                         "process (several: torchrun --nproc_per_node N googlenet.py --device cpu)")
