@@ -1786,7 +1786,7 @@ def build_parser():
     add("--dataset", default="tiny", choices=DATASETS, help="folder: DIR/{train,val}/<class>/")
     add("--data-dir", default="data", help="where the dataset is (or goes: --download)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="input (original 224, cifar 32, else 64)")
+    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="input (224, cifar 32, else 64)")
     add("--subset", type=number(int, 0), default=0, help="about N train and N val images (0: all)")
     add("--loader", default="fast", choices=("fast", "torch"), help="torch: decode per batch")
     add("--crop", choices=("pad", "resized"), help="augmentation (folder: resized, else pad)")
