@@ -1399,38 +1399,26 @@ def predict_with_cam(model, config, images):
 # Checkpoint: atomic safetensors files, read at one boundary that checks each file whole
 # ---------------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "googlenet-checkpoint-v3"  # the command line as `argv`; each rank's RNG state
-OLDER_FORMAT = "googlenet-checkpoint-v2"  # flags as a dict (`args`), rank 0's RNG state alone
+CHECKPOINT_FORMAT = "googlenet-checkpoint-v3"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
 MAX_IMAGE_SIZE = 1024  # a checkpoint's image sizes: larger ones take seconds and GBs per image
 MAX_METADATA = 2**24  # characters of JSON: a long run's history fits, a memory bomb does not
-MAX_RANKS = 2**16  # processes whose random states a position holds (5 KB each)
 MAX_TEXT = 1000  # characters in a class name or a dataset's name
-
-def _number(value, low=-1e30, high=1e30):
-    return type(value) in (int, float) and low <= value <= high
-
-def _whole(value, low=0, high=2**53):
-    return type(value) is int and low <= value <= high
-
-def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
-    return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
-
-def _three_numbers(value, low, high):
-    return type(value) in (list, tuple) and len(value) == 3 and all(
-        _number(v, low, high) for v in value)
-
-def _first_broken(settings, rules):  # rules: (field, whether it is right, what it must be)
-    for name, ok, rule in rules:
-        if not ok:
-            raise ValueError(f"{name} must be {rule}, got {getattr(settings, name)!r:.60}")
-    return settings
 
 def printable(text):
     """text with each character a terminal acts on (controls, surrogates) as a \\x.. escape."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+def _in(value, low, high, kinds=(int, float)):  # a number of one of `kinds`, from low to high
+    return type(value) in kinds and low <= value <= high
+
+def _three(values, low):  # mean or std: from JSON, a list
+    return type(values) is list and len(values) == 3 and all(_in(v, low, 10) for v in values)
+
+def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
+    return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
 
 @dataclass
 class ModelConfig:
@@ -1452,27 +1440,24 @@ class ModelConfig:
 
     def check(self):
         """self, if every field has its type and range (the schema); else ValueError."""
-        names, options = self.class_names, self.model_options
-        sizes = f"a whole number 8-{MAX_IMAGE_SIZE}"
-        return _first_broken(self, [
-            ("arch", self.arch in ARCHS, f"one of {', '.join(ARCHS)}"),
-            ("num_classes", _whole(self.num_classes, 2, 100_000), "a whole number 2-100000"),
-            ("class_names", type(names) is list and len(names) == self.num_classes
-             and all(map(_text, names)), f"num_classes names, printable, {MAX_TEXT} at most"),
-            ("class_ids", type(self.class_ids) is list
-             and all(_text(c) or _whole(c) for c in self.class_ids), "names"),
-            ("image_size", _whole(self.image_size, 8, MAX_IMAGE_SIZE), sizes),
-            ("source_size", _whole(self.source_size, 8, MAX_IMAGE_SIZE), sizes),
-            ("mean", _three_numbers(self.mean, -10, 10), "three numbers in [-10, 10]"),
-            ("std", _three_numbers(self.std, 1e-3, 10), "three numbers in [0.001, 10]"),
-            ("model_options", type(options) is dict and all(
-                _text(k) and (type(v) in (bool, type(None)) or _number(v, 0, 1))
-                for k, v in options.items()), "switches and dropout rates"),
-            ("dataset", _text(self.dataset), "text"),
-            ("epoch", _whole(self.epoch, 0, 10**6), "a whole number 0-1000000"),
-            ("best_epoch", self.best_epoch is None or _whole(self.best_epoch), "an epoch"),
-            ("best_top1", self.best_top1 is None or _number(self.best_top1, 0, 1), "a fraction"),
-            ("val_top1", self.val_top1 is None or _number(self.val_top1, 0, 1), "a fraction")])
+        whole = (int,)
+        names = self.class_names
+        fine = {"arch": self.arch in ARCHS, "num_classes": _in(self.num_classes, 2, 1e5, whole),
+                "class_names": type(names) is list and len(names) == self.num_classes
+                and all(map(_text, names)), "class_ids": type(self.class_ids) is list
+                and all(_text(c) or _in(c, 0, 2**53, whole) for c in self.class_ids),
+                "image_size": _in(self.image_size, 8, MAX_IMAGE_SIZE, whole),
+                "source_size": _in(self.source_size, 8, MAX_IMAGE_SIZE, whole),
+                "mean": _three(self.mean, -10), "std": _three(self.std, 1e-3),
+                "model_options": type(self.model_options) is dict and all(_text(k) and (v is None
+                    or _in(v, 0, 1, (bool, int, float))) for k, v in self.model_options.items()),
+                "dataset": _text(self.dataset), "epoch": _in(self.epoch, 0, 10**6, whole),
+                "best_epoch": self.best_epoch is None or _in(self.best_epoch, 0, 10**6, whole),
+                "best_top1": self.best_top1 is None or _in(self.best_top1, 0, 1),
+                "val_top1": self.val_top1 is None or _in(self.val_top1, 0, 1)}
+        for name in (name for name, ok in fine.items() if not ok):
+            raise ValueError(f"{name} must be as googlenet.py writes: {getattr(self, name)!r:.50}")
+        return self
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
     return ModelConfig(arch, len(info.class_names), list(info.class_names),
@@ -1480,37 +1465,31 @@ def model_config_for(info, arch="tiny", image_size=None, **model_options):
                        tuple(info.std), info.name, model_options, list(info.class_ids))
 
 def _atomic_write(path, write):
-    """write(file) to a new temporary, fsync, rename over path: the old file survives any crash.
-    An OSError (a full or read-only disk) is a UserError of one line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    """write(file) to a temporary, fsync, rename over path; an OSError is a UserError line."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.urandom(6).hex()}.tmp")
     try:
         with open(tmp, "xb") as f:  # a new file: the umask's permissions, as any the user writes
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): free space, or another "
+                        f"--checkpoint-dir; the files already there are intact") from None
+    finally:
         with contextlib.suppress(OSError):  # on a read-only disk even a missing file's unlink fails
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path} ({e.strerror or e}); the files already "
-                            f"there are intact: free some space or pass another "
-                            f"--checkpoint-dir") from None
-        raise
 
 def save_checkpoint(path, model, optimizer, model_config, train_config=None, history=None,
                     examples=None, argv=None, scaler=None, position=None):
-    """An atomic safetensors file: weights, momentum buffers (by parameter name), example images
-    and each rank's RNG states as tensors; configs, history, the command line (`argv`), the
-    scaler's state and the rest of the position in the epoch as JSON metadata."""
+    """An atomic safetensors file: tensors (weights, momentum, examples, RNG states) + JSON."""
     from safetensors.torch import save
     position = dict(position or {})
     examples = examples or {}
+    state = getattr(optimizer, "state", {})
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    if optimizer is not None:
-        for name, param in model.named_parameters():
-            tensors[f"momentum.{name}"] = optimizer.state.get(param, {}).get("momentum_buffer")
+    tensors.update({f"momentum.{name}": state.get(p, {}).get("momentum_buffer")
+                    for name, p in model.named_parameters()})
     tensors.update({"examples": examples.get("images"), "position.rng": position.pop("rng", None),
                     "position.cuda_rng": position.pop("cuda_rng", None)})
     metadata = {"config": dataclasses.asdict(model_config), "history": list(history or []),
@@ -1529,125 +1508,90 @@ def _json_number(kind, text):  # 20 digits: a uint64 (XLA's random seed) fits
         raise ValueError(f"the number {text[:30]} is out of range")
     return kind(text)
 
-def _bounded_json(text):
-    """json.loads refusing NaN, infinities and whole numbers of over 20 digits: no number read
-    from a file can overflow where it is used (a float of it, a sum of a few)."""
-    real = functools.partial(_json_number, float)
-    return json.loads(text, parse_int=functools.partial(_json_number, int), parse_float=real,
-                      parse_constant=real)
+# Each metadata entry's type (and its items'); all but the config (a schema) are used as saved
+_ENTRIES = {"config": (dict,), "train_config": (dict,), "scaler": (dict,), "position": (dict,),
+            "torch_version": (str,), "history": (list, dict), "argv": (list, str),
+            "examples": (list, int)}
 
-# What each metadata entry is: (type, its items' type). Beyond the model's config (one schema
-# check) the entries are the run's own record, used as saved; "args": format v2's flags.
-_ENTRIES = {"config": (dict, None), "train_config": (dict, None), "scaler": (dict, None),
-            "position": (dict, None), "args": (dict, None), "torch_version": (str, None),
-            "history": (list, dict), "argv": (list, str), "examples": (list, int)}
-
-def _parse_metadata(path, metadata):
-    """The entries, each through one bounded JSON parse and of its type; the config checked."""
-    def refuse(problem):
-        raise CheckpointError(f"{path}: {problem}; use a checkpoint written by googlenet.py")
-
-    checkpoint = {"format": metadata.pop("format", None), "train_config": None, "history": [],
-                  "argv": [], "examples": [], "scaler": None, "position": None}
-    if checkpoint["format"] not in (CHECKPOINT_FORMAT, OLDER_FORMAT):
-        raise CheckpointError(f"{path} is not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              f"marker): pass a {LAST_FILE} or {BEST_FILE} written by googlenet.py")
+def _parse_metadata(metadata):
+    """Entries of their types by one bounded JSON parse (no NaN, inf, 21 digits); config checked."""
+    if metadata.pop("format", None) != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if sum(map(len, metadata.values())) > MAX_METADATA:
-        refuse(f"its metadata is over {MAX_METADATA} characters")
+        raise ValueError(f"its metadata is over {MAX_METADATA} characters")
+    checkpoint = {"format": CHECKPOINT_FORMAT, "train_config": None, "history": [], "argv": [],
+                  "examples": [], "scaler": None, "position": None}
+    real = functools.partial(_json_number, float)
     for key, text in metadata.items():
         if key not in _ENTRIES:
-            refuse(f"its {key!r:.60} is not an entry googlenet.py writes ({', '.join(_ENTRIES)})")
-        kind, item = _ENTRIES[key]
+            raise ValueError(f"its {key!r:.60} is not an entry googlenet.py writes")
         try:
-            value = _bounded_json(text)
+            value = json.loads(text, parse_int=functools.partial(_json_number, int),
+                               parse_float=real, parse_constant=real)
         except (ValueError, RecursionError) as e:
-            refuse(f"its {key!r:.60} is not the JSON googlenet.py writes ({str(e)[:80]})")
-        if type(value) is not kind or item and any(type(v) is not item for v in value):
-            refuse(f"its {key!r} is not of the type googlenet.py writes ({kind.__name__})")
+            raise ValueError(f"its {key!r} is not the JSON googlenet.py writes ({e})") from None
+        kind, *item = _ENTRIES[key]
+        if type(value) is not kind or item and any(type(v) is not item[0] for v in value):
+            raise ValueError(f"its {key!r} is not a {kind.__name__} as googlenet.py writes")
         checkpoint[key] = value
-    if "config" not in checkpoint:
-        refuse("it has no model config")
-    if checkpoint["format"] == OLDER_FORMAT:  # a position without each rank's RNG: not resumed
-        checkpoint["position"] = None
-        checkpoint["config"].pop("run_id", None)
-    try:
-        checkpoint["config"] = dataclasses.asdict(ModelConfig(**checkpoint["config"]).check())
-    except (TypeError, ValueError) as e:
-        refuse(f"its model config: {str(e)[:200]}")
+    config = ModelConfig(**checkpoint.get("config", {})).check()  # none: "missing 7 arguments"
+    checkpoint["config"] = dataclasses.asdict(config)
     labels = checkpoint["examples"]
-    if len(labels) > 16 or not all(0 <= n < checkpoint["config"]["num_classes"] for n in labels):
-        refuse("its examples must be at most 16, each with a label of its classes")
+    if len(labels) > 16 or not all(0 <= n < config.num_classes for n in labels):
+        raise ValueError("its examples must be at most 16, each with a label of its classes")
     return checkpoint
 
-def _check_tensor_table(path, checkpoint, file):
+def _check_tensor_table(checkpoint, file):
     """Refuse tensors that are not, in name, dtype and shape, those the metadata calls for."""
     config = checkpoint["config"]
-    try:
-        with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
-            net = build_model(config["arch"], config["num_classes"], **config["model_options"])
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its model_options do not build a net "
-                              f"({str(e).strip()[:120]})") from None
+    with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
+        net = build_model(config["arch"], config["num_classes"], **config["model_options"])
     dtypes = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
     required = {f"model.{k}": (dtypes[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
     if checkpoint["examples"]:
         size = config["source_size"]
         required["examples"] = ("U8", [len(checkpoint["examples"]), 3, size, size])
-    rng = [torch.get_rng_state().numel()]
-    if checkpoint["format"] == OLDER_FORMAT:  # rank 0's states, of a position not resumed
-        optional.update({"position.rng": ("U8", rng), "position.cuda_rng": ("U8", [16])})
     if checkpoint["position"] is not None:  # a row per rank: the CPU generator, CUDA's Philox
         ranks = checkpoint["position"].get("world_size")
-        ranks = min(ranks, MAX_RANKS) if _whole(ranks) else 0
-        required["position.rng"] = ("U8", [ranks, *rng])
+        required["position.rng"] = ("U8", [ranks, torch.get_rng_state().numel()])
         optional["position.cuda_rng"] = ("U8", [ranks, 16])
     expected = {**optional, **required}
-    found = {name: (file.get_slice(name).get_dtype(), file.get_slice(name).get_shape())
-             for name in file.keys()}
+    found = {n: (file.get_slice(n).get_dtype(), file.get_slice(n).get_shape()) for n in file.keys()}
     misfit = sorted(set(required) - set(found))
-    misfit += sorted(name for name, kind in found.items() if expected.get(name) != kind)
+    misfit += sorted(name for name in found if expected.get(name) != found[name])
     if misfit:
-        raise CheckpointError(f"{path}: its tensors do not fit its own config ({config['arch']}, "
-                              f"{config['num_classes']} classes): {misfit[0]!r:.80} and "
-                              f"{len(misfit) - 1} more")
+        raise ValueError(f"its tensors do not fit its config: {misfit[0]!r:.80} of {len(misfit)}")
 
 def load_checkpoint(path):
-    """Read a checkpoint at one boundary; anything odd, and any OSError of reading, is one
-    CheckpointError line. Nothing from the file is used before it passed: its metadata through
-    one bounded JSON parse and the config's schema, its tensors' names, dtypes and shapes exactly
-    a reference net's (built on meta); then read, copied, finite."""
+    """Read a checkpoint at one boundary (metadata, config, tensor table, finite tensors): anything
+    odd, and any OSError, is one CheckpointError line."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, "pt") as file:  # bounds and parses the table: dtypes, shapes, bytes
-            checkpoint = _parse_metadata(path, file.metadata() or {})
-            _check_tensor_table(path, checkpoint, file)
+            checkpoint = _parse_metadata(file.metadata() or {})
+            _check_tensor_table(checkpoint, file)
             # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
-                              f"{LAST_FILE} or {BEST_FILE} that `python googlenet.py` wrote "
-                              f"(earlier versions' pickled .pt files are no longer read)") from None
+                              f"{LAST_FILE} or {BEST_FILE}, not an earlier version's .pt") from None
+    except (TypeError, ValueError) as e:  # the metadata's, the config's, the tensor table's
+        raise CheckpointError(f"{path}: {str(e)[:200]}; use a file googlenet.py wrote") from None
+    labels = checkpoint.pop("examples")
+    checkpoint.update(model={}, momentum={}, examples=None)
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
-    for section in ("model", "momentum"):
-        prefix = section + "."
-        checkpoint[section] = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()
-                               if name.startswith(prefix)}
-    labels = checkpoint.pop("examples")
-    checkpoint["examples"] = None
-    if labels:
-        checkpoint["examples"] = {"images": tensors["examples"], "labels": labels}
-    if checkpoint["position"] is not None:
-        checkpoint["position"].update(rng=tensors["position.rng"],
-                                      cuda_rng=tensors.get("position.cuda_rng"))
+        section, _, key = name.partition(".")  # model., momentum., position. (where it has one)
+        if key:
+            checkpoint[section][key] = tensor
+        else:
+            checkpoint["examples"] = {"images": tensor, "labels": labels}
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
     config = ModelConfig(**checkpoint["config"])  # checked when read: exactly its fields
-    config.mean = tuple(config.mean)
-    config.std = tuple(config.std)
     model = build_model(config.arch, config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
     return model, config
@@ -1675,218 +1619,134 @@ def number(kind, low, high=1e30, above=False):
     return parse
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train and evaluate GoogLeNet (Inception v1) on "
-                                     "Tiny ImageNet, CIFAR-10 or an image folder, on CUDA, TPU "
-                                     "(torch_xla) or CPU; many GPUs or hosts: torchrun.")
+    parser = argparse.ArgumentParser(description="Train and evaluate GoogLeNet (Inception v1).")
     parser.set_defaults(**dataclasses.asdict(TrainConfig()))  # the recipe's flags' defaults
     cpus = os.cpu_count() or 1
-    add = parser.add_argument_group("data").add_argument
-    add("--dataset", default="tiny", choices=DATASETS,
-        help="tiny = Tiny ImageNet (default); folder = DIR/train/<class>/, DIR/val/<class>/")
-    add("--data-dir", default="data", help="where tiny-imagenet-200/ or cifar-10-batches-py/ is")
+    switch = argparse.BooleanOptionalAction
+    add = parser.add_argument
+    add("--dataset", default="tiny", choices=DATASETS, help="folder: DIR/{train,val}/<class>/")
+    add("--data-dir", default="data", help="where the dataset is (or goes: --download)")
     add("--download", action="store_true", help="fetch the dataset if it is missing")
-    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE),
-        help="network input (default: 224 for original, 32 for CIFAR-10, else 64)")
-    add("--subset", type=number(int, 0), default=0,
-        help="about N train and N val images, from every class (0 = all)")
-    add("--loader", default="fast", choices=("fast", "torch"),
-        help="fast = decode once into memory; torch = decode per batch in --workers processes")
-    add("--crop", default=None, choices=("pad", "resized"),
-        help="pad = shift + flip; resized = random-resized crop + flip (folder's default)")
-    add("--workers", type=number(int, 0, cpus), default=min(4, cpus),
-        help=f"decoding processes ({min(4, cpus)}; at most the CPU count, {cpus})")
+    add("--image-size", type=number(int, 8, MAX_IMAGE_SIZE), help="input (224, cifar 32, else 64)")
+    add("--subset", type=number(int, 0), default=0, help="about N train and N val images (0: all)")
+    add("--loader", default="fast", choices=("fast", "torch"), help="torch: decode per batch")
+    add("--crop", choices=("pad", "resized"), help="augmentation (folder: resized, else pad)")
+    add("--workers", type=number(int, 0, cpus), default=min(4, cpus), help="decoding processes")
     add("--skip-bad-images", action="store_true", help="skip undecodable images (counted)")
-    add = parser.add_argument_group("model").add_argument
-    add("--arch", default="tiny", choices=ARCHS,
-        help="original = the paper's 224 net; tiny (default) = 64x64, BN")
-    add("--batch-norm", action=argparse.BooleanOptionalAction,
-        help="BatchNorm after every conv (default: tiny only)")
+    add("--arch", default="tiny", choices=ARCHS, help="original: the paper's; tiny: 64x64, BN")
+    add("--batch-norm", action=switch, help="BatchNorm after each conv (default: tiny's)")
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
     add("--aux-weight", type=number(float, 0), help="loss weight of each aux head (0.3)")
-    _add_recipe_flags(parser.add_argument_group("training recipe").add_argument)
-    add = parser.add_argument_group("device, scale-out, checkpoints").add_argument
-    add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"),
-        help="auto = CUDA, else XLA, else CPU")
-    add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all of them")
-    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-        help="under torchrun on CUDA: BatchNorm statistics over all processes")
-    add("--checkpoint-dir", help="for last and best.safetensors, metrics.jsonl "
-        "(default: runs/<dataset>, or --resume's folder)")
-    add("--resume", nargs="?", const="last", help="continue from a checkpoint, with its flags "
-        "(no value: <checkpoint-dir>/last.safetensors)")
-    add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
-    return parser
-
-def _add_recipe_flags(add):  # TrainConfig's fields; their defaults are set on the parser
-    switch = argparse.BooleanOptionalAction
     add("--epochs", type=number(int, 1, 10**6), help="total epochs (30; a resumed run stops here)")
-    add("--batch-size", type=number(int, 1, 2**16), help="per process (128); global = x processes")
+    add("--batch-size", type=number(int, 1, 2**16), help="per process (128)")
     add("--lr", type=number(float, 0, above=True), help="peak SGD lr per 256 images (0.2)")
-    add("--schedule", choices=SCHEDULES, help="cosine (default) = per-step warmup, then cosine "
-        "decay to 0; paper = warmup, then x0.96 every 8 epochs")
+    add("--schedule", choices=SCHEDULES, help="cosine (default) or paper: x0.96 every 8 epochs")
     add("--warmup-epochs", type=number(float, 0), help="linear warmup to the peak lr (2)")
     add("--momentum", type=number(float, 0, 0.999999), help="SGD momentum (0.9)")
     add("--nesterov", action=switch, help="Nesterov momentum (on)")
-    add("--weight-decay", type=number(float, 0), help="on conv and FC weights only (5e-4)")
+    add("--weight-decay", type=number(float, 0), help="on conv and FC weights (5e-4)")
     add("--label-smoothing", type=number(float, 0, 0.999999), help="label smoothing (0.1)")
     add("--tta", action=switch, help="validate on each image and its mirror")
     add("--seed", type=number(int, 0, 2**32 - 1), help="data order, augmentation, init, dropout")
-    add("--precision", choices=PRECISIONS, help="auto (default) = bf16 where native (CUDA 8.0+, "
-        "TPU, CPU with avx512_bf16/AMX), fp16 + GradScaler on older GPUs, else fp32")
+    add("--precision", choices=PRECISIONS, help="auto: bf16 where native, fp16 on older GPUs")
     add("--channels-last", action=switch, help="channels_last (default: not on XLA)")
     add("--compile", action=switch, help="torch.compile the step (minutes)")
     add("--log-interval", type=number(int, 0, 2**31), help="steps between progress lines (50)")
-    add("--save-every", type=number(float, 0), metavar="MINUTES",
-        help="also save the position in the epoch this often (0; SIGTERM and Ctrl-C always do)")
+    add("--save-every", type=number(float, 0), metavar="MINUTES", help="save mid-epoch too (0)")
+    add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto: any")
+    add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all")
+    add("--sync-bn", action=switch, default=False, help="torchrun, CUDA: BatchNorm over all")
+    add("--checkpoint-dir", help="for the checkpoints (default: runs/<dataset>)")
+    add("--resume", nargs="?", const="last", help="continue a checkpoint (<checkpoint-dir>/last)")
+    add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
+    return parser
 
-# Flags of this machine and this call, never taken from a checkpoint's command line.
+# This machine's and this call's flags: never taken from a checkpoint's command line
 MACHINE_FLAGS = ("workers", "device", "num_cores", "sync_bn", "checkpoint_dir", "download",
                  "resume", "evaluate")
 
 def _command_line(parser, flags):
-    """The arguments that give `flags` ({dest: value}) where they differ from the defaults,
-    machine-specific ones left out: what a checkpoint saves and a resumed run replays."""
+    """The argv giving `flags` ({dest: value}) where not the defaults, MACHINE_FLAGS left out."""
     argv = []
     for action in parser._actions:
         value = flags.get(action.dest, action.default)
         if action.dest in MACHINE_FLAGS or not action.option_strings or value == action.default:
             continue
-        option = f"{action.option_strings[0]}={value}"  # one string: a value may start with -
-        for switch in action.option_strings if action.nargs == 0 else ():
-            sets = not switch.startswith("--no-") if action.const is None else action.const
-            option = switch if sets is value else option
-        argv.append(option)
+        argv.append(f"{action.option_strings[0]}={value}")  # one string: a value may start with -
+        if action.nargs == 0:  # a switch: --x (store_true), --no-x (store_false, or False)
+            argv[-1] = action.option_strings[-1 if value is False else 0]
     return argv
 
 def parse_args(argv=None, parser=None):
-    """(args, checkpoint). With --resume the checkpoint's command line (but its machine-specific
-    flags) passes through the same parser to give the defaults; the flags given now win."""
+    """(args, checkpoint); --resume's saved command line (less MACHINE_FLAGS) gives the defaults."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     checkpoint = None
     if args.evaluate and not args.resume:
         raise UserError("--evaluate needs --resume PATH of the checkpoint to evaluate")
+    if args.resume == "last":
+        args.resume = str(Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE)
     if args.resume:
         path = args.resume
-        if path == "last":
-            path = str(Path(args.checkpoint_dir or f"runs/{args.dataset}") / LAST_FILE)
         checkpoint = load_checkpoint(path)
         saved = build_parser()
         saved.prog = f"{saved.prog}: the flags saved in {path}"
-        saved_argv = checkpoint["argv"] or _command_line(saved, checkpoint.get("args", {}))
-        flags = vars(saved.parse_args(saved_argv))
-        parser.set_defaults(**{k: v for k, v in flags.items() if k not in MACHINE_FLAGS})
+        flags = vars(saved.parse_args(checkpoint["argv"]))
+        parser.set_defaults(**{k: v for k, v in flags.items() if k not in MACHINE_FLAGS},
+                            checkpoint_dir=str(Path(path).parent))
         args = parser.parse_args(argv)
         args.resume = path
-        args.checkpoint_dir = args.checkpoint_dir or str(Path(path).parent)
     args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
     if args.crop is None:
         args.crop = "resized" if args.dataset == "folder" else "pad"  # photos: scale jitter
-    if args.image_size is None and args.arch == "original":
-        args.image_size = 224
     if args.image_size is None:
-        args.image_size = 32 if args.dataset == "cifar10" else 64
+        args.image_size = 224 if args.arch == "original" else {"cifar10": 32}.get(args.dataset, 64)
     return args, checkpoint
 
 def check_checkpoint_dir(out_dir, resumed=None):
-    """Before any data is read: out_dir can be written (one probe), holds no other run's files
-    unless this run resumes, and no last newer than the checkpoint resumed (one run a folder)."""
+    """out_dir can be written, holds no other run's files, no last newer than the one resumed."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}): pass a "
-                        f"--checkpoint-dir you can write to") from None
+        raise UserError(f"cannot write checkpoints to {out_dir} ({e.strerror or e})") from None
     found = [name for name in CHECKPOINT_FILES if (out_dir / name).exists()]
     if found and resumed is None:
-        raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: continue that run "
-                        f"with --resume PATH of its checkpoint, or pass another --checkpoint-dir")
-    if resumed is not None and LAST_FILE in found:
-        there = load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
-        if there > resumed["config"]["epoch"]:
-            raise UserError(f"{out_dir / LAST_FILE} is at epoch {there}, newer than the checkpoint "
-                            f"resumed (epoch {resumed['config']['epoch']}): resume from it, or "
-                            f"pass another --checkpoint-dir to branch off")
+        raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: --resume it or "
+                        f"pass another --checkpoint-dir")
+    last = LAST_FILE in found and load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
+    if last and last > resumed["config"]["epoch"]:
+        raise UserError(f"{out_dir / LAST_FILE} is newer (epoch {last}) than the checkpoint "
+                        f"resumed: resume it, or pass another --checkpoint-dir to branch off")
 
 def _check_device_flags(args):
     """Flags the device cannot follow, refused before any work."""
     if args.sync_bn and args.device != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs under torchrun (PyTorch's SyncBatchNorm runs on "
-                        "GPUs)")
+        raise UserError("--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm runs on GPUs)")
     if args.precision == "fp16" and args.device == "xla":
-        raise UserError("--precision fp16 is for CUDA GPUs and the CPU; TPUs train in bf16 "
-                        "(--precision auto)")
-    if args.device != "xla":
-        return
-    pjrt_device = os.environ.get("PJRT_DEVICE", "").upper()
-    if pjrt_device == "TPU" and _tpu_chips_here() == 0:  # else torch_xla fails deep inside
-        raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU: run on a TPU VM, or try "
-                        "XLA on the CPU with PJRT_DEVICE=CPU")
-    if args.num_cores in (None, 1):
-        return
-    if pjrt_device == "CPU":
-        raise UserError("CPU-XLA (PJRT_DEVICE=CPU) runs one process: several CPU processes "
-                        "train with `torchrun --nproc_per_node N googlenet.py --device cpu`")
-    raise UserError("on a TPU, torch_xla's launcher runs on one core or on all: pass "
-                    "--num-cores 1 or leave --num-cores out")
-
-def _tpu_chips_here():
-    from torch_xla._internal import tpu  # what the launcher counts (the PCI bus): no runtime
-    return tpu.num_local_processes()
+        raise UserError("--precision fp16 is for CUDA and the CPU; TPUs train in bf16 (auto)")
+    if args.device == "xla" and os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        from torch_xla._internal import tpu  # the chips on the PCI bus: no runtime started
+        if tpu.num_local_processes() == 0:  # else torch_xla fails deep inside
+            raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU (on the CPU: =CPU)")
+    if args.device == "xla" and args.num_cores not in (None, 1):
+        raise UserError("--num-cores: one TPU core, or all (leave it out); CPU-XLA runs one "
+                        "process (several: torchrun --nproc_per_node N googlenet.py --device cpu)")
 
 def _model_for_run(args, checkpoint, info):
     """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
-    num_classes = len(info.class_names)
     if checkpoint is None:
         options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
-        model = build_model(args.arch, num_classes, **options)
+        model = build_model(args.arch, len(info.class_names), **options)
         return model, model_config_for(info, args.arch, args.image_size, **options)
     saved = checkpoint["config"]
-    if (saved["arch"], saved["num_classes"]) != (args.arch, num_classes):
-        raise CheckpointError(f"{args.resume} holds a {saved['arch']} net with "
-                              f"{saved['num_classes']} classes, but this run builds {args.arch} "
-                              f"with {num_classes}")
-    if saved["class_ids"] and saved["class_ids"] != info.class_ids:
-        raise CheckpointError(f"{args.resume} was trained on other classes than {args.data_dir} "
-                              f"has (e.g. {saved['class_ids'][0]!r} vs {info.class_ids[0]!r})")
+    ids = saved["class_ids"] or info.class_ids  # a config without ids: by their number alone
+    if (saved["arch"], saved["num_classes"], ids) != (args.arch, len(ids), info.class_ids):
+        raise CheckpointError(f"{args.resume} is a {saved['arch']} net of other classes than "
+                              f"this run's {args.arch} on {args.data_dir}")
     model, _ = model_from_checkpoint(checkpoint)
     return model, model_config_for(info, args.arch, args.image_size, **saved["model_options"])
-
-def _log_setup(log, args, config, device, model, num_classes):
-    precision = resolve_precision(config.precision, device)
-    where = str(device.torch_device) + (device.note and ", ") + device.note
-    if device.world_size > 1:
-        where += (f", {device.world_size} processes: global batch "
-                  f"{config.batch_size * device.world_size}, "
-                  f"peak lr {peak_lr(config, device.world_size):.4g}")
-    if precision == "fp16":
-        precision += " (autocast + GradScaler)"
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"device: {device.kind} ({where}); precision {precision}; model {args.arch}: "
-        f"{millions:.2f}M parameters, {num_classes} classes, {args.image_size}x{args.image_size} "
-        f"input")
-    gpus = torch.cuda.device_count()
-    if device.kind == "cuda" and device.world_size == 1 and gpus > 1:
-        log(f"note: this host has {gpus} GPUs and this run uses one; to use all: torchrun "
-            f"--standalone --nproc_per_node {gpus} googlenet.py ...")
-
-def _choose_loader(args, info, device, log):
-    """args.loader, unless the fast loader's decoded store would not fit in memory; and where the
-    store lives (None: the host). Decided before decoding: a store that cannot fit is killed."""
-    if args.loader != "fast":
-        return args.loader, None
-    one = store_bytes(info, args.subset)
-    available = available_memory_bytes()
-    needed = one * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process here decodes its own
-    if available is not None and needed > 0.7 * available:
-        log(f"the decoded uint8 stores (one per process on this host) would take "
-            f"{needed / 2**30:.1f} GiB of the {available / 2**30:.1f} GiB available: using "
-            f"--loader torch (decoding per batch) instead")
-        return "torch", None
-    if device.kind == "cuda" and one < 0.25 * torch.cuda.mem_get_info(device.torch_device)[0]:
-        return "fast", device.torch_device  # fits on the GPU: batches never cross the PCIe bus
-    return "fast", None
 
 def _run(args, checkpoint=None):
     """Train (or evaluate) as args say in this process (one of several: torchrun, torch_xla)."""
@@ -1894,15 +1754,10 @@ def _run(args, checkpoint=None):
         checkpoint = load_checkpoint(args.resume)  # each TPU process reads it
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     device = make_device(args.device)
-
-    def log(line):
-        if device.is_master:
-            print(line, flush=True)
-
+    log = functools.partial(print, flush=True) if device.is_master else (lambda line: None)
     if not args.evaluate and checkpoint and checkpoint["config"]["epoch"] >= config.epochs:
-        done = checkpoint["config"]["epoch"]
-        log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done}) to "
-            f"train longer")
+        done = checkpoint["config"]["epoch"]  # said before any data is read
+        log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done})")
         if device.is_master and checkpoint["history"]:  # a kill after last, before metrics.jsonl
             write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint["history"]
@@ -1912,26 +1767,35 @@ def _run(args, checkpoint=None):
     model, model_config = _model_for_run(args, checkpoint, info)
     if args.sync_bn and device.distributed == "ddp":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    _log_setup(log, args, config, device, model, len(info.class_names))
-    loader, store_device = _choose_loader(args, info, device, log)
-    pin_device = device.torch_device if device.kind == "cuda" else None
+    precision = resolve_precision(config.precision, device)
+    scaler = " (autocast + GradScaler)" * (precision == "fp16")
+    world = device.world_size
+    where = ", ".join(filter(None, [str(device.torch_device), device.note]))
+    if world > 1:
+        where += f", {world} processes: global batch {config.batch_size * world}"
+        where += f", peak lr {peak_lr(config, world):.4g}"
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"device: {device.kind} ({where}); precision {precision}{scaler}; model {args.arch}: "
+        f"{millions:.2f}M parameters, {len(info.class_names)} classes, {args.image_size}px input")
+    pin_device = store_device = None
+    if device.kind == "cuda":  # the fast store onto the GPU if under 1/4 of its free memory
+        pin_device = device.torch_device
+        images = sum(min(len(split), args.subset or len(split)) for split in (info.train, info.val))
+        if images * 3 * info.source_size**2 < torch.cuda.mem_get_info(pin_device)[0] / 4:
+            store_device = pin_device
     train_loader, val_loader = make_loaders(
-        info, config.batch_size, args.image_size, loader, config.crop, args.workers, args.subset,
-        config.seed, args.skip_bad_images, device.rank, device.world_size, log, not args.evaluate,
-        store_device, pin_device)
+        info, config.batch_size, args.image_size, args.loader, config.crop, args.workers,
+        args.subset, config.seed, args.skip_bad_images, device.rank, device.world_size, log,
+        not args.evaluate, store_device, pin_device)
     if args.evaluate:
         model.to(device.torch_device)
         result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
         raise_if_stopped("during evaluation: nothing was saved")
-        log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} "
-            f"top5 {result['top5']:.4f} over {result['images']} images"
-            + " (flip TTA)" * config.tta)
+        log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} top5 "
+            f"{result['top5']:.4f} over {result['images']} images" + " (flip TTA)" * config.tta)
         return result
-    if checkpoint is not None:
-        log(f"resumed from {args.resume} {resume_point(checkpoint)}; writing to "
-            f"{args.checkpoint_dir}")
-    else:
-        log(f"writing checkpoints to {args.checkpoint_dir}")
+    resumed = checkpoint and f"resumed from {args.resume} {resume_point(checkpoint)}; "
+    log(f"{resumed or ''}writing checkpoints to {args.checkpoint_dir}")
     examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
     argv = _command_line(build_parser(), vars(args))  # saved in each checkpoint
     return train(model, train_loader, val_loader, model_config, config, device,
@@ -1940,34 +1804,27 @@ def _run(args, checkpoint=None):
 def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
     _run(args)
 
-def _run_here_or_on_tpu_cores(args, checkpoint):
-    """_run() in this process, or in a process per TPU core (all of them: no --num-cores), which
-    a SIGTERM to this process reaches."""
-    on_cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"
-    if args.device != "xla" or args.num_cores == 1 or on_cpu:
-        return _run(args, checkpoint)
-    if args.download:  # once, here: processes downloading together would trample each other
-        load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
-        args.download = False
-    return _launch_on_tpu_cores(args)
-
-def _launch_on_tpu_cores(args):
+def _launch_on_tpu_cores(args):  # a process per TPU core (all of them), a SIGTERM forwarded
     signal.signal(signal.SIGTERM, _forward_to_children)
     raise_if_stopped()  # the TPU processes start afresh: a stop that came before is not theirs
     import torch_xla
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
-def _interrupted_line(args):
-    last = Path(args.checkpoint_dir) / LAST_FILE if args is not None else None
-    if last is not None and last.exists():
-        return f"interrupted: {last} holds the last saved epoch; continue with --resume"
-    return "interrupted before any epoch was saved: nothing to resume"
+def _ending(error, args):
+    """main's exit code and last line for what ended the run early."""
+    last = args and Path(args.checkpoint_dir) / LAST_FILE
+    if isinstance(error, Stopped):  # saved where it stopped: not an error
+        return error.exit_code, str(error)
+    if isinstance(error, KeyboardInterrupt) and last and last.exists():  # past the stop handlers
+        return 130, f"interrupted: {last} holds the last saved epoch; continue with --resume"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted before any epoch was saved: nothing to resume"
+    return 1 if isinstance(error, TrainingDiverged) else 2, f"error: {printable(error)}"
 
 def main(argv=None):
     """The command line: 0; 2 on a bad flag or input; 1 on divergence; 128 + signal: stopped."""
     import torch.distributed as dist
     install_stop_handlers()
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun: one line, from rank 0
     args = None
     try:
         args, checkpoint = parse_args(argv)
@@ -1975,24 +1832,24 @@ def main(argv=None):
         _check_device_flags(args)
         if not args.evaluate:
             check_checkpoint_dir(args.checkpoint_dir, checkpoint)
-        _run_here_or_on_tpu_cores(args, checkpoint)
+        cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"  # XLA on the CPU: one process
+        if args.device != "xla" or args.num_cores == 1 or cpu:
+            _run(args, checkpoint)
+            return 0
+        if args.download:  # once, here: processes downloading together would trample each other
+            load_dataset(args.dataset, args.data_dir, args.image_size, download=True)
+            args.download = False
+        _launch_on_tpu_cores(args)
         return 0
     except SystemExit as e:  # argparse's, having printed its usage and error (or --help)
         return e.code
-    except Stopped as e:  # saved where it stopped: not an error
-        if rank0:
-            print(e, file=sys.stderr, flush=True)
-        return e.exit_code
-    except UserError as e:
-        if rank0:
-            print(f"error: {printable(e)}", file=sys.stderr, flush=True)
-        if e.everywhere and dist.is_initialized():  # all raised it: leave once rank 0 said why,
-            dist.barrier()  # as torchrun stops the other processes at the first one's exit
-        return 1 if isinstance(e, TrainingDiverged) else 2
-    except KeyboardInterrupt:
-        if rank0:
-            print(_interrupted_line(args), file=sys.stderr, flush=True)
-        return 130
+    except (UserError, KeyboardInterrupt) as e:  # Stopped is one
+        code, line = _ending(e, args)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+            print(line, file=sys.stderr, flush=True)
+        if getattr(e, "everywhere", False) and dist.is_initialized():  # all raised it (diverged):
+            dist.barrier()  # leave once rank 0 said why, as torchrun stops the rest at one's exit
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
