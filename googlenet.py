@@ -271,7 +271,7 @@ def decode_image(source, size, max_pixels=None):
                                      f"pixels, over {max_pixels / 1e6:.0f} megapixels")
         image = ImageOps.exif_transpose(source)
         if image.mode[0] in "IF":  # 16/32-bit gray, scaled by its peak: convert() clips at 255
-            values = np.asarray(image, dtype=np.float32)
+            values = np.array(image, dtype=np.float32)  # a copy, scaled in place
             values *= 255 / max(values.max(), 1.0)  # floats 0..1 stay 0..1
             image = Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
         if image.has_transparency_data:
@@ -319,15 +319,15 @@ def load_tiny_imagenet(data_dir, download=False):
     wnids = sorted((root / "wnids.txt").read_text().split())
     train = _image_files(root / "train", wnids)
     annotations = root / "val" / "val_annotations.txt"
-    words = root / "words.txt"  # wnid, tab, "goldfish, Carassius auratus"
-    if len(set(train.labels)) < len(wnids) or not annotations.is_file() or not words.is_file():
+    words_file = root / "words.txt"  # wnid, tab, "goldfish, Carassius auratus"
+    if len(set(train.labels)) < len(wnids) or not (annotations.is_file() and words_file.is_file()):
         raise UserError(f"Tiny ImageNet at {root} is incomplete: remove it, rerun with --download")
     rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()]
     label_of = {wnid: k for k, wnid in enumerate(wnids)}
     val = Split([label_of[wnid] for _, wnid in rows],
                 files=[str(root / "val" / "images" / name) for name, _ in rows])
-    names = dict(line.split("\t", 1) for line in words.read_text().splitlines())
-    names = [names.get(w, w).split(",")[0].strip() for w in wnids]
+    words = dict(line.split("\t", 1) for line in words_file.read_text().splitlines())
+    names = [words.get(w, w).split(",")[0].strip() for w in wnids]
     return DatasetInfo("tiny", train, val, names, wnids, IMAGENET_MEAN, IMAGENET_STD, 64)
 
 def load_image_folder(data_dir, image_size):
