@@ -72,12 +72,9 @@ INCEPTION_TABLE = {
     "5b": (832, 384, 192, 384, 48, 128, 128),
 }
 ARCHS = ("original", "tiny")
-
-# What the net returns in training mode with its aux heads on
-GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux1", "aux2"])
+GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux1", "aux2"])  # training, aux on
 
 class ConvReLU(nn.Sequential):
-
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, batch_norm=False):
         layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride,
                             padding=kernel_size // 2, bias=not batch_norm)]  # BN has its own shift
@@ -86,41 +83,33 @@ class ConvReLU(nn.Sequential):
         super().__init__(*layers, nn.ReLU(inplace=True))
 
 class ChannelLRN(nn.Module):
-    """The paper's LRN with nn.LocalResponseNorm's numbers; its window over channels is a 1x1 conv
-    (3-D pooling is slow in bf16)."""
+    """The paper's LRN (as nn.LocalResponseNorm), its channel window a 1x1 conv: fast in bf16."""
 
     def __init__(self, channels, size=5, alpha=1e-4, beta=0.75, k=1.0):
         super().__init__()
-        self.alpha = alpha
         self.beta = beta
         self.k = k
         offset = torch.arange(channels)[None, :] - torch.arange(channels)[:, None]  # in - out
-        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() / size
+        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() * (alpha / size)
         self.register_buffer("band", band[:, :, None, None], persistent=False)
 
-    def forward(self, x):
-        window_mean = F.conv2d(x * x, self.band.to(x.dtype))
-        return x / (self.k + self.alpha * window_mean).pow(self.beta)
+    def forward(self, x):  # x / (k + alpha * the window's mean of x^2)^beta
+        return x / (self.k + F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
 
 class Inception(nn.Module):
-    """Four branches concatenated on channels: 1x1 | 1x1, 3x3 | 1x1, 5x5 | 3x3 max-pool, 1x1."""
+    """Four branches concatenated on channels: 1x1 | 1x1, 3x3 | 1x1, 5x5 | 3x3 max-pool, 1x1; the
+    channels are a row of INCEPTION_TABLE. A real 5x5 as in the paper (torchvision's is 3x3)."""
 
-    def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj,
-                 batch_norm=False):
+    def __init__(self, cin, c1, r3, c3, r5, c5, pool_proj, batch_norm=False):
         super().__init__()
-        bn = batch_norm
-        self.branch1 = ConvReLU(in_channels, ch1x1, 1, batch_norm=bn)
-        self.branch2 = nn.Sequential(ConvReLU(in_channels, ch3x3_reduce, 1, batch_norm=bn),
-                                     ConvReLU(ch3x3_reduce, ch3x3, 3, batch_norm=bn))
-        # A real 5x5 as in the paper (torchvision uses 3x3 here for historical reasons).
-        self.branch3 = nn.Sequential(ConvReLU(in_channels, ch5x5_reduce, 1, batch_norm=bn),
-                                     ConvReLU(ch5x5_reduce, ch5x5, 5, batch_norm=bn))
-        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),
-                                     ConvReLU(in_channels, pool_proj, 1, batch_norm=bn))
+        conv = functools.partial(ConvReLU, batch_norm=batch_norm)
+        self.branch1 = conv(cin, c1, 1)
+        self.branch2 = nn.Sequential(conv(cin, r3, 1), conv(r3, c3, 3))
+        self.branch3 = nn.Sequential(conv(cin, r5, 1), conv(r5, c5, 5))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), conv(cin, pool_proj, 1))
 
     def forward(self, x):
-        branches = [self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)]
-        return torch.cat(branches, 1)
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
 
 class AuxClassifier(nn.Module):
     """The paper's auxiliary head: avg-pool to 4x4, 1x1 conv 128, FC 1024, dropout 0.7, FC."""
@@ -133,8 +122,7 @@ class AuxClassifier(nn.Module):
         self.fc2 = nn.Linear(1024, num_classes)
 
     def forward(self, x):
-        # The paper's 5x5/3 pool maps the 224 net's 14x14 to 4x4; other sizes (the 64 net's 8x8,
-        # CIFAR's 4x4) pool adaptively to 4x4, so the head never depends on the image size.
+        # The paper's 5x5/3 pool maps 224's 14x14 to 4x4; other sizes pool adaptively to 4x4
         if tuple(x.shape[-2:]) == (14, 14):
             x = F.avg_pool2d(x, 5, stride=3)
         else:
@@ -152,34 +140,22 @@ class GoogLeNet(nn.Module):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
         bn = arch == "tiny" if batch_norm is None else batch_norm
-        self.arch = arch
-        self.aux_logits = aux_logits
-        self.batch_norm = bn
+        conv = functools.partial(ConvReLU, batch_norm=bn)
         if arch == "original":  # the paper's stem, with LRN unless BatchNorm replaces it
             lrn64 = [] if bn else [ChannelLRN(64)]
             lrn192 = [] if bn else [ChannelLRN(192)]
             self.stem = nn.Sequential(
-                ConvReLU(3, 64, 7, stride=2, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1), *lrn64,
-                ConvReLU(64, 64, 1, batch_norm=bn), ConvReLU(64, 192, 3, batch_norm=bn), *lrn192,
-                nn.MaxPool2d(3, 2, padding=1))
+                conv(3, 64, 7, stride=2), nn.MaxPool2d(3, 2, padding=1), *lrn64,
+                conv(64, 64, 1), conv(64, 192, 3), *lrn192, nn.MaxPool2d(3, 2, padding=1))
         else:  # shrinks slower: the 224 stem would leave 2x2 maps at 5b from a 64x64 image
-            self.stem = nn.Sequential(
-                ConvReLU(3, 64, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1),
-                ConvReLU(64, 192, 3, batch_norm=bn), nn.MaxPool2d(3, 2, padding=1))
-        t = INCEPTION_TABLE
-        self.inception3a = Inception(*t["3a"], batch_norm=bn)
-        self.inception3b = Inception(*t["3b"], batch_norm=bn)
+            self.stem = nn.Sequential(conv(3, 64, 3), nn.MaxPool2d(3, 2, padding=1),
+                                      conv(64, 192, 3), nn.MaxPool2d(3, 2, padding=1))
+        for name, row in INCEPTION_TABLE.items():  # self.inception3a ... self.inception5b
+            setattr(self, f"inception{name}", Inception(*row, batch_norm=bn))
         self.maxpool3 = nn.MaxPool2d(3, 2, padding=1)
-        self.inception4a = Inception(*t["4a"], batch_norm=bn)
-        self.inception4b = Inception(*t["4b"], batch_norm=bn)
-        self.inception4c = Inception(*t["4c"], batch_norm=bn)
-        self.inception4d = Inception(*t["4d"], batch_norm=bn)
-        self.inception4e = Inception(*t["4e"], batch_norm=bn)
         self.maxpool4 = nn.MaxPool2d(3, 2, padding=1)
-        self.inception5a = Inception(*t["5a"], batch_norm=bn)
-        self.inception5b = Inception(*t["5b"], batch_norm=bn)
-        self.aux1 = AuxClassifier(t["4b"][0], num_classes, bn, aux_dropout) if aux_logits else None
-        self.aux2 = AuxClassifier(t["4e"][0], num_classes, bn, aux_dropout) if aux_logits else None
+        self.aux1 = AuxClassifier(512, num_classes, bn, aux_dropout) if aux_logits else None  # 4a's
+        self.aux2 = AuxClassifier(528, num_classes, bn, aux_dropout) if aux_logits else None  # 4d's
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = the paper's 7x7 average pool at 224
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
@@ -192,7 +168,7 @@ class GoogLeNet(nn.Module):
         x = self.inception3b(x)   # N x 480 x 28 x 28
         x = self.maxpool3(x)      # N x 480 x 14 x 14 / 8 x 8
         x = self.inception4a(x)   # N x 512 x 14 x 14
-        use_aux = self.training and self.aux_logits
+        use_aux = self.training and self.aux1 is not None
         aux1 = self.aux1(x) if use_aux else None
         x = self.inception4b(x)   # N x 512 x 14 x 14
         x = self.inception4c(x)   # N x 512 x 14 x 14
@@ -207,9 +183,8 @@ class GoogLeNet(nn.Module):
         return GoogLeNetOutputs(logits, aux1, aux2) if use_aux else logits
 
 def init_weights(model):
-    """Kaiming-normal convs: over fan_out before BatchNorm (as torchvision), over fan_in without it
-    (the paper's net): that keeps the scale through 22 ReLU layers, where fan_out blew up to NaN
-    (reduce convs: 16 out, 480 in)."""
+    """Kaiming-normal convs, over fan_out before BatchNorm (as torchvision) and over fan_in without
+    it (the paper's net), where fan_out blew up to NaN through 22 ReLU layers."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.bias is None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -222,12 +197,6 @@ def init_weights(model):
 
 def build_model(arch, num_classes, **options):
     """A GoogLeNet; options: aux_logits, batch_norm (None: on for tiny), dropout, aux_dropout."""
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
-    unknown = sorted(set(options) - {"aux_logits", "batch_norm", "dropout", "aux_dropout"})
-    if unknown:
-        raise ValueError(f"unknown model option {unknown[0]!r}: use aux_logits, batch_norm, "
-                         f"dropout or aux_dropout")
     return GoogLeNet(arch, num_classes, **options)
 
 # ---------------------------------------------------------------------------------------------
@@ -264,18 +233,16 @@ class Split:
         return Split(labels, arrays=self.arrays[index])
 
     def subset(self, n, seed=0):
-        """n items, of every class alike (a seeded draw picks the classes that get one more)."""
+        """n items, as many of each class (a seeded draw picks the classes that get one more)."""
         if not n or n >= len(self):
             return self
         rng = np.random.default_rng(seed)
         labels = np.asarray(self.labels)
-        classes = np.unique(labels)
+        classes = rng.permutation(np.unique(labels))
         per_class, extra = divmod(n, len(classes))
-        picked = []
-        for k, c in enumerate(rng.permutation(classes)):
-            members = np.flatnonzero(labels == c)
-            count = min(len(members), per_class + (k < extra))
-            picked.append(rng.choice(members, count, replace=False))
+        members = [np.flatnonzero(labels == c) for c in classes]
+        picked = [rng.choice(m, min(len(m), per_class + (k < extra)), replace=False)
+                  for k, m in enumerate(members)]
         return self.take(np.sort(np.concatenate(picked)))
 
 @dataclass
@@ -291,53 +258,36 @@ class DatasetInfo:
     source_size: int           # decoded to this square size, then augmented on the device
 
 def decode_image(source, size, max_pixels=None):
-    """A file or PIL image as uint8 [3, size, size] (EXIF-rotated, RGB, alpha over white,
-    centre-cropped); max_pixels bounds untrusted input. ImageDecodeError names the file
-    (ImageTooLargeError: too many pixels)."""
-    from PIL import Image
+    """A path or PIL image as uint8 [3, size, size]: upright, RGB, centre-cropped."""
+    from PIL import Image, ImageOps
     name = getattr(source, "filename", None) or str(source)
     try:
-        if isinstance(source, Image.Image):
-            array = _fit_rgb(source, size, max_pixels, name)
-        else:
+        if not isinstance(source, Image.Image):
             with Image.open(source) as image:
-                array = _fit_rgb(image, size, max_pixels, name)
+                return decode_image(image, size, max_pixels)
+        source.draft("RGB", (size, size))  # JPEG: decoded at a reduced scale when it is huge
+        if max_pixels and source.width * source.height > max_pixels:
+            raise ImageTooLargeError(f"image {Path(name).name} is {source.width}x{source.height} "
+                                     f"pixels, over {max_pixels / 1e6:.0f} megapixels")
+        image = ImageOps.exif_transpose(source)
+        if image.mode[0] in "IF":  # 16/32-bit gray, scaled by its peak: convert() clips at 255
+            values = np.array(image, dtype=np.float32)  # a copy, scaled in place
+            values *= 255 / max(values.max(), 1.0)  # floats 0..1 stay 0..1
+            image = Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
+        if image.has_transparency_data:
+            white = Image.new("RGBA", image.size, "white")
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BILINEAR)
     except Image.DecompressionBombError as e:  # PIL's own limit, checked at open before ours
         raise ImageTooLargeError(f"image {Path(name).name} is too large: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"cannot decode image {name}: {e}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-def _fit_rgb(image, size, max_pixels, name):  # decode_image's work on an open PIL image
-    from PIL import Image, ImageOps
-    image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is huge
-    width, height = image.size
-    if max_pixels and width * height > max_pixels:
-        raise ImageTooLargeError(f"image {Path(name).name} is {width}x{height} pixels, more "
-                                 f"than the {max_pixels / 1e6:.0f} megapixels allowed: send a "
-                                 f"smaller one")
-    image = ImageOps.exif_transpose(image)
-    if image.mode[0] in "IF":  # 16/32-bit grayscale
-        image = _gray_to_8_bit(image)
-    if image.mode == "P" or image.mode[-1] in "Aa":  # transparency: composed over white
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    image = ImageOps.fit(image.convert("RGB"), (size, size), Image.BILINEAR)
-    return np.array(image, dtype=np.uint8)
-
-def _gray_to_8_bit(image):  # scaled by its range: convert() clips at 255, turning most photos white
-    from PIL import Image
-    values = np.asarray(image, dtype=np.float32)
-    peak = 255.0
-    if image.mode.startswith("I;16") or values.max() > 255:
-        peak = 65535.0
-    if image.mode == "F" and values.max() <= 1.0:
-        peak = 1.0
-    scaled = np.clip(values * (255.0 / peak), 0, 255)
-    return Image.fromarray(scaled.astype(np.uint8), "L")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 def _image_files(folder, classes):  # the images in folder/<class>/ and below, sorted, labelled
     from torchvision.datasets.folder import make_dataset
+    if not classes:  # make_dataset refuses an empty class list
+        return Split([], files=[])
     to_label = {name: label for label, name in enumerate(classes)}
     found = make_dataset(str(folder), to_label, IMAGE_EXTENSIONS, allow_empty=True)
     return Split([label for _, label in found], files=[path for path, _ in found])
@@ -347,27 +297,16 @@ def find_tiny_imagenet(data_dir):  # data_dir or data_dir/tiny-imagenet-200, wit
     return next((folder for folder in candidates if (folder / "wnids.txt").is_file()), None)
 
 def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD5):
-    """Fetch, md5-check, extract to a temporary folder, rename: never a folder that looks complete
-    and is not."""
+    """The zip, md5-checked, extracted into data_dir (load_tiny_imagenet finds a cut-short one)."""
     from torchvision.datasets.utils import download_and_extract_archive
-    data_dir = Path(data_dir)
-    target = data_dir / "tiny-imagenet-200"
-    partial = data_dir / ".tiny-imagenet-200.partial"
-    archive = target.name + ".zip"
     if find_tiny_imagenet(data_dir):
         return
-    if target.exists():
-        raise UserError(f"{target} is incomplete (no wnids.txt): remove it and run again")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        download_and_extract_archive(url, str(data_dir), str(partial), archive, md5,
-                                     remove_finished=True)
+        download_and_extract_archive(url, str(data_dir), md5=md5, remove_finished=True)
     except Exception as e:  # network errors come in many types; the message is what matters
-        (data_dir / archive).unlink(missing_ok=True)  # partial, or not the md5's file
+        (Path(data_dir) / Path(url).name).unlink(missing_ok=True)  # partial, or not the md5's
         raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection "
                         f"and that the zip's md5 is {md5}, and retry") from None
-    os.replace(partial / target.name, target)
-    shutil.rmtree(partial)
 
 def load_tiny_imagenet(data_dir, download=False):
     """Tiny ImageNet as it comes: classes by sorted wnids.txt, val labels from its annotations."""
@@ -380,25 +319,15 @@ def load_tiny_imagenet(data_dir, download=False):
     wnids = sorted((root / "wnids.txt").read_text().split())
     train = _image_files(root / "train", wnids)
     annotations = root / "val" / "val_annotations.txt"
-    have = set(train.labels)
-    missing = [f"train/{wnid}/" for label, wnid in enumerate(wnids) if label not in have]
-    if not annotations.is_file():
-        missing.append("val/val_annotations.txt")
-    if missing:
-        raise UserError(f"Tiny ImageNet at {root} is incomplete ({missing[0]} is missing or "
-                        f"empty): remove it and run again with --download")
-    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if "\t" in line]
-    strangers = sorted({wnid for _, wnid in rows} - set(wnids))
-    if strangers:
-        raise UserError(f"{annotations}: class {strangers[0]} is not in wnids.txt")
+    words_file = root / "words.txt"  # wnid, tab, "goldfish, Carassius auratus"
+    if len(set(train.labels)) < len(wnids) or not (annotations.is_file() and words_file.is_file()):
+        raise UserError(f"Tiny ImageNet at {root} is incomplete: remove it, rerun with --download")
+    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()]
     label_of = {wnid: k for k, wnid in enumerate(wnids)}
     val = Split([label_of[wnid] for _, wnid in rows],
                 files=[str(root / "val" / "images" / name) for name, _ in rows])
-    words = {}  # wnid -> "goldfish, Carassius auratus"
-    if (root / "words.txt").is_file():
-        lines = (root / "words.txt").read_text().splitlines()
-        words = dict(line.split("\t", 1) for line in lines if "\t" in line)
-    names = [words.get(w, w).split(",")[0].strip() or w for w in wnids]
+    words = dict(line.split("\t", 1) for line in words_file.read_text().splitlines())
+    names = [words.get(w, w).split(",")[0].strip() for w in wnids]
     return DatasetInfo("tiny", train, val, names, wnids, IMAGENET_MEAN, IMAGENET_STD, 64)
 
 def load_image_folder(data_dir, image_size):
@@ -406,18 +335,11 @@ def load_image_folder(data_dir, image_size):
     root = Path(data_dir)
     val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     classes = sorted(p.name for p in (root / "train").glob("*") if p.is_dir())
-    if not classes or not val_dir.is_dir():
-        raise UserError(f"--dataset folder expected {root}/train/<class>/<image> and "
-                        f"{root}/val/<class>/<image> (or test/)")
-    strangers = sorted({p.name for p in val_dir.iterdir() if p.is_dir()} - set(classes))
-    if strangers:
-        raise UserError(f"{val_dir}/{strangers[0]} is a class that train/ does not have")
     train = _image_files(root / "train", classes)
-    val = _image_files(val_dir, classes)
-    for split, folder in [(train, root / "train"), (val, val_dir)]:
-        if not split.files:
-            raise UserError(f"no images found in {folder}/<class>/ (extensions "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
+    val = _image_files(val_dir, classes)  # of train's classes
+    if not train.files or not val.files:
+        raise UserError(f"--dataset folder expected images in {root}/train/<class>/ and "
+                        f"{root}/val/<class>/ (or test/)")
     return DatasetInfo("folder", train, val, classes, classes, IMAGENET_MEAN, IMAGENET_STD,
                        image_size)
 
@@ -428,12 +350,9 @@ def load_cifar10(data_dir, download=False):
     try:
         train = CIFAR10(str(data_dir), train=True, download=download)
         val = CIFAR10(str(data_dir), train=False, download=download)
-    except RuntimeError:
-        raise UserError(f"no CIFAR-10 in {data_dir} (expected {data_dir}/cifar-10-batches-py): "
-                        f"add --download to fetch it") from None
-    except OSError as e:
-        raise UserError(f"downloading CIFAR-10 failed ({e}): check the connection and "
-                        f"retry") from None
+    except (RuntimeError, OSError) as e:  # not there (RuntimeError), or the download failed
+        raise UserError(f"no CIFAR-10 in {data_dir}/cifar-10-batches-py ({e}): add --download "
+                        f"to fetch it, or check the connection") from None
     return DatasetInfo("cifar10", Split(list(train.targets), arrays=train.data),
                        Split(list(val.targets), arrays=val.data), train.classes,
                        list(train.classes), CIFAR10_MEAN, CIFAR10_STD, 32)
@@ -462,28 +381,14 @@ def load_dataset(name, data_dir, image_size=64, download=False):
                "cifar10": lambda: load_cifar10(data_dir, download),
                "folder": lambda: load_image_folder(data_dir, image_size),
                "synthetic": lambda: make_synthetic(image_size)}
-    if name not in loaders:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     info = loaders[name]()
     if len(info.class_names) < 2:
         raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at "
                         f"least 2 (one folder per class)")
     return info
 
-def store_bytes(info, subset=0):  # the uint8 stores' size, both splits
-    images = sum(min(len(split), subset or len(split)) for split in (info.train, info.val))
-    return images * 3 * info.source_size ** 2
-
-def available_memory_bytes():  # MemAvailable (Linux), else None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
 def pick_examples(info, size, count=8):
-    """Up to `count` val images of different classes, small enough to travel in a checkpoint: the
-    demo opens no path."""
+    """Up to `count` val images of different classes, to travel in a checkpoint (for the demo)."""
     _, first_of_class = np.unique(info.val.labels, return_index=True)
     picked = info.val.take(np.sort(first_of_class)[:count])
     store = build_store(picked, size, skip_bad_images=True, log=lambda line: None)
@@ -502,14 +407,11 @@ class ImageStore:
     def size(self):  # S
         return self.images.shape[-1]
 
+@dataclass
 class DecodedImages(torch.utils.data.Dataset):
-    """A split's images, each decoded to uint8 [3, size, size] when asked (in DataLoader workers):
-    item i is (image, label, ""), or (zeros, label, the error's line) for an image that cannot be
-    decoded, so that the caller skips it or stops with one line, and no worker dies of it."""
-
-    def __init__(self, split, size):
-        self.split = split
-        self.size = size
+    """Item i: (uint8 image, label, ""), or (zeros, label, the error's line) for a bad image."""
+    split: Split
+    size: int
 
     def __len__(self):
         return len(self.split)
@@ -523,19 +425,16 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def batches(self, index_lists, workers=0):
         """(images, labels, errors) of each list of indices, decoded by `workers` processes."""
-        start = {}
-        if workers:  # fork on Linux: a script without an `if __name__ == "__main__":` guard works
-            # (spawn would re-run it in every worker). Elsewhere spawn: such a script needs one.
-            start["multiprocessing_context"] = "fork" if sys.platform == "linux" else "spawn"
-        # its own generator (the workers' seeds): the global one (dropout) is left as it is
+        context = None  # the platform's default (spawn on macOS and Windows)
+        if workers and sys.platform == "linux":  # fork: a script with no __main__ guard works
+            context = "fork"
         return torch.utils.data.DataLoader(self, batch_sampler=index_lists, num_workers=workers,
                                            worker_init_fn=_worker_signals,
-                                           generator=torch.Generator(), **start)
+                                           multiprocessing_context=context,
+                                           generator=torch.Generator())  # not the global RNG
 
 def _worker_signals(worker_id):
-    """A forked worker gets the trainer's SIGTERM handler, which only sets a flag: such a worker
-    outlived the SIGTERM meant to end it, and its parent waited forever. So SIGTERM kills a worker
-    again; and Ctrl-C (sent to every process of the terminal) is the main process's to act on."""
+    # Our inherited SIGTERM handler only sets a flag: workers outlived their end, the parent hung
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -543,60 +442,44 @@ def bad_image_error(error):  # the one line a bad image stops a run with
     return UserError(f"{error}; remove it or pass --skip-bad-images")
 
 def build_store(split, size, workers=0, skip_bad_images=False, split_name="train", log=print):
-    """split as an ImageStore at size x size: decoded by `workers` DataLoader processes into one
-    uint8 tensor, filled in place (one copy in memory); arrays already at size are taken as they
-    are. A bad image is skipped (skip_bad_images) or stops the run in one line."""
+    """split as an ImageStore, decoded by `workers` processes straight into one uint8 tensor."""
     labels = torch.tensor(split.labels, dtype=torch.int64)
-    if split.arrays is not None and split.arrays.shape[1] == size:
-        images = torch.from_numpy(np.ascontiguousarray(split.arrays))
-        return ImageStore(images.permute(0, 3, 1, 2).contiguous(), labels)
+    if split.arrays is not None and split.arrays.shape[1] == size:  # taken as they are
+        return ImageStore(torch.from_numpy(split.arrays).permute(0, 3, 1, 2).contiguous(), labels)
     start = time.perf_counter()
     images = torch.empty((len(split), 3, size, size), dtype=torch.uint8)
-    keep = _decode(split, size, workers, skip_bad_images, split_name, log, out=images)
-    store = ImageStore(images[:len(keep)], labels[keep])
-    log(f"{split_name}: decoded {len(store)} images to {size}x{size} in "
-        f"{time.perf_counter() - start:.1f}s ({store.images.numel() / 2**20:.0f} MiB uint8)")
-    return store
-
-def _decode(split, size, workers, skip_bad_images, split_name, log, out=None):
-    """Decodes every image of split, the good ones into out[0], out[1], ... (if out): their
-    indices. A stop (SIGTERM, Ctrl-C) ends it within a batch."""
-    # 32 images a batch: what is in flight stays small beside the store
     chunks = [range(i, min(i + 32, len(split))) for i in range(0, len(split), 32)]
     keep = []
     errors = []
     decoded = DecodedImages(split, size).batches(chunks, workers)
-    for chunk, (images, _, messages) in zip(chunks, decoded):
-        raise_if_stopped()
+    for chunk, (batch, _, messages) in zip(chunks, decoded):
+        raise_if_stopped()  # a stop ends it within a batch of 32
         good = [k for k, message in enumerate(messages) if not message]
         errors += [message for message in messages if message]
         if errors and not skip_bad_images:
             raise bad_image_error(errors[0])
-        if len(good) < len(images):
-            images = images[good]
-        if out is not None:
-            out[len(keep):len(keep) + len(good)] = images
+        images[len(keep):len(keep) + len(good)] = batch[good]
         keep += [chunk[k] for k in good]
     if errors:
         log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
-    return keep
+    log(f"{split_name}: decoded {len(keep)} images to {size}x{size} in "
+        f"{time.perf_counter() - start:.1f}s ({len(keep) * 3 * size * size / 2**20:.0f} MiB)")
+    return ImageStore(images[:len(keep)], labels[keep])
 
 def _resample_matrix(scale, offset, out_size, in_size):
-    """[B, out, in] bilinear weights: output pixel o reads the input at scale * o + offset, both in
-    [-1, 1] image coordinates (as F.affine_grid's, align_corners=False)."""
+    """[B, out, in] bilinear weights: out pixel o reads in at scale * o + offset (in -1..1, as
+    F.affine_grid, align_corners=False)."""
     positions = torch.arange(out_size, device=scale.device, dtype=torch.float32)
     out_pos = (positions + 0.5) / out_size * 2 - 1
     src_pixels = ((scale[:, None] * out_pos[None, :] + offset[:, None]) + 1) * (in_size / 2) - 0.5
-    # Within half a pixel of the border is still inside: clamp there (as F.interpolate does) so a
-    # resize does not darken the edges; farther out is padding and gets zero weight.
+    # Half a pixel past the border is still inside, clamped (as F.interpolate: no dark edges)
     inside = (src_pixels >= -0.5) & (src_pixels <= in_size - 0.5)
     src_pixels = torch.where(inside, src_pixels.clamp(0, in_size - 1), src_pixels)
     in_pixels = torch.arange(in_size, device=scale.device, dtype=torch.float32)
     return (1 - (src_pixels[:, :, None] - in_pixels[None, None, :]).abs()).clamp(min=0)
 
 def _resample(images, params, out_size):
-    """Crop, flip and resize by params [B, 4] = (sx, sy, tx, ty) as two batched matmuls: fast on
-    CPU, CUDA and XLA alike (torch_xla runs F.grid_sample on the host)."""
+    """Crop, flip, resize by params [B, 4] = (sx, sy, tx, ty) as matmuls (fast on XLA too)."""
     b, c, h, w = images.shape
     rows = _resample_matrix(params[:, 1], params[:, 3], out_size, h)   # B x out x H
     cols = _resample_matrix(params[:, 0], params[:, 2], out_size, w)   # B x out x W
@@ -609,9 +492,14 @@ def _resample(images, params, out_size):
 def _on_device(values, device):  # once per device: made in the step, a blocking copy every step
     return torch.tensor(values, dtype=torch.float32).to(device)
 
+def _normalize(x, mean, std):  # 0..255 floats -> (x / 255 - mean) / std
+    mean = _on_device(tuple(mean), x.device).view(1, 3, 1, 1)
+    std = _on_device(tuple(std), x.device).view(1, 3, 1, 1)
+    return x * (1 / (255 * std)) - mean / std
+
 def _shift_crop(images, params):
-    """The pad crop (whole-pixel shifts, zero fill, flips) as one gather: what _resample gives at
-    the same size, far cheaper (this runs every training step)."""
+    """The pad crop (whole-pixel shifts, zero fill, flips) as one gather: _resample's numbers at the
+    same size, far cheaper."""
     b, c, h, w = images.shape
     dx = torch.round(params[:, 2] * (w / 2)).long()
     dy = torch.round(params[:, 3] * (h / 2)).long()
@@ -623,43 +511,30 @@ def _shift_crop(images, params):
     out = images.reshape(b, c, h * w).gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))
     return out.view(b, c, h, w) * valid[:, None]
 
-def _resize(x, size):
-    """x resized to size x size by _resample: one op and the same numbers on CPU, CUDA and XLA."""
+def _resize(x, size):  # by _resample: one op and the same numbers on CPU, CUDA and XLA
     if x.shape[-1] == size:
         return x.float()
-    identity = _on_device((1.0, 1.0, 0.0, 0.0), x.device).expand(x.shape[0], 4)
-    return _resample(x, identity, size)
-
-def _normalize(x, mean, std):  # 0..255 floats -> (x / 255 - mean) / std
-    mean = _on_device(tuple(mean), x.device).view(1, 3, 1, 1)
-    std = _on_device(tuple(std), x.device).view(1, 3, 1, 1)
-    return x * (1 / (255 * std)) - mean / std
+    return _resample(x, _on_device((1.0, 1.0, 0.0, 0.0), x.device).expand(x.shape[0], 4), size)
 
 def train_transform(images, params, image_size, mean, std, crop="pad"):
-    """Training augmentation of a uint8 batch [B, 3, S, S] on its device (params from
-    random_crop_params). pad: shifted and flipped at S, then resized; resized: straight to size."""
-    if crop == "pad":
-        x = _resize(_shift_crop(images, params), image_size)
-    else:
-        x = _resample(images, params, image_size)
-    return _normalize(x, mean, std)
+    """A uint8 batch [B, 3, S, S] augmented on its device by params from random_crop_params."""
+    if crop == "pad":  # shifted and flipped at S, then resized
+        return _normalize(_resize(_shift_crop(images, params), image_size), mean, std)
+    return _normalize(_resample(images, params, image_size), mean, std)
 
 def eval_transform(images, config):
     """What validation and inference do to a uint8 batch [N, 3, S, S]: resize, normalise."""
     return _normalize(_resize(images, config.image_size), config.mean, config.std)
 
 def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale=0.25, attempts=10):
-    """Per-image (sx, sy, tx, ty) drawn on the host. pad: shifts up to 1/8 of the image and a flip;
-    resized: torchvision's RandomResizedCrop and a flip."""
+    """Per-image (sx, sy, tx, ty): a flip and shifts by up to 1/8 (pad) or RandomResizedCrop's."""
     flip = torch.where(torch.rand(batch_size, generator=generator) < 0.5, -1.0, 1.0)
     if crop == "pad":
         pad = max(1, source_size // 8)
         pixels = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator)
         shift = pixels.float() * 2 / source_size
         return torch.stack([flip, torch.ones(batch_size), shift[:, 0], shift[:, 1]], 1)
-    # torchvision's areas (min_scale..1) and aspects (3/4..4/3), all attempts drawn at once (the
-    # generator advances the same every batch): the first that fits wins; none fits: the whole
-    # image, as torchvision.
+    # All attempts drawn at once; the first that fits wins, and none: the whole image (torchvision)
     area = min_scale + (1 - min_scale) * torch.rand(batch_size, attempts, generator=generator)
     log_ratio = (torch.rand(batch_size, attempts, generator=generator) * 2 - 1) * math.log(4 / 3)
     sx = torch.sqrt(area * torch.exp(log_ratio))
@@ -674,11 +549,7 @@ def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale
 
 @dataclass(eq=False)
 class StoreLoader:
-    """Batches of an ImageStore, or of DecodedImages decoded batch by batch in `workers` DataLoader
-    processes, for replica `rank`. Training: (uint8 images, labels, crop params) from one (seed,
-    epoch) permutation the replicas split, each with its own crops; the last partial batch dropped
-    (fixed shapes). Validation: (images, labels, mask), the last batch padded and masked. device
-    (CUDA): the epoch's order and params go there at once."""
+    """Replica `rank`'s (uint8 images, labels, crop params or, in validation, mask) batches."""
     store: ImageStore | DecodedImages
     batch_size: int
     train: bool
@@ -686,91 +557,62 @@ class StoreLoader:
     rank: int = 0
     world_size: int = 1
     crop: str = "pad"
-    device: torch.device | str | None = None
+    device: torch.device | str | None = None  # where each epoch's params or masks go
     workers: int = 0
     epoch: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self):
         if self.train and len(self) == 0:
             raise UserError(f"{len(self.store)} training images make no full batch of "
-                            f"{self.batch_size} per replica ({self.world_size} replicas): lower "
-                            f"--batch-size")
+                            f"{self.batch_size} for each of {self.world_size}: lower --batch-size")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def __len__(self):
+    def __len__(self):  # training drops the last partial batch (fixed shapes), validation pads it
         if self.train:
             return len(self.store) // self.world_size // self.batch_size
         return math.ceil(len(self.store) / (self.world_size * self.batch_size))
 
     def __iter__(self):
-        if self.train:
-            batches, extras = self._train_batches()
-        else:
-            batches, extras = self._val_batches()
-        for b, (images, labels) in enumerate(self._fetch(batches)):
-            yield _to(images, self.device), _to(labels, self.device), extras[b]
-
-    def _train_batches(self):
-        """[steps, batch_size] indices from the (seed, epoch) permutation; each batch's crops."""
-        seed = self.seed * 100_003 + self.epoch
-        generator = torch.Generator().manual_seed(seed)
-        per_replica = len(self.store) // self.world_size
-        start = self.rank * per_replica
-        order = torch.randperm(len(self.store), generator=generator)[start:start + per_replica]
-        if self.rank:  # one permutation for all, but crops and flips of each replica's own
-            generator.manual_seed(seed + 1_000_003 * self.rank)
-        params = [random_crop_params(generator, self.batch_size, self.store.size, self.crop)
-                  for _ in range(len(self))]
-        batches = order[:len(self) * self.batch_size].view(len(self), self.batch_size)
-        return batches, _to(torch.stack(params), self.device)
-
-    def _val_batches(self):
-        """[steps, batch_size] indices of this replica's images, padded; the real ones' mask."""
-        index = torch.arange(self.rank, len(self.store), self.world_size)
         padded = len(self) * self.batch_size
-        mask = (torch.arange(padded) < len(index)).float().view(len(self), self.batch_size)
-        batches = torch.cat([index, index.new_zeros(padded - len(index))])
-        return batches.view(len(self), self.batch_size), mask
-
-    def _fetch(self, batches):  # (images, labels) of each row of batches
+        if self.train:  # one (seed, epoch) permutation split by the replicas, crops of their own
+            seed = self.seed * 100_003 + self.epoch
+            generator = torch.Generator().manual_seed(seed)
+            per_replica = len(self.store) // self.world_size
+            order = torch.randperm(len(self.store), generator=generator)[self.rank * per_replica:]
+            if self.rank:
+                generator.manual_seed(seed + 1_000_003 * self.rank)
+            extras = torch.stack([random_crop_params(generator, self.batch_size, self.store.size,
+                                                     self.crop) for _ in range(len(self))])
+        else:  # this replica's images, padded; the mask marks the real ones
+            order = torch.arange(self.rank, len(self.store), self.world_size)
+            extras = (torch.arange(padded) < len(order)).float().view(len(self), self.batch_size)
+            order = torch.cat([order, order.new_zeros(padded - len(order))])
+        batches = order[:padded].view(len(self), self.batch_size)
         if isinstance(self.store, ImageStore):
-            images = self.store.images
-            return ((images[i], self.store.labels[i]) for i in _to(batches, images.device))
-        return self._decoded(batches)
-
-    def _decoded(self, batches):
-        for images, labels, errors in self.store.batches(batches.tolist(), self.workers):
+            index = batches.to(self.store.images.device)
+            fetched = ((self.store.images[i], self.store.labels[i], ()) for i in index)
+        else:
+            fetched = self.store.batches(batches.tolist(), self.workers)
+        for extra, (images, labels, errors) in zip(extras.to(self.device), fetched):
             if any(errors):
                 raise bad_image_error(next(error for error in errors if error))
-            yield images, labels
-
-def _to(tensor, device):  # on `device` (None: where it is); host -> CUDA from pinned memory, async
-    if device is None or tensor.device == torch.device(device):
-        return tensor
-    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+            yield images, labels, extra
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
                  seed=0, skip_bad_images=False, rank=0, world_size=1, log=print, need_train=True,
                  store_device=None, device=None):
-    """(train_loader, val_loader) for replica `rank` (train_loader None without need_train).
-    fast = uint8 stores decoded once (onto store_device, default host memory); torch = decoded per
-    batch in `workers` processes. Both augment on `device`."""
+    """(train_loader or None, val_loader); fast: stores decoded once onto store_device (or host)."""
 
     def make_store(split, name):
         split = split.subset(subset, seed)
         if loader == "fast":
             store = build_store(split, info.source_size, workers, skip_bad_images, name, log)
-            if store_device is not None:
-                store = ImageStore(store.images.to(store_device), store.labels.to(store_device))
-            return store
-        if skip_bad_images and split.files:
-            # A bad image is dropped before training: a batch has no place for a missing one.
-            # Checked small: JPEGs then decode at a reduced scale, which still reads every byte.
-            split = split.take(_decode(split, 16, workers, True, name, log))
+            return ImageStore(store.images.to(store_device), store.labels.to(store_device))
+        if skip_bad_images and split.files:  # bad images go now: a batch has no place for a gap
+            indexed = Split(list(range(len(split))), files=split.files)  # the good ones' indices:
+            split = split.take(build_store(indexed, 16, workers, True, name, log).labels.tolist())
         return DecodedImages(split, info.source_size)
 
     train = None

@@ -549,7 +549,7 @@ def _torchrun(argv, setup="", env=None, timeout=300, launcher=()):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **(env or {})})
 
 
-def test_torchrun_downloads_once_per_node_and_counts_every_process_for_memory(tmp_path):
+def test_torchrun_downloads_once_per_node(tmp_path):
     with _serve_tiny_imagenet(tmp_path) as (url, md5, requests):
         g.download_tiny_imagenet(tmp_path / "alone", url=url, md5=md5)
         one_download = len(requests)
@@ -557,9 +557,7 @@ def test_torchrun_downloads_once_per_node_and_counts_every_process_for_memory(tm
         argv = ["--dataset", "tiny", "--data-dir", data, "--download", "--device", "cpu", "--image-size", 16,
                 "--epochs", 1, "--batch-size", 4, "--workers", 0, "--log-interval", 0,
                 "--checkpoint-dir", tmp_path / "run"]
-        # One store (18 images of 64x64x3) fits in 70% of this, two do not.
-        setup = ("import functools\ng.available_memory_bytes = lambda: 500_000\n"
-                 "g.download_tiny_imagenet = functools.partial(g.download_tiny_imagenet, url={!r}, md5={!r})")
+        setup = "import functools\ng.download_tiny_imagenet = functools.partial(g.download_tiny_imagenet, url={!r}, md5={!r})"
         result = _torchrun(argv, setup.format(url, "0" * 32))  # a failed download on local rank 0
         assert result.returncode != 0 and len(requests) == 2 * one_download, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -569,7 +567,6 @@ def test_torchrun_downloads_once_per_node_and_counts_every_process_for_memory(tm
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert len(requests) == 3 * one_download  # local rank 0 downloaded, the other waited
     assert g.load_tiny_imagenet(data).class_ids == ["n01", "n02", "n03"]
-    assert "(one per process on this host) would take" in result.stdout and "using --loader torch" in result.stdout
     assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -1077,16 +1074,6 @@ def test_evaluate_only(tmp_path, capsys):
     loss = lambda text: float(text.split("val loss ")[1].split()[0])  # noqa: E731
     assert loss(tta_out) != loss(out)  # the flag reaches evaluation: the mirrored view is scored too
     assert "(flip TTA)" in tta_out and "(flip TTA)" not in out
-
-
-def test_store_too_big_for_memory_switches_to_per_sample_loading(tmp_path, capsys, monkeypatch):
-    info = g.make_synthetic(16, train_size=100, val_size=40)
-    assert g.store_bytes(info) == 140 * 3 * 16 * 16 and g.store_bytes(info, subset=20) == 40 * 3 * 16 * 16
-    monkeypatch.setattr(g, "available_memory_bytes", lambda: 10_000)  # a host with 10 kB free
-    code, out, err = run_main(SYNTH + ["--epochs", 1, "--image-size", 16, "--checkpoint-dir", tmp_path,
-                                       "--workers", 0], capsys)
-    assert code == 0, err
-    assert "would take" in out and "using --loader torch" in out
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
