@@ -1417,11 +1417,14 @@ def load_checkpoint(path):
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
-                              f"{LAST_FILE} or {BEST_FILE}, not an earlier version's .pt") from None
+                              f"{LAST_FILE} or {BEST_FILE} that `python googlenet.py` wrote "
+                              f"(earlier versions' .pt files are no longer read)") from None
     except (TypeError, ValueError) as e:  # the metadata's, the config's, the tensor table's
         raise CheckpointError(f"{path}: {str(e)[:200]}; use a file googlenet.py wrote") from None
     labels = checkpoint.pop("examples")
     checkpoint.update(model={}, momentum={}, examples=None)
+    if checkpoint["position"] is not None:  # its rng (and cuda_rng, where saved) come below
+        checkpoint["position"]["cuda_rng"] = None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
