@@ -24,7 +24,6 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
