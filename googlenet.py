@@ -635,6 +635,7 @@ class Device:
     world_size: int = 1
     distributed: str | None = None
     note: str = ""  # said in the device line: why XLA runs on the CPU
+
     @property
     def is_master(self):
         return self.rank == 0
@@ -785,8 +786,11 @@ def gather_rng_states(device):
         torch.distributed.all_gather_object(states, mine)
     if device.distributed == "xla":
         states = xm.mesh_reduce("rng_states", mine, list)
-    rows = {"cuda_rng": None, "xla_rng": None, **{key: [s[key] for s in states] for key in mine}}
-    rows.update({key: torch.stack(rows[key]) for key in ("rng", "cuda_rng") if key in mine})
+    rows = {"cuda_rng": None, "xla_rng": None}
+    for key in mine:  # a row per rank: tensors stacked, XLA's seeds a list
+        rows[key] = [state[key] for state in states]
+        if key != "xla_rng":
+            rows[key] = torch.stack(rows[key])
     return rows
 
 def restore_rng_states(states, device):
@@ -946,15 +950,15 @@ def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
-def _agree(sums, device, *wishes):
-    """(the SUMS of all processes, whether any process wishes each of `wishes`): one all_reduce of
-    one small tensor, so a NaN anywhere makes the summed loss NaN everywhere."""
+def _agree(sums, device, stop, save):
+    """(the SUMS of all processes, whether any asks to stop, to save): one all_reduce of one small
+    tensor, so a NaN anywhere makes the summed loss NaN everywhere."""
     if device.kind == "xla":  # the step's graph ends here as at any other step: no new graph
         import torch_xla
         torch_xla.sync()
-    agreed = all_reduce_sum(torch.cat([sums, torch.tensor(wishes).float().to(sums.device)]), device)
-    agreed = agreed.tolist()
-    return dict(zip(SUMS, agreed)), *[wish > 0 for wish in agreed[len(SUMS):]]
+    wishes = torch.tensor([float(stop), float(save)]).to(sums.device)
+    agreed = all_reduce_sum(torch.cat([sums, wishes]), device).tolist()
+    return dict(zip(SUMS, agreed)), agreed[-2] > 0, agreed[-1] > 0
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
                     step_model=None, announce_first_step=False, scaler=None, position=None,
@@ -1010,7 +1014,8 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
             saved = now
     totals = dict(zip(SUMS, all_reduce_sum(sums, device).tolist()))
     images = max(totals["images"], 1)
-    return {"train_loss": totals["main_loss"] / images, "train_aux_loss": totals["aux_loss"] / images,
+    return {"train_loss": totals["main_loss"] / images,
+            "train_aux_loss": totals["aux_loss"] / images,
             "train_top1": totals["correct"] / images, "train_images": int(images),
             "epoch_seconds": time.perf_counter() - start}
 
@@ -1134,7 +1139,8 @@ def _save_position(save, device, epoch, checkpoint_dir, log, position, stop):
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
     record = {"epoch": epoch + 1, **result, **{f"val_{key}": value for key, value in val.items()},
-              "val_tta": config.tta, "lr": learning_rate(config, epoch, 0, steps, device.world_size),
+              "val_tta": config.tta,
+              "lr": learning_rate(config, epoch, 0, steps, device.world_size),
               "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
               "train_images_per_second": result["train_images"] / result["epoch_seconds"],
               "elapsed_seconds": time.perf_counter() - run_start}
@@ -1218,12 +1224,8 @@ def predict_with_cam(model, config, images):
     uint8 batch [N, 3, S, S], from one forward pass. A map (Zhou et al. 2016): inception5b's output
     weighted by fc's row of the top class, upsampled bilinearly to S x S."""
     net = next(m for m in model.modules() if isinstance(m, GoogLeNet))  # also inside a wrapper
-    caller = threading.get_ident()
-    features = []
-    def keep_features(module, inputs, output):  # this call's only: threads may share a model
-        if threading.get_ident() == caller:
-            features.append(output)
-    hook = net.inception5b.register_forward_hook(keep_features)
+    features = []  # one call at a time per model (the demo runs one inference thread)
+    hook = net.inception5b.register_forward_hook(lambda module, inputs, out: features.append(out))
     try:
         probs = predict_proba(model, config, images)
     finally:
