@@ -302,7 +302,7 @@ def load_tiny_imagenet(data_dir, download=False):
         download_tiny_imagenet(data_dir)
     root = find_tiny_imagenet(data_dir)
     if root is None:
-        raise UserError(f"no Tiny ImageNet (wnids.txt) in {data_dir}: add --download to fetch it")
+        raise UserError(f"no Tiny ImageNet in {data_dir} (expected wnids.txt): add --download")
     wnids = sorted((root / "wnids.txt").read_text().split())
     train = _image_files(root / "train", wnids)
     rows = [line.split("\t")[:2] for line in _lines(root / "val" / "val_annotations.txt")]
@@ -321,7 +321,7 @@ def load_image_folder(data_dir, image_size):
     train = _image_files(root / "train", classes)
     val = _image_files(root / "val" if (root / "val").is_dir() else root / "test", classes)
     if not train.files or not val.files:
-        raise UserError(f"--dataset folder expects {root}/train/<class>/, val/<class>/ (or test/)")
+        raise UserError(f"--dataset folder expected {root}/train/<class>/, val/<class>/ (or test/)")
     return DatasetInfo("folder", train, val, classes, classes, IMAGENET_MEAN, IMAGENET_STD,
                        image_size)
 
