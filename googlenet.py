@@ -57,8 +57,7 @@ class ImageTooLargeError(ImageDecodeError):
 # Model: the Inception block, the aux head and both nets, built from the paper's channel table
 # ---------------------------------------------------------------------------------------------
 
-# The paper's Table 1, one row per Inception block:
-# (in_channels, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj)
+# The paper's Table 1: (in, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) per block
 INCEPTION_TABLE = {
     "3a": (192, 64, 96, 128, 16, 32, 32),
     "3b": (256, 128, 128, 192, 32, 96, 64),
@@ -96,8 +95,7 @@ class ChannelLRN(nn.Module):
         return x / (self.k + F.conv2d(x * x, self.band.to(x.dtype))).pow(self.beta)
 
 class Inception(nn.Module):
-    """Four branches concatenated on channels: 1x1 | 1x1, 3x3 | 1x1, 5x5 | 3x3 max-pool, 1x1; the
-    channels are a row of INCEPTION_TABLE. A real 5x5 as in the paper (torchvision's is 3x3)."""
+    """Branches 1x1 | 1x1, 3x3 | 1x1, 5x5 (the paper's; torchvision's is 3x3) | pool, 1x1."""
 
     def __init__(self, cin, c1, r3, c3, r5, c5, pool_proj, batch_norm=False):
         super().__init__()
@@ -121,8 +119,7 @@ class AuxClassifier(nn.Module):
         self.fc2 = nn.Linear(1024, num_classes)
 
     def forward(self, x):
-        # The paper's 5x5/3 pool maps 224's 14x14 to 4x4; other sizes pool adaptively to 4x4
-        if tuple(x.shape[-2:]) == (14, 14):
+        if tuple(x.shape[-2:]) == (14, 14):  # the paper's 5x5/3 pool at 224; else adaptive
             x = F.avg_pool2d(x, 5, stride=3)
         else:
             x = F.adaptive_avg_pool2d(x, 4)
@@ -161,8 +158,7 @@ class GoogLeNet(nn.Module):
         init_weights(self)
 
     def forward(self, x):
-        # N x 3 x 224 x 224 / N x 3 x 64 x 64
-        x = self.stem(x)          # N x 192 x 28 x 28 / 16 x 16
+        x = self.stem(x)          # N x 192 x 28 x 28 from 224 / 16 x 16 from 64
         x = self.inception3a(x)   # N x 256 x 28 x 28
         x = self.inception3b(x)   # N x 480 x 28 x 28
         x = self.maxpool3(x)      # N x 480 x 14 x 14 / 8 x 8
@@ -182,8 +178,7 @@ class GoogLeNet(nn.Module):
         return GoogLeNetOutputs(logits, aux1, aux2) if use_aux else logits
 
 def init_weights(model):
-    """Kaiming-normal convs, over fan_out before BatchNorm (as torchvision) and over fan_in without
-    it (the paper's net), where fan_out blew up to NaN through 22 ReLU layers."""
+    """Kaiming-normal convs: fan_out before BatchNorm, fan_in without (fan_out went NaN there)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.bias is None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -205,11 +200,7 @@ def build_model(arch, num_classes, **options):
 DATASETS = ("tiny", "cifar10", "folder", "synthetic")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 @dataclass
 class Split:
@@ -239,9 +230,8 @@ class Split:
         labels = np.asarray(self.labels)
         classes = rng.permutation(np.unique(labels))
         per_class, extra = divmod(n, len(classes))
-        members = [np.flatnonzero(labels == c) for c in classes]
         picked = [rng.choice(m, min(len(m), per_class + (k < extra)), replace=False)
-                  for k, m in enumerate(members)]
+                  for k, m in enumerate(np.flatnonzero(labels == c) for c in classes)]
         return self.take(np.sort(np.concatenate(picked)))
 
 @dataclass
@@ -266,12 +256,10 @@ def decode_image(source, size, max_pixels=None):
                 return decode_image(image, size, max_pixels)
         source.draft("RGB", (size, size))  # JPEG: decoded at a reduced scale when it is huge
         if max_pixels and source.width * source.height > max_pixels:
-            raise ImageTooLargeError(f"image {Path(name).name} is {source.width}x{source.height} "
-                                     f"pixels, over {max_pixels / 1e6:.0f} megapixels")
+            raise ImageTooLargeError(f"image {Path(name).name} is too large: > {max_pixels} pixels")
         image = ImageOps.exif_transpose(source)
-        if image.mode[0] in "IF":  # 16/32-bit gray, scaled by its peak: convert() clips at 255
-            values = np.array(image, dtype=np.float32)  # a copy, scaled in place
-            values *= 255 / max(values.max(), 1.0)  # floats 0..1 stay 0..1
+        if image.mode[0] in "IF":  # 16/32-bit gray by its peak (0..1 floats stay): convert() clips
+            values = np.asarray(image, dtype=np.float32) * 255 / max(np.max(image), 1.0)
             image = Image.fromarray(values.clip(0, 255).astype(np.uint8), "L")
         if image.has_transparency_data:
             white = Image.new("RGBA", image.size, "white")
@@ -284,18 +272,16 @@ def decode_image(source, size, max_pixels=None):
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 def _image_files(folder, classes):  # the images in folder/<class>/ and below, sorted, labelled
-    from torchvision.datasets.folder import make_dataset
-    if not classes:  # make_dataset refuses an empty class list
-        return Split([], files=[])
-    to_label = {name: label for label, name in enumerate(classes)}
-    found = make_dataset(str(folder), to_label, IMAGE_EXTENSIONS, allow_empty=True)
+    found = [(str(p), label) for label, name in enumerate(classes)
+             for p in sorted((folder / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
     return Split([label for _, label in found], files=[path for path, _ in found])
 
 def find_tiny_imagenet(data_dir):  # data_dir or data_dir/tiny-imagenet-200, with wnids.txt; or None
     candidates = (Path(data_dir), Path(data_dir) / "tiny-imagenet-200")
     return next((folder for folder in candidates if (folder / "wnids.txt").is_file()), None)
 
-def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD5):
+def download_tiny_imagenet(data_dir, url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+                           md5="90528d7ca1a48142e341f4ef8d21d0de"):
     """The zip, md5-checked, extracted into data_dir (load_tiny_imagenet finds a cut-short one)."""
     from torchvision.datasets.utils import download_and_extract_archive
     if find_tiny_imagenet(data_dir):
@@ -304,8 +290,10 @@ def download_tiny_imagenet(data_dir, url=TINY_IMAGENET_URL, md5=TINY_IMAGENET_MD
         download_and_extract_archive(url, str(data_dir), md5=md5, remove_finished=True)
     except Exception as e:  # network errors come in many types; the message is what matters
         (Path(data_dir) / Path(url).name).unlink(missing_ok=True)  # partial, or not the md5's
-        raise UserError(f"downloading Tiny ImageNet from {url} failed ({e}): check the connection "
-                        f"and that the zip's md5 is {md5}, and retry") from None
+        raise UserError(f"downloading {url} failed ({e}): check connection and md5 {md5}") from None
+
+def _lines(path):  # a text file's lines, none if it is missing
+    return path.read_text().splitlines() if path.is_file() else []
 
 def load_tiny_imagenet(data_dir, download=False):
     """Tiny ImageNet as it comes: classes by sorted wnids.txt, val labels from its annotations."""
@@ -313,65 +301,50 @@ def load_tiny_imagenet(data_dir, download=False):
         download_tiny_imagenet(data_dir)
     root = find_tiny_imagenet(data_dir)
     if root is None:
-        raise UserError(f"no Tiny ImageNet in {data_dir} (expected tiny-imagenet-200/wnids.txt): "
-                        f"add --download to fetch it")
+        raise UserError(f"no Tiny ImageNet in {data_dir} (expected wnids.txt): add --download")
     wnids = sorted((root / "wnids.txt").read_text().split())
     train = _image_files(root / "train", wnids)
-    annotations = root / "val" / "val_annotations.txt"
-    words_file = root / "words.txt"  # wnid, tab, "goldfish, Carassius auratus"
-    if len(set(train.labels)) < len(wnids) or not (annotations.is_file() and words_file.is_file()):
+    rows = [line.split("\t")[:2] for line in _lines(root / "val" / "val_annotations.txt")]
+    if not rows or len(set(train.labels)) < len(wnids) or {w for _, w in rows} - set(wnids):
         raise UserError(f"Tiny ImageNet at {root} is incomplete: remove it, rerun with --download")
-    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()]
-    label_of = {wnid: k for k, wnid in enumerate(wnids)}
-    val = Split([label_of[wnid] for _, wnid in rows],
+    val = Split([wnids.index(wnid) for _, wnid in rows],
                 files=[str(root / "val" / "images" / name) for name, _ in rows])
-    words = dict(line.split("\t", 1) for line in words_file.read_text().splitlines())
+    words = dict(line.split("\t", 1) for line in _lines(root / "words.txt"))  # wnid \t "a, b"
     names = [words.get(w, w).split(",")[0].strip() for w in wnids]
     return DatasetInfo("tiny", train, val, names, wnids, IMAGENET_MEAN, IMAGENET_STD, 64)
 
 def load_image_folder(data_dir, image_size):
     """data_dir/train/<class>/<image> and data_dir/val/ (or test/) in the same layout."""
     root = Path(data_dir)
-    val_dir = root / "val" if (root / "val").is_dir() else root / "test"
     classes = sorted(p.name for p in (root / "train").glob("*") if p.is_dir())
     train = _image_files(root / "train", classes)
-    val = _image_files(val_dir, classes)  # of train's classes
+    val = _image_files(root / "val" if (root / "val").is_dir() else root / "test", classes)
     if not train.files or not val.files:
-        raise UserError(f"--dataset folder expected images in {root}/train/<class>/ and "
-                        f"{root}/val/<class>/ (or test/)")
+        raise UserError(f"--dataset folder expected {root}/train/<class>/, val/<class>/ (or test/)")
     return DatasetInfo("folder", train, val, classes, classes, IMAGENET_MEAN, IMAGENET_STD,
                        image_size)
 
 def load_cifar10(data_dir, download=False):
     from torchvision.datasets import CIFAR10
-    if Path(data_dir).name == "cifar-10-batches-py" and not download:
-        data_dir = Path(data_dir).parent  # the dataset's own folder was given
     try:
         train = CIFAR10(str(data_dir), train=True, download=download)
         val = CIFAR10(str(data_dir), train=False, download=download)
     except (RuntimeError, OSError) as e:  # not there (RuntimeError), or the download failed
-        raise UserError(f"no CIFAR-10 in {data_dir}/cifar-10-batches-py ({e}): add --download "
-                        f"to fetch it, or check the connection") from None
+        raise UserError(f"no CIFAR-10 in {data_dir} ({e}): add --download to fetch it") from None
     return DatasetInfo("cifar10", Split(list(train.targets), arrays=train.data),
                        Split(list(val.targets), arrays=val.data), train.classes,
-                       list(train.classes), CIFAR10_MEAN, CIFAR10_STD, 32)
+                       list(train.classes), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32)
 
 def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, seed=0):
-    """Learnable images for smoke tests: a smooth random pattern per class, shifted, plus noise."""
+    """Learnable images for smoke tests: a random 4x4 pattern per class, plus noise."""
     g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size,
-                             mode="bilinear")
-
-    def split(n):
-        labels = torch.randint(num_classes, (n,), generator=g)
-        shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n,), generator=g)
-        images = torch.stack([torch.roll(image, int(shift), dims=2)
-                              for image, shift in zip(patterns[labels], shifts)])
-        images = (0.7 * images + 0.3 * torch.rand(images.shape, generator=g)).clamp(0, 1)
-        arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return Split(labels.tolist(), arrays=arrays)
+    patterns = 0.7 * F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size)
+    labels = torch.randint(num_classes, (train_size + val_size,), generator=g)
+    images = patterns[labels] + 0.3 * torch.rand(patterns[labels].shape, generator=g)
+    both = Split(labels.tolist(), arrays=(images * 255).byte().permute(0, 2, 3, 1).numpy())
     names = [f"pattern {i}" for i in range(num_classes)]
-    return DatasetInfo("synthetic", split(train_size), split(val_size), names, names, (0.5,) * 3,
+    val = both.take(range(train_size, len(both)))
+    return DatasetInfo("synthetic", both.take(range(train_size)), val, names, names, (0.5,) * 3,
                        (0.25,) * 3, image_size)
 
 def load_dataset(name, data_dir, image_size=64, download=False):
@@ -382,8 +355,7 @@ def load_dataset(name, data_dir, image_size=64, download=False):
                "synthetic": lambda: make_synthetic(image_size)}
     info = loaders[name]()
     if len(info.class_names) < 2:
-        raise UserError(f"{data_dir} has {len(info.class_names)} class: a classifier needs at "
-                        f"least 2 (one folder per class)")
+        raise UserError(f"{data_dir}: {len(info.class_names)} class; a classifier needs at least 2")
     return info
 
 def pick_examples(info, size, count=8):
@@ -399,12 +371,10 @@ class ImageStore:
     images: torch.Tensor
     labels: torch.Tensor
 
+    size = property(lambda self: self.images.shape[-1])  # S
+
     def __len__(self):
         return len(self.labels)
-
-    @property
-    def size(self):  # S
-        return self.images.shape[-1]
 
 @dataclass
 class DecodedImages(torch.utils.data.Dataset):
@@ -419,26 +389,20 @@ class DecodedImages(torch.utils.data.Dataset):
         try:
             return decode_image(self.split.source(i), self.size), self.split.labels[i], ""
         except ImageDecodeError as e:
-            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-            return blank, self.split.labels[i], str(e)
+            return torch.zeros(3, self.size, self.size).byte(), self.split.labels[i], str(e)
 
     def batches(self, index_lists, workers=0):
         """(images, labels, errors) of each list of indices, decoded by `workers` processes."""
         context = None  # the platform's default (spawn on macOS and Windows)
         if workers and sys.platform == "linux":  # fork: a script with no __main__ guard works
             context = "fork"
-        return torch.utils.data.DataLoader(self, batch_sampler=index_lists, num_workers=workers,
-                                           worker_init_fn=_worker_signals,
-                                           multiprocessing_context=context,
-                                           generator=torch.Generator())  # not the global RNG
+        return torch.utils.data.DataLoader(
+            self, batch_sampler=index_lists, num_workers=workers, worker_init_fn=_worker_signals,
+            multiprocessing_context=context, generator=torch.Generator())  # not the global RNG
 
-def _worker_signals(worker_id):
-    # Our inherited SIGTERM handler only sets a flag: workers outlived their end, the parent hung
+def _worker_signals(worker_id):  # the inherited SIGTERM handler only set a flag: workers hung on
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-def bad_image_error(error):  # the one line a bad image stops a run with
-    return UserError(f"{error}; remove it or pass --skip-bad-images")
 
 def build_store(split, size, workers=0, skip_bad_images=False, split_name="train", log=print):
     """split as an ImageStore, decoded by `workers` processes straight into one uint8 tensor."""
@@ -450,32 +414,27 @@ def build_store(split, size, workers=0, skip_bad_images=False, split_name="train
     chunks = [range(i, min(i + 32, len(split))) for i in range(0, len(split), 32)]
     keep = []
     errors = []
-    decoded = DecodedImages(split, size).batches(chunks, workers)
-    for chunk, (batch, _, messages) in zip(chunks, decoded):
+    for chunk, (batch, _, errs) in zip(chunks, DecodedImages(split, size).batches(chunks, workers)):
         raise_if_stopped()  # a stop ends it within a batch of 32
-        good = [k for k, message in enumerate(messages) if not message]
-        errors += [message for message in messages if message]
+        good = [k for k, error in enumerate(errs) if not error]
+        errors += filter(None, errs)
         if errors and not skip_bad_images:
-            raise bad_image_error(errors[0])
+            raise UserError(f"{errors[0]}; remove it or pass --skip-bad-images")
         images[len(keep):len(keep) + len(good)] = batch[good]
         keep += [chunk[k] for k in good]
     if errors:
         log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
     log(f"{split_name}: decoded {len(keep)} images to {size}x{size} in "
-        f"{time.perf_counter() - start:.1f}s ({len(keep) * 3 * size * size / 2**20:.0f} MiB)")
+        f"{time.perf_counter() - start:.1f}s ({images[:len(keep)].nbytes / 2**20:.0f} MiB)")
     return ImageStore(images[:len(keep)], labels[keep])
 
 def _resample_matrix(scale, offset, out_size, in_size):
-    """[B, out, in] bilinear weights: out pixel o reads in at scale * o + offset (in -1..1, as
-    F.affine_grid, align_corners=False)."""
-    positions = torch.arange(out_size, device=scale.device, dtype=torch.float32)
-    out_pos = (positions + 0.5) / out_size * 2 - 1
-    src_pixels = ((scale[:, None] * out_pos[None, :] + offset[:, None]) + 1) * (in_size / 2) - 0.5
+    """[B, out, in] bilinear weights: out pixel o reads at scale * o + offset (affine_grid's)."""
+    out_pos = (torch.arange(out_size, device=scale.device) + 0.5) / out_size * 2 - 1
+    src = ((scale[:, None] * out_pos[None, :] + offset[:, None]) + 1) * (in_size / 2) - 0.5
     # Half a pixel past the border is still inside, clamped (as F.interpolate: no dark edges)
-    inside = (src_pixels >= -0.5) & (src_pixels <= in_size - 0.5)
-    src_pixels = torch.where(inside, src_pixels.clamp(0, in_size - 1), src_pixels)
-    in_pixels = torch.arange(in_size, device=scale.device, dtype=torch.float32)
-    return (1 - (src_pixels[:, :, None] - in_pixels[None, None, :]).abs()).clamp(min=0)
+    src = torch.where((src >= -0.5) & (src <= in_size - 0.5), src.clamp(0, in_size - 1), src)
+    return (1 - (src[:, :, None] - torch.arange(in_size, device=scale.device)).abs()).clamp(min=0)
 
 def _resample(images, params, out_size):
     """Crop, flip, resize by params [B, 4] = (sx, sy, tx, ty) as matmuls (fast on XLA too)."""
@@ -497,8 +456,7 @@ def _normalize(x, mean, std):  # 0..255 floats -> (x / 255 - mean) / std
     return x * (1 / (255 * std)) - mean / std
 
 def _shift_crop(images, params):
-    """The pad crop (whole-pixel shifts, zero fill, flips) as one gather: _resample's numbers at the
-    same size, far cheaper."""
+    """The pad crop (whole-pixel shifts, zero fill, flips) as one gather: _resample's numbers."""
     b, c, h, w = images.shape
     dx = torch.round(params[:, 2] * (w / 2)).long()
     dy = torch.round(params[:, 3] * (h / 2)).long()
@@ -535,16 +493,13 @@ def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale
         return torch.stack([flip, torch.ones(batch_size), shift[:, 0], shift[:, 1]], 1)
     # All attempts drawn at once; the first that fits wins, and none: the whole image (torchvision)
     area = min_scale + (1 - min_scale) * torch.rand(batch_size, attempts, generator=generator)
-    log_ratio = (torch.rand(batch_size, attempts, generator=generator) * 2 - 1) * math.log(4 / 3)
-    sx = torch.sqrt(area * torch.exp(log_ratio))
-    sy = torch.sqrt(area / torch.exp(log_ratio))
-    fits = (sx <= 1) & (sy <= 1)
-    first = fits.float().argmax(1, keepdim=True)
-    sx = torch.where(fits.any(1), sx.gather(1, first)[:, 0], 1.0)
-    sy = torch.where(fits.any(1), sy.gather(1, first)[:, 0], 1.0)
-    tx = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sy)
-    return torch.stack([sx * flip, sy, tx, ty], 1)
+    ratio = (4 / 3) ** (torch.rand(batch_size, attempts, generator=generator) * 2 - 1)
+    scales = torch.stack([torch.sqrt(area * ratio), torch.sqrt(area / ratio)], 2)  # B x tries x 2
+    fits = (scales <= 1).all(2)
+    first = scales[torch.arange(batch_size), fits.float().argmax(1)]
+    scale = torch.where(fits.any(1, keepdim=True), first, 1.0)                   # B x (sx, sy)
+    shift = (torch.rand(2, batch_size, generator=generator).T * 2 - 1) * (1 - scale)
+    return torch.cat([scale * torch.stack([flip, torch.ones(batch_size)], 1), shift], 1)
 
 @dataclass(eq=False)
 class StoreLoader:
@@ -562,8 +517,8 @@ class StoreLoader:
 
     def __post_init__(self):
         if self.train and len(self) == 0:
-            raise UserError(f"{len(self.store)} training images make no full batch of "
-                            f"{self.batch_size} for each of {self.world_size}: lower --batch-size")
+            raise UserError(f"{len(self.store)} images make no full batch of {self.batch_size} "
+                            f"for each of {self.world_size} processes: lower --batch-size")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -578,8 +533,7 @@ class StoreLoader:
         if self.train:  # one (seed, epoch) permutation split by the replicas, crops of their own
             seed = self.seed * 100_003 + self.epoch
             generator = torch.Generator().manual_seed(seed)
-            per_replica = len(self.store) // self.world_size
-            order = torch.randperm(len(self.store), generator=generator)[self.rank * per_replica:]
+            order = torch.randperm(len(self.store), generator=generator)[self.rank * padded:]
             if self.rank:
                 generator.manual_seed(seed + 1_000_003 * self.rank)
             extras = torch.stack([random_crop_params(generator, self.batch_size, self.store.size,
@@ -595,8 +549,8 @@ class StoreLoader:
         else:
             fetched = self.store.batches(batches.tolist(), self.workers)
         for extra, (images, labels, errors) in zip(extras.to(self.device), fetched):
-            if any(errors):
-                raise bad_image_error(next(error for error in errors if error))
+            for error in filter(None, errors):  # the first bad image stops the run
+                raise UserError(f"{error}; remove it or use the fast loader with --skip-bad-images")
             yield images, labels, extra
 
 def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
@@ -609,9 +563,6 @@ def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", worker
         if loader == "fast":
             store = build_store(split, info.source_size, workers, skip_bad_images, name, log)
             return ImageStore(store.images.to(store_device), store.labels.to(store_device))
-        if skip_bad_images and split.files:  # bad images go now: a batch has no place for a gap
-            indexed = Split(list(range(len(split))), files=split.files)  # the good ones' indices:
-            split = split.take(build_store(indexed, 16, workers, True, name, log).labels.tolist())
         return DecodedImages(split, info.source_size)
 
     train = None

@@ -438,8 +438,7 @@ def test_cifar10_real_files_load():
 @needs_cifar
 @pytest.mark.slow
 def test_cifar10_short_real_run_beats_chance(tmp_path, capsys):
-    # --data-dir as the dataset folder itself (README uses the parent; both work)
-    code, out, err = run_main(["--dataset", "cifar10", "--data-dir", SHARED / "cifar-10-batches-py",
+    code, out, err = run_main(["--dataset", "cifar10", "--data-dir", SHARED,
                                "--arch", "tiny", "--subset", 1000, "--epochs", 3, "--batch-size", 32,
                                "--device", "cpu", "--checkpoint-dir", tmp_path, "--log-interval", 0], capsys)
     assert code == 0, err
@@ -488,6 +487,12 @@ def test_tiny_imagenet_fixture_val_labels_match_train(tmp_path):
         assert info.class_ids[lab] == annotations[Path(f).name]
     store = g.build_store(info.val, 64)
     assert store.images.shape == (6, 3, 64, 64)  # grayscale val JPEGs became RGB
+    (root / "words.txt").unlink()  # optional: names fall back to the wnids
+    assert g.load_tiny_imagenet(tmp_path).class_names == ["n01", "n02", "n03"]
+    with open(root / "val" / "val_annotations.txt", "a") as f:
+        f.write("val_x.JPEG\tn77\t0\t0\t63\t63\n")  # a class not in wnids.txt
+    with pytest.raises(g.UserError, match="incomplete"):
+        g.load_tiny_imagenet(tmp_path)
 
 
 @contextlib.contextmanager
@@ -634,18 +639,12 @@ def test_bad_image_named_or_skipped(tmp_path, capsys):
     code, out, err = run_main(argv + ["--skip-bad-images", "--checkpoint-dir", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "skipped 1 undecodable" in out
-    # the per-sample loader: the same one line, and --skip-bad-images works there too
+    # the per-sample loader: the same one line, pointing at the fast loader (whose store skips them)
     torch_argv = argv + ["--loader", "torch", "--batch-size", 13]  # 13 train images: the broken one is in the batch
-    code, out, err = run_main(torch_argv + ["--checkpoint-dir", tmp_path / "c"], capsys)
-    assert code == 2 and "n01_broken.JPEG" in err and "--skip-bad-images" in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    code, out, err = run_main(argv + ["--loader", "torch", "--skip-bad-images", "--checkpoint-dir", tmp_path / "d"],
-                              capsys)
-    assert code == 0, err
-    assert out.count("skipped 1 undecodable images in train") == 1
-    train, val = g.make_loaders(g.load_tiny_imagenet(tmp_path), 4, 32, loader="torch", skip_bad_images=True,
-                                log=lambda *a: None)
-    assert len(train.store) == 12 and str(bad) not in train.store.split.files  # dropped, not replaced
+    for extra, folder in [([], "c"), (["--skip-bad-images"], "d")]:
+        code, out, err = run_main(torch_argv + extra + ["--checkpoint-dir", tmp_path / folder], capsys)
+        assert code == 2 and "n01_broken.JPEG" in err and "fast loader with --skip-bad-images" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_build_store_holds_one_copy_while_decoding(tmp_path):
