@@ -360,7 +360,7 @@ def test_both_loaders_give_the_same_training_batches():
         torch.manual_seed(0)
         model = g.build_model("tiny", 10)
         losses.append(g.train_one_epoch(model, loader, g.make_optimizer(model, config), device,
-                                        g.model_config_for(info, "tiny", 16), config, 2, log=lambda *a: None)["loss"])
+                                        g.model_config_for(info, "tiny", 16), config, 2, log=lambda *a: None)["train_loss"])
     assert losses[0] == losses[1]
 
 
