@@ -230,8 +230,11 @@ class Split:
         labels = np.asarray(self.labels)
         classes = rng.permutation(np.unique(labels))
         per_class, extra = divmod(n, len(classes))
-        picked = [rng.choice(m, min(len(m), per_class + (k < extra)), replace=False)
-                  for k, m in enumerate(np.flatnonzero(labels == c) for c in classes)]
+        picked = []
+        for k, c in enumerate(classes):  # the first `extra` classes drawn get one more
+            members = np.flatnonzero(labels == c)
+            count = min(len(members), per_class + (k < extra))
+            picked.append(rng.choice(members, count, replace=False))
         return self.take(np.sort(np.concatenate(picked)))
 
 @dataclass
@@ -340,7 +343,8 @@ def make_synthetic(image_size, num_classes=10, train_size=2048, val_size=512, se
     g = torch.Generator().manual_seed(seed)
     patterns = 0.7 * F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), image_size)
     labels = torch.randint(num_classes, (train_size + val_size,), generator=g)
-    images = patterns[labels] + 0.3 * torch.rand(patterns[labels].shape, generator=g)
+    images = patterns[labels]
+    images += 0.3 * torch.rand(images.shape, generator=g)
     both = Split(labels.tolist(), arrays=(images * 255).byte().permute(0, 2, 3, 1).numpy())
     names = [f"pattern {i}" for i in range(num_classes)]
     val = both.take(range(train_size, len(both)))
@@ -371,10 +375,12 @@ class ImageStore:
     images: torch.Tensor
     labels: torch.Tensor
 
-    size = property(lambda self: self.images.shape[-1])  # S
-
     def __len__(self):
         return len(self.labels)
+
+    @property
+    def size(self):  # S
+        return self.images.shape[-1]
 
 @dataclass
 class DecodedImages(torch.utils.data.Dataset):
@@ -491,15 +497,19 @@ def random_crop_params(generator, batch_size, source_size, crop="pad", min_scale
         pixels = torch.randint(-pad, pad + 1, (batch_size, 2), generator=generator)
         shift = pixels.float() * 2 / source_size
         return torch.stack([flip, torch.ones(batch_size), shift[:, 0], shift[:, 1]], 1)
-    # All attempts drawn at once; the first that fits wins, and none: the whole image (torchvision)
+    # torchvision's areas and aspects, all attempts drawn at once (the generator advances the same
+    # every batch): the first that fits wins; none fits: the whole image, as torchvision.
     area = min_scale + (1 - min_scale) * torch.rand(batch_size, attempts, generator=generator)
-    ratio = (4 / 3) ** (torch.rand(batch_size, attempts, generator=generator) * 2 - 1)
-    scales = torch.stack([torch.sqrt(area * ratio), torch.sqrt(area / ratio)], 2)  # B x tries x 2
-    fits = (scales <= 1).all(2)
-    first = scales[torch.arange(batch_size), fits.float().argmax(1)]
-    scale = torch.where(fits.any(1, keepdim=True), first, 1.0)                   # B x (sx, sy)
-    shift = (torch.rand(2, batch_size, generator=generator).T * 2 - 1) * (1 - scale)
-    return torch.cat([scale * torch.stack([flip, torch.ones(batch_size)], 1), shift], 1)
+    log_ratio = (torch.rand(batch_size, attempts, generator=generator) * 2 - 1) * math.log(4 / 3)
+    sx = torch.sqrt(area * torch.exp(log_ratio))
+    sy = torch.sqrt(area / torch.exp(log_ratio))
+    fits = (sx <= 1) & (sy <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    sx = torch.where(fits.any(1), sx.gather(1, first)[:, 0], 1.0)
+    sy = torch.where(fits.any(1), sy.gather(1, first)[:, 0], 1.0)
+    tx = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(batch_size, generator=generator) * 2 - 1) * (1 - sy)
+    return torch.stack([sx * flip, sy, tx, ty], 1)
 
 @dataclass(eq=False)
 class StoreLoader:
@@ -549,7 +559,8 @@ class StoreLoader:
         else:
             fetched = self.store.batches(batches.tolist(), self.workers)
         for extra, (images, labels, errors) in zip(extras.to(self.device), fetched):
-            for error in filter(None, errors):  # the first bad image stops the run
+            if any(errors):  # the first bad image stops the run
+                error = next(error for error in errors if error)
                 raise UserError(f"{error}; remove it or use the fast loader with --skip-bad-images")
             yield images, labels, extra
 
