@@ -1209,18 +1209,14 @@ LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
 MAX_IMAGE_SIZE = 1024  # a checkpoint's image sizes: larger ones take seconds and GBs per image
-MAX_METADATA = 2**24  # characters of JSON: a long run's history fits, a memory bomb does not
 MAX_TEXT = 1000  # characters in a class name or a dataset's name
 
 def printable(text):
     """text with each character a terminal acts on (controls, surrogates) as a \\x.. escape."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
-def _in(value, low, high, kinds=(int, float)):  # a number of one of `kinds`, from low to high
+def _in(value, low, high, kinds=(int,)):  # a number of one of `kinds`, from low to high
     return type(value) in kinds and low <= value <= high
-
-def _three(values, low):  # mean or std: from JSON, a list
-    return type(values) is list and len(values) == 3 and all(_in(v, low, 10) for v in values)
 
 def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
     return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
@@ -1244,24 +1240,24 @@ class ModelConfig:
     val_top1: float | None = None
 
     def check(self):
-        """self, if every field has its type and range (the schema); else ValueError."""
-        whole = (int,)
-        names = self.class_names
-        fine = {"arch": self.arch in ARCHS, "num_classes": _in(self.num_classes, 2, 1e5, whole),
-                "class_names": type(names) is list and len(names) == self.num_classes
-                and all(map(_text, names)), "class_ids": type(self.class_ids) is list
-                and all(_text(c) or _in(c, 0, 2**53, whole) for c in self.class_ids),
-                "image_size": _in(self.image_size, 8, MAX_IMAGE_SIZE, whole),
-                "source_size": _in(self.source_size, 8, MAX_IMAGE_SIZE, whole),
-                "mean": _three(self.mean, -10), "std": _three(self.std, 1e-3),
+        """self, if each field has the type and range googlenet.py writes; else ValueError."""
+        fine = {"arch": self.arch in ARCHS, "num_classes": _in(self.num_classes, 2, 1e5),
+                "class_names": type(self.class_names) is list and all(map(_text, self.class_names))
+                and len(self.class_names) == self.num_classes, "dataset": _text(self.dataset),
+                "epoch": _in(self.epoch, 0, 1e6), "class_ids": type(self.class_ids) is list
+                and all(_text(c) or _in(c, 0, 2**53) for c in self.class_ids),
+                "image_size": _in(self.image_size, 8, MAX_IMAGE_SIZE),
+                "source_size": _in(self.source_size, 8, MAX_IMAGE_SIZE),
+                "mean/std": all(type(v) is list and len(v) == 3 for v in (self.mean, self.std))
+                and all(_in(m, -10, 10, (int, float)) for m in self.mean)
+                and all(_in(s, 1e-3, 10, (int, float)) for s in self.std),
                 "model_options": type(self.model_options) is dict and all(_text(k) and (v is None
                     or _in(v, 0, 1, (bool, int, float))) for k, v in self.model_options.items()),
-                "dataset": _text(self.dataset), "epoch": _in(self.epoch, 0, 10**6, whole),
-                "best_epoch": self.best_epoch is None or _in(self.best_epoch, 0, 10**6, whole),
-                "best_top1": self.best_top1 is None or _in(self.best_top1, 0, 1),
-                "val_top1": self.val_top1 is None or _in(self.val_top1, 0, 1)}
+                "best_epoch": self.best_epoch is None or _in(self.best_epoch, 0, 1e6),
+                "best_top1": self.best_top1 is None or _in(self.best_top1, 0, 1, (int, float)),
+                "val_top1": self.val_top1 is None or _in(self.val_top1, 0, 1, (int, float))}
         for name in (name for name, ok in fine.items() if not ok):
-            raise ValueError(f"{name} must be as googlenet.py writes: {getattr(self, name)!r:.50}")
+            raise ValueError(f"its model config is not one googlenet.py writes: {name}")
         return self
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
@@ -1297,18 +1293,15 @@ def save_checkpoint(path, model, optimizer, model_config, train_config=None, his
                     for name, p in model.named_parameters()})
     tensors.update({"examples": examples.get("images"), "position.rng": position.pop("rng", None),
                     "position.cuda_rng": position.pop("cuda_rng", None)})
-    metadata = {"config": dataclasses.asdict(model_config), "history": list(history or []),
-                "argv": list(argv or []), "torch_version": torch.__version__,
+    metadata = {"config": dataclasses.asdict(model_config), "history": history, "argv": argv,
                 "train_config": train_config and dataclasses.asdict(train_config),
-                "examples": examples.get("labels"), "position": position or None}
-    if scaler is not None and scaler.is_enabled():
-        metadata["scaler"] = scaler.state_dict()
+                "examples": examples.get("labels"), "position": position,
+                "scaler": scaler and scaler.state_dict(), "torch_version": torch.__version__}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
-    metadata = {key: json.dumps(value) for key, value in metadata.items() if value is not None}
-    data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, **metadata})
-    _atomic_write(path, lambda f: f.write(data))
+    metadata = {key: json.dumps(value) for key, value in metadata.items() if value}  # not [], {}
+    _atomic_write(path, lambda f: f.write(save(tensors, {"format": CHECKPOINT_FORMAT, **metadata})))
 
-def _json_number(kind, text):  # 20 digits: a uint64 (XLA's random seed) fits
+def _json_number(text, kind=float):  # 20 digits: a uint64 (XLA's random seed) fits
     if kind is int and len(text.lstrip("-")) > 20 or not math.isfinite(kind(text)):
         raise ValueError(f"the number {text[:30]} is out of range")
     return kind(text)
@@ -1318,84 +1311,67 @@ _ENTRIES = {"config": (dict,), "train_config": (dict,), "scaler": (dict,), "posi
             "torch_version": (str,), "history": (list, dict), "argv": (list, str),
             "examples": (list, int)}
 
-def _parse_metadata(metadata):
-    """Entries of their types by one bounded JSON parse (no NaN, inf, 21 digits); config checked."""
+def _read_metadata(file):
+    """Metadata by one bounded JSON parse, its types and schema; then the tensor table fits it."""
+    metadata = file.metadata() or {}
     if metadata.pop("format", None) != CHECKPOINT_FORMAT:
         raise ValueError(f"not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    if sum(map(len, metadata.values())) > MAX_METADATA:
-        raise ValueError(f"its metadata is over {MAX_METADATA} characters")
-    checkpoint = {"format": CHECKPOINT_FORMAT, "train_config": None, "history": [], "argv": [],
-                  "examples": [], "scaler": None, "position": None}
-    real = functools.partial(_json_number, float)
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": {}, "train_config": None, "history": [],
+                  "argv": [], "examples": [], "scaler": None, "position": None}
     for key, text in metadata.items():
-        if key not in _ENTRIES:
-            raise ValueError(f"its {key!r:.60} is not an entry googlenet.py writes")
         try:
-            value = json.loads(text, parse_int=functools.partial(_json_number, int),
-                               parse_float=real, parse_constant=real)
+            value = json.loads(text, parse_int=functools.partial(_json_number, kind=int),
+                               parse_float=_json_number, parse_constant=_json_number)
         except (ValueError, RecursionError) as e:
-            raise ValueError(f"its {key!r} is not the JSON googlenet.py writes ({e})") from None
-        kind, *item = _ENTRIES[key]
+            raise ValueError(f"its {key!r:.60} is not the JSON googlenet.py writes ({e})") from None
+        kind, *item = _ENTRIES.get(key, (None,))
         if type(value) is not kind or item and any(type(v) is not item[0] for v in value):
-            raise ValueError(f"its {key!r} is not a {kind.__name__} as googlenet.py writes")
+            raise ValueError(f"its {key!r:.60} is not an entry of the type googlenet.py writes")
         checkpoint[key] = value
-    config = ModelConfig(**checkpoint.get("config", {})).check()  # none: "missing 7 arguments"
-    checkpoint["config"] = dataclasses.asdict(config)
+    config = ModelConfig(**checkpoint["config"]).check()  # none: "missing 7 arguments"
     labels = checkpoint["examples"]
     if len(labels) > 16 or not all(0 <= n < config.num_classes for n in labels):
         raise ValueError("its examples must be at most 16, each with a label of its classes")
-    return checkpoint
-
-def _check_tensor_table(checkpoint, file):
-    """Refuse tensors that are not, in name, dtype and shape, those the metadata calls for."""
-    config = checkpoint["config"]
     with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
-        net = build_model(config["arch"], config["num_classes"], **config["model_options"])
+        net = build_model(config.arch, config.num_classes, **config.model_options)
     dtypes = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
     required = {f"model.{k}": (dtypes[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
-    if checkpoint["examples"]:
-        size = config["source_size"]
-        required["examples"] = ("U8", [len(checkpoint["examples"]), 3, size, size])
+    if labels:
+        required["examples"] = ("U8", [len(labels), 3] + [config.source_size] * 2)
     if checkpoint["position"] is not None:  # a row per rank: the CPU generator, CUDA's Philox
         ranks = checkpoint["position"].get("world_size")
         required["position.rng"] = ("U8", [ranks, torch.get_rng_state().numel()])
         optional["position.cuda_rng"] = ("U8", [ranks, 16])
+        checkpoint["position"]["cuda_rng"] = None  # where saved: its tensor replaces it
     expected = {**optional, **required}
     found = {n: (file.get_slice(n).get_dtype(), file.get_slice(n).get_shape()) for n in file.keys()}
-    misfit = sorted(set(required) - set(found))
-    misfit += sorted(name for name in found if expected.get(name) != found[name])
+    misfit = sorted(set(required) - set(found) | {n for n in found if expected.get(n) != found[n]})
     if misfit:
         raise ValueError(f"its tensors do not fit its config: {misfit[0]!r:.80} of {len(misfit)}")
+    return {**checkpoint, "config": dataclasses.asdict(config)}
 
 def load_checkpoint(path):
-    """Read a checkpoint at one boundary (metadata, config, tensor table, finite tensors): anything
-    odd, and any OSError, is one CheckpointError line."""
+    """Read a checkpoint at one boundary: anything odd, and any OSError, is one CheckpointError."""
     from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(path, "pt") as file:  # bounds and parses the table: dtypes, shapes, bytes
-            checkpoint = _parse_metadata(file.metadata() or {})
-            _check_tensor_table(checkpoint, file)
-            # Copied out of the map: mapped tensors would fault (SIGBUS) once the file is rewritten.
+        with safe_open(path, "pt") as file:  # copied out: a map faults once the file is rewritten
+            checkpoint = _read_metadata(file)
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
-                              f"{LAST_FILE} or {BEST_FILE} that `python googlenet.py` wrote "
-                              f"(earlier versions' .pt files are no longer read)") from None
+                              f"{LAST_FILE} or {BEST_FILE}, not earlier versions' .pt") from None
     except (TypeError, ValueError) as e:  # the metadata's, the config's, the tensor table's
         raise CheckpointError(f"{path}: {str(e)[:200]}; use a file googlenet.py wrote") from None
     labels = checkpoint.pop("examples")
     checkpoint.update(model={}, momentum={}, examples=None)
-    if checkpoint["position"] is not None:  # its rng (and cuda_rng, where saved) come below
-        checkpoint["position"]["cuda_rng"] = None
+    if labels:
+        checkpoint["examples"] = {"images": tensors.pop("examples"), "labels": labels}
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
-        section, _, key = name.partition(".")  # model., momentum., position. (where it has one)
-        if key:
-            checkpoint[section][key] = tensor
-        else:
-            checkpoint["examples"] = {"images": tensor, "labels": labels}
+        section, _, key = name.partition(".")  # model., momentum., position.
+        checkpoint[section][key] = tensor
     return checkpoint
 
 def model_from_checkpoint(checkpoint):
@@ -1409,10 +1385,8 @@ def load_for_inference(path, device="cpu"):
     model, config = model_from_checkpoint(load_checkpoint(path))
     return model.to(device).eval(), config
 
-
 # ---------------------------------------------------------------------------------------------
-# CLI: flags -> the library calls above. A bad flag: argparse's usage and error; bad input (a
-# folder, a file, a value the data refuses): one line. Both exit with code 2.
+# CLI: flags -> the library calls above; a bad flag (argparse's usage) or input: one line, exit 2
 # ---------------------------------------------------------------------------------------------
 
 def number(kind, low, high=1e30, above=False):
@@ -1469,20 +1443,17 @@ def build_parser():
     add("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     return parser
 
-# This machine's and this call's flags: never taken from a checkpoint's command line
 MACHINE_FLAGS = ("workers", "device", "num_cores", "sync_bn", "checkpoint_dir", "download",
-                 "resume", "evaluate")
+                 "resume", "evaluate")  # this machine's, this call's: never from a checkpoint
 
-def _command_line(parser, flags):
-    """The argv giving `flags` ({dest: value}) where not the defaults, MACHINE_FLAGS left out."""
+def _command_line(parser, flags):  # the argv of flags ({dest: value}) but MACHINE_FLAGS, defaults
     argv = []
     for action in parser._actions:
         value = flags.get(action.dest, action.default)
-        if action.dest in MACHINE_FLAGS or not action.option_strings or value == action.default:
-            continue
-        argv.append(f"{action.option_strings[0]}={value}")  # one string: a value may start with -
-        if action.nargs == 0:  # a switch: --x (store_true), --no-x (store_false, or False)
-            argv[-1] = action.option_strings[-1 if value is False else 0]
+        if action.dest not in MACHINE_FLAGS and value != action.default:  # (no positionals)
+            argv.append(f"{action.option_strings[0]}={value}")  # a value may start with -
+            if action.nargs == 0:  # a switch: --x (store_true), --no-x (store_false, or False)
+                argv[-1] = action.option_strings[-1 if value is False else 0]
     return argv
 
 def parse_args(argv=None, parser=None):
@@ -1505,10 +1476,9 @@ def parse_args(argv=None, parser=None):
         args = parser.parse_args(argv)
         args.resume = path
     args.checkpoint_dir = args.checkpoint_dir or f"runs/{args.dataset}"
-    if args.crop is None:
-        args.crop = "resized" if args.dataset == "folder" else "pad"  # photos: scale jitter
-    if args.image_size is None:
-        args.image_size = 224 if args.arch == "original" else {"cifar10": 32}.get(args.dataset, 64)
+    args.crop = args.crop or {"folder": "resized"}.get(args.dataset, "pad")  # photos: scale jitter
+    size = {"original": 224}.get(args.arch, {"cifar10": 32}.get(args.dataset, 64))
+    args.image_size = args.image_size or size
     return args, checkpoint
 
 def check_checkpoint_dir(out_dir, resumed=None):
@@ -1525,25 +1495,10 @@ def check_checkpoint_dir(out_dir, resumed=None):
                         f"pass another --checkpoint-dir")
     last = LAST_FILE in found and load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
     if last and last > resumed["config"]["epoch"]:
-        raise UserError(f"{out_dir / LAST_FILE} is newer (epoch {last}) than the checkpoint "
-                        f"resumed: resume it, or pass another --checkpoint-dir to branch off")
+        raise UserError(f"{out_dir / LAST_FILE} is newer (epoch {last}): resume it, or branch off "
+                        f"into another --checkpoint-dir")
 
-def _check_device_flags(args):
-    """Flags the device cannot follow, refused before any work."""
-    if args.sync_bn and args.device != "cuda":
-        raise UserError("--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm runs on GPUs)")
-    if args.precision == "fp16" and args.device == "xla":
-        raise UserError("--precision fp16 is for CUDA and the CPU; TPUs train in bf16 (auto)")
-    if args.device == "xla" and os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
-        from torch_xla._internal import tpu  # the chips on the PCI bus: no runtime started
-        if tpu.num_local_processes() == 0:  # else torch_xla fails deep inside
-            raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU (on the CPU: =CPU)")
-    if args.device == "xla" and args.num_cores not in (None, 1):
-        raise UserError("--num-cores: one TPU core, or all (leave it out); CPU-XLA runs one "
-                        "process (several: torchrun --nproc_per_node N googlenet.py --device cpu)")
-
-def _model_for_run(args, checkpoint, info):
-    """The model and its config; a checkpoint's weights decide the shape, not today's flags."""
+def _model_for_run(args, checkpoint, info):  # a checkpoint's weights decide the shape, not flags
     if checkpoint is None:
         options = {"aux_logits": args.aux, "batch_norm": args.batch_norm}
         model = build_model(args.arch, len(info.class_names), **options)
@@ -1556,8 +1511,7 @@ def _model_for_run(args, checkpoint, info):
     model, _ = model_from_checkpoint(checkpoint)
     return model, model_config_for(info, args.arch, args.image_size, **saved["model_options"])
 
-def _run(args, checkpoint=None):
-    """Train (or evaluate) as args say in this process (one of several: torchrun, torch_xla)."""
+def _run(args, checkpoint=None):  # train or evaluate, in this process (of torchrun's, torch_xla's)
     if checkpoint is None and args.resume:
         checkpoint = load_checkpoint(args.resume)  # each TPU process reads it
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -1577,11 +1531,8 @@ def _run(args, checkpoint=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     precision = resolve_precision(config.precision, device)
     scaler = " (autocast + GradScaler)" * (precision == "fp16")
-    world = device.world_size
-    where = ", ".join(filter(None, [str(device.torch_device), device.note]))
-    if world > 1:
-        where += f", {world} processes: global batch {config.batch_size * world}"
-        where += f", peak lr {peak_lr(config, world):.4g}"
+    processes = f"{device.world_size} processes" * (device.world_size > 1)
+    where = ", ".join(filter(None, [str(device.torch_device), device.note, processes]))
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     log(f"device: {device.kind} ({where}); precision {precision}{scaler}; model {args.arch}: "
         f"{millions:.2f}M parameters, {len(info.class_names)} classes, {args.image_size}px input")
@@ -1596,8 +1547,8 @@ def _run(args, checkpoint=None):
         args.subset, config.seed, args.skip_bad_images, device.rank, device.world_size, log,
         not args.evaluate, store_device, pin_device)
     if args.evaluate:
-        model.to(device.torch_device)
-        result = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
+        result = evaluate(model.to(device.torch_device), val_loader, device, model_config,
+                          config.precision, config.tta)
         raise_if_stopped("during evaluation: nothing was saved")
         log(f"evaluate {args.resume}: val loss {result['loss']:.4f} top1 {result['top1']:.4f} top5 "
             f"{result['top5']:.4f} over {result['images']} images" + " (flip TTA)" * config.tta)
@@ -1618,8 +1569,7 @@ def _launch_on_tpu_cores(args):  # a process per TPU core (all of them), a SIGTE
     import torch_xla
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
-def _ending(error, args):
-    """main's exit code and last line for what ended the run early."""
+def _ending(error, args):  # main's exit code and last line for what ended the run early
     last = args and Path(args.checkpoint_dir) / LAST_FILE
     if isinstance(error, Stopped):  # saved where it stopped: not an error
         return error.exit_code, str(error)
@@ -1631,17 +1581,23 @@ def _ending(error, args):
 
 def main(argv=None):
     """The command line: 0; 2 on a bad flag or input; 1 on divergence; 128 + signal: stopped."""
-    import torch.distributed as dist
     install_stop_handlers()
     args = None
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
-        _check_device_flags(args)
+        pjrt = os.environ.get("PJRT_DEVICE", "").upper()
+        if args.sync_bn and args.device != "cuda":
+            raise UserError("--sync-bn needs CUDA GPUs under torchrun (SyncBatchNorm runs on GPUs)")
+        if args.device == "xla" and pjrt == "TPU":
+            from torch_xla._internal import tpu  # the chips on the PCI bus: no runtime started
+            if tpu.num_local_processes() == 0:  # else torch_xla fails deep inside
+                raise UserError("PJRT_DEVICE=TPU, but this machine has no TPU (on the CPU: =CPU)")
+        if args.device == "xla" and args.num_cores not in (None, 1):
+            raise UserError("--num-cores: 1, or leave it out for all TPU cores (CPU-XLA: torchrun)")
         if not args.evaluate:
             check_checkpoint_dir(args.checkpoint_dir, checkpoint)
-        cpu = os.environ.get("PJRT_DEVICE", "").upper() == "CPU"  # XLA on the CPU: one process
-        if args.device != "xla" or args.num_cores == 1 or cpu:
+        if args.device != "xla" or args.num_cores == 1 or pjrt == "CPU":  # XLA's CPU: one process
             _run(args, checkpoint)
             return 0
         if args.download:  # once, here: processes downloading together would trample each other
@@ -1653,14 +1609,14 @@ def main(argv=None):
         return e.code
     except (UserError, KeyboardInterrupt) as e:  # Stopped is one
         code, line = _ending(e, args)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
-            print(line, file=sys.stderr, flush=True)
-        if getattr(e, "everywhere", False) and dist.is_initialized():  # all raised it (diverged):
-            dist.barrier()  # leave once rank 0 said why, as torchrun stops the rest at one's exit
+        if os.environ.get("RANK" if getattr(e, "everywhere", False) else "LOCAL_RANK", "0") == "0":
+            print(line, file=sys.stderr, flush=True)  # all raised it: rank 0; else each node's 1st
+        if getattr(e, "everywhere", False) and torch.distributed.is_initialized():  # diverged:
+            torch.distributed.barrier()  # leave once rank 0 said why (torchrun stops the rest)
         return code
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
