@@ -8,8 +8,7 @@ checkpoint, CLI.
   python googlenet.py --resume runs/tiny/last.safetensors              # continue a run
   python googlenet.py --evaluate --resume runs/tiny/best.safetensors   # only evaluate
 
-From Python: load_dataset, build_model, make_loaders, train, load_for_inference (README has an
-example).
+From Python: load_dataset, build_model, make_loaders, train, load_for_inference (see README).
 """
 
 from __future__ import annotations
@@ -1221,6 +1220,10 @@ def _in(value, low, high, kinds=(int,)):  # a number of one of `kinds`, from low
 def _text(value):  # printable: no lone surrogates (unencodable), no terminal control characters
     return type(value) is str and len(value) <= MAX_TEXT and value.isprintable()
 
+def _three(value, low, high):  # a mean or std as JSON gives it: three numbers
+    return type(value) is list and len(value) == 3 and all(
+        _in(v, low, high, (int, float)) for v in value)
+
 @dataclass
 class ModelConfig:
     """What a checkpoint says about its model and data: plain values, enough to rebuild it."""
@@ -1241,23 +1244,27 @@ class ModelConfig:
 
     def check(self):
         """self, if each field has the type and range googlenet.py writes; else ValueError."""
-        fine = {"arch": self.arch in ARCHS, "num_classes": _in(self.num_classes, 2, 1e5),
-                "class_names": type(self.class_names) is list and all(map(_text, self.class_names))
-                and len(self.class_names) == self.num_classes, "dataset": _text(self.dataset),
-                "epoch": _in(self.epoch, 0, 1e6), "class_ids": type(self.class_ids) is list
-                and all(_text(c) or _in(c, 0, 2**53) for c in self.class_ids),
-                "image_size": _in(self.image_size, 8, MAX_IMAGE_SIZE),
-                "source_size": _in(self.source_size, 8, MAX_IMAGE_SIZE),
-                "mean/std": all(type(v) is list and len(v) == 3 for v in (self.mean, self.std))
-                and all(_in(m, -10, 10, (int, float)) for m in self.mean)
-                and all(_in(s, 1e-3, 10, (int, float)) for s in self.std),
-                "model_options": type(self.model_options) is dict and all(_text(k) and (v is None
-                    or _in(v, 0, 1, (bool, int, float))) for k, v in self.model_options.items()),
-                "best_epoch": self.best_epoch is None or _in(self.best_epoch, 0, 1e6),
-                "best_top1": self.best_top1 is None or _in(self.best_top1, 0, 1, (int, float)),
-                "val_top1": self.val_top1 is None or _in(self.val_top1, 0, 1, (int, float))}
-        for name in (name for name, ok in fine.items() if not ok):
-            raise ValueError(f"its model config is not one googlenet.py writes: {name}")
+        names, ids, options = self.class_names, self.class_ids, self.model_options
+        fields = [
+            ("arch", self.arch in ARCHS),
+            ("num_classes", _in(self.num_classes, 2, 100_000)),
+            ("class_names", type(names) is list and len(names) == self.num_classes
+             and all(map(_text, names))),
+            ("class_ids", type(ids) is list and all(_text(c) or _in(c, 0, 2**53) for c in ids)),
+            ("image_size", _in(self.image_size, 8, MAX_IMAGE_SIZE)),
+            ("source_size", _in(self.source_size, 8, MAX_IMAGE_SIZE)),
+            ("mean/std", _three(self.mean, -10, 10) and _three(self.std, 1e-3, 10)),
+            ("model_options", type(options) is dict and all(
+                _text(k) and (v is None or _in(v, 0, 1, (bool, int, float)))
+                for k, v in options.items())),
+            ("dataset", _text(self.dataset)),
+            ("epoch", _in(self.epoch, 0, 10**6)),
+            ("best_epoch", self.best_epoch is None or _in(self.best_epoch, 0, 10**6)),
+            ("best_top1", self.best_top1 is None or _in(self.best_top1, 0, 1, (int, float))),
+            ("val_top1", self.val_top1 is None or _in(self.val_top1, 0, 1, (int, float)))]
+        broken = [name for name, ok in fields if not ok]
+        if broken:
+            raise ValueError(f"its model config is not one googlenet.py writes: {broken[0]}")
         return self
 
 def model_config_for(info, arch="tiny", image_size=None, **model_options):
@@ -1307,9 +1314,9 @@ def _json_number(text, kind=float):  # 20 digits: a uint64 (XLA's random seed) f
     return kind(text)
 
 # Each metadata entry's type (and its items'); all but the config (a schema) are used as saved
-_ENTRIES = {"config": (dict,), "train_config": (dict,), "scaler": (dict,), "position": (dict,),
-            "torch_version": (str,), "history": (list, dict), "argv": (list, str),
-            "examples": (list, int)}
+_ENTRIES = {"config": (dict, None), "train_config": (dict, None), "scaler": (dict, None),
+            "position": (dict, None), "torch_version": (str, None), "history": (list, dict),
+            "argv": (list, str), "examples": (list, int)}
 
 def _read_metadata(file):
     """Metadata by one bounded JSON parse, its types and schema; then the tensor table fits it."""
@@ -1324,8 +1331,8 @@ def _read_metadata(file):
                                parse_float=_json_number, parse_constant=_json_number)
         except (ValueError, RecursionError) as e:
             raise ValueError(f"its {key!r:.60} is not the JSON googlenet.py writes ({e})") from None
-        kind, *item = _ENTRIES.get(key, (None,))
-        if type(value) is not kind or item and any(type(v) is not item[0] for v in value):
+        kind, item = _ENTRIES.get(key, (None, None))
+        if type(value) is not kind or item and any(type(v) is not item for v in value):
             raise ValueError(f"its {key!r:.60} is not an entry of the type googlenet.py writes")
         checkpoint[key] = value
     config = ModelConfig(**checkpoint["config"]).check()  # none: "missing 7 arguments"
@@ -1346,7 +1353,8 @@ def _read_metadata(file):
         checkpoint["position"]["cuda_rng"] = None  # where saved: its tensor replaces it
     expected = {**optional, **required}
     found = {n: (file.get_slice(n).get_dtype(), file.get_slice(n).get_shape()) for n in file.keys()}
-    misfit = sorted(set(required) - set(found) | {n for n in found if expected.get(n) != found[n]})
+    misfit = sorted(set(required) - set(found))
+    misfit += sorted(name for name, kind in found.items() if expected.get(name) != kind)
     if misfit:
         raise ValueError(f"its tensors do not fit its config: {misfit[0]!r:.80} of {len(misfit)}")
     return {**checkpoint, "config": dataclasses.asdict(config)}
@@ -1493,8 +1501,10 @@ def check_checkpoint_dir(out_dir, resumed=None):
     if found and resumed is None:
         raise UserError(f"{out_dir} holds another run's {' and '.join(found)}: --resume it or "
                         f"pass another --checkpoint-dir")
-    last = LAST_FILE in found and load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
-    if last and last > resumed["config"]["epoch"]:
+    if resumed is None or LAST_FILE not in found:
+        return
+    last = load_checkpoint(out_dir / LAST_FILE)["config"]["epoch"]
+    if last > resumed["config"]["epoch"]:
         raise UserError(f"{out_dir / LAST_FILE} is newer (epoch {last}): resume it, or branch off "
                         f"into another --checkpoint-dir")
 
@@ -1609,8 +1619,10 @@ def main(argv=None):
         return e.code
     except (UserError, KeyboardInterrupt) as e:  # Stopped is one
         code, line = _ending(e, args)
-        if os.environ.get("RANK" if getattr(e, "everywhere", False) else "LOCAL_RANK", "0") == "0":
-            print(line, file=sys.stderr, flush=True)  # all raised it: rank 0; else each node's 1st
+        # One line: from rank 0 if every process raised it (divergence), else from each node's first
+        speaker = "RANK" if getattr(e, "everywhere", False) else "LOCAL_RANK"
+        if os.environ.get(speaker, "0") == "0":
+            print(line, file=sys.stderr, flush=True)
         if getattr(e, "everywhere", False) and torch.distributed.is_initialized():  # diverged:
             torch.distributed.barrier()  # leave once rank 0 said why (torchrun stops the rest)
         return code
