@@ -1368,7 +1368,8 @@ def load_checkpoint(path):
             tensors = {name: file.get_tensor(name).clone() for name in sorted(file.keys())}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({str(e)[:200]}): pass a "
-                              f"{LAST_FILE} or {BEST_FILE}, not earlier versions' .pt") from None
+                              f"{LAST_FILE} or {BEST_FILE} that `python googlenet.py` wrote "
+                              f"(earlier versions' .pt files are not read)") from None
     except (TypeError, ValueError) as e:  # the metadata's, the config's, the tensor table's
         raise CheckpointError(f"{path}: {str(e)[:200]}; use a file googlenet.py wrote") from None
     labels = checkpoint.pop("examples")
