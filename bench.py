@@ -4,6 +4,7 @@ and the data paths.
     python bench.py --dataset tiny --data-dir ../shared/data --batch-size 64 --workers 2 \
         --device cpu
     python bench.py --data --dataset tiny --data-dir ../shared/data   # images/s of the two loaders
+    python bench.py --profile --dataset synthetic --image-size 64 --batch-size 128 --device cpu
 
 Every googlenet.py flag works here too (dataset, arch, batch size, device, precision, ...).
 """
@@ -95,13 +96,24 @@ def default_rate(args, config, device, info):
     if g.uses_channels_last(config, device):
         model.to(memory_format=torch.channels_last)
     optimizer = g.make_optimizer(model, config, device.kind)
+    step_model = torch.compile(model) if config.compile else None  # --compile: compiled in warm-up
     store = g.build_store(info.train, info.source_size, args.workers, log=quiet)
     batch = config.batch_size
     for part in (slice(None, 2 * batch), slice(2 * batch, None)):  # warm-up, then timed
         images = g.ImageStore(store.images[part], store.labels[part])
         loader = g.StoreLoader(images, batch, True, config.seed)
-        result = g.train_one_epoch(model, loader, optimizer, device, model_config, config, 0, quiet)
+        result = g.train_one_epoch(model, loader, optimizer, device, model_config, config, 0, quiet,
+                                   step_model)
     return result["train_images"] / result["epoch_seconds"]
+
+
+def profile(args, config, device, info):
+    """Where the default path's time goes: torch.profiler's table by op, over its timed steps."""
+    info.train = info.train.subset((args.steps + 2) * config.batch_size, config.seed)
+    with torch.profiler.profile() as profiler:
+        rate = default_rate(args, config, device, info)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"default: {rate:.1f} img/s (under the profiler, warm-up included in the table)")
 
 
 def steps(args, config, device, info):
@@ -160,6 +172,8 @@ def main(argv=None):
                        help="steps each path is timed for (20)")
     group.add_argument("--data", action="store_true",
                        help="images/s of the fast and torch data paths instead")
+    group.add_argument("--profile", action="store_true",
+                       help="a torch.profiler table of the default path instead")
     try:
         args, _ = g.parse_args(argv, parser)
         device = g.make_device(g.resolve_device_kind(args.device))
@@ -167,7 +181,9 @@ def main(argv=None):
         config = g.TrainConfig(**fields)
         config.log_interval = 0
         info = g.load_dataset(args.dataset, args.data_dir, args.image_size, args.download)
-        benchmark = data if args.data else steps
+        benchmark = steps
+        if args.data or args.profile:
+            benchmark = data if args.data else profile
         benchmark(args, config, device, info)
     except g.UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2315,6 +2315,9 @@ def test_bench_runs_on_image_files(tmp_path, capsys):
             "--workers", 0, "--device", "cpu", "--steps", 1, "--precision", "fp32"]
     assert bench.main([str(a) for a in argv]) == 0
     assert "default / naive = " in capsys.readouterr().out
+    assert bench.main([str(a) for a in argv + ["--profile"]]) == 0
+    table = capsys.readouterr().out
+    assert "aten::convolution_backward" in table and "default: " in table
 
 
 def test_fp16_validation_whose_logits_overflow_still_gives_a_finite_loss():
