@@ -93,7 +93,7 @@ def default_rate(args, config, device, info):
     torch.manual_seed(config.seed)
     model = g.build_model(args.arch, len(info.class_names), aux_logits=args.aux)
     model = model.to(device.torch_device)
-    if g.uses_channels_last(config, device):
+    if g.uses_channels_last(device):
         model.to(memory_format=torch.channels_last)
     optimizer = g.make_optimizer(model, config, device.kind)
     step_model = torch.compile(model) if config.compile else None  # --compile: compiled in warm-up
@@ -109,7 +109,7 @@ def default_rate(args, config, device, info):
 
 def profile(args, config, device, info):
     """Where the default path's time goes: torch.profiler's table by op, over its timed steps."""
-    info.train = info.train.subset((args.steps + 2) * config.batch_size, config.seed)
+    info.train = info.train.subset((args.steps + 2) * config.batch_size)
     with torch.profiler.profile() as profiler:
         rate = default_rate(args, config, device, info)
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
@@ -120,7 +120,7 @@ def steps(args, config, device, info):
     """img/s of `args.steps` training steps of the default path and of a naive loop on the same
     images, model, batch and workers; both, their ratio, peak memory."""
     batch = config.batch_size
-    info.train = info.train.subset((args.steps + 2) * batch, config.seed)
+    info.train = info.train.subset((args.steps + 2) * batch)
     precision = g.resolve_precision(config.precision, device)
     print(f"benchmark: {args.arch} at {args.image_size}x{args.image_size}, batch {batch}, "
           f"{args.steps} steps, {args.workers} workers, device {device.kind}, "
@@ -140,7 +140,7 @@ def data(args, config, device, info, batches=60):
     results = {}
     for loader_kind in ("torch", "fast"):
         start = time.perf_counter()
-        train_loader, _ = g.make_loaders(info, config.batch_size, args.image_size, loader_kind,
+        train_loader, _ = g.make_loaders(info, config.batch_size, loader_kind,
                                          config.crop, args.workers, args.subset, config.seed,
                                          log=quiet)
         setup = time.perf_counter() - start

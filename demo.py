@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import googlenet
 
@@ -31,7 +30,6 @@ MAX_QUEUE_SIZE = 1024  # a waiting request holds only a file path: a burst of hu
 # Uploads are untrusted: a huge PNG would take gigabytes and hold everyone's queue up for seconds.
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
-NUM_EXAMPLES = 4
 CAM_SIZE = 224  # the map is shown over the photo as the model crops it, at this size (not 32x32)
 CAM_OPACITY = 0.6  # red up to this much at the map's peak: the photo shows through
 REFRESH_SECONDS = 10
@@ -45,7 +43,7 @@ SETTINGS = {"arch": "arch", "dataset": "dataset", "epochs": "epochs", "batch_siz
 PLOTS = {"loss": ("Loss", {"train_loss": "train loss (main head)", "val_loss": "val loss"}),
          "accuracy": ("Validation accuracy", {"val_top1": "val top-1", "val_top5": "val top-5"}),
          "lr": ("Learning rate (epoch start)", {"lr": "learning rate"})}
-NO_IMAGE_MESSAGE = "Upload an image (or pick an example) to see what the model thinks it is."
+NO_IMAGE_MESSAGE = "Upload an image to see what the model thinks it is."
 
 def load_image(image, config, size: int | None = None) -> torch.Tensor:
     """A path or PIL image decoded as validation does: uint8 [3, S, S], S `size` or source_size."""
@@ -85,18 +83,6 @@ def private_folder(prefix: str, parent: str | None = None) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
-
-def example_images(checkpoint: dict | None) -> list[Path]:
-    """The checkpoint's stored example images as PNGs in a private folder (no path it names)."""
-    stored = (checkpoint or {}).get("examples")
-    if not stored:
-        return []
-    folder = private_folder("googlenet-demo-examples-")
-    paths = []
-    for index, image in enumerate(stored["images"][:NUM_EXAMPLES]):
-        paths.append(folder / f"example-{index}.png")
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-    return paths
 
 def is_number(value) -> bool:
     """An int or float within ±1e30: compared, never converted (float() of 10**400 overflows)."""
@@ -217,7 +203,7 @@ def write_gradio_cache_atomically():
 
     processing_utils.save_pil_to_cache = save_pil_to_cache
 
-def build_demo(model, config, examples=(), checkpoint_path=None, checkpoint: dict | None = None):
+def build_demo(model, config, checkpoint_path=None, checkpoint: dict | None = None):
     """The Gradio app (not launched), its queue configured: a "Classify" tab (endpoint /predict:
     image file in, (top-5, message, map overlay) out) and a "Training" tab of the run's curves."""
     import gradio as gr
@@ -247,8 +233,6 @@ def build_demo(model, config, examples=(), checkpoint_path=None, checkpoint: dic
                 label = gr.Label(label=f"Top-{TOP_K}", num_top_classes=TOP_K, elem_id="prediction")
                 overlay = gr.AnnotatedImage(label="Where it looked: the top class's activation map",
                                             format="jpeg", elem_id="cam")
-            if examples:
-                gr.Examples(examples=[[str(p)] for p in examples], inputs=image)
         with gr.Tab("Training", elem_id="training-tab") as training_tab:
             summary = gr.Markdown(elem_id="run-summary")
             with gr.Row():
@@ -262,7 +246,7 @@ def build_demo(model, config, examples=(), checkpoint_path=None, checkpoint: dic
         training_tab.select(open_training, outputs=[timer, *outputs], **queued)
         classify_tab.select(lambda: gr.Timer(active=False), outputs=timer, **queued)
         timer.tick(training_view, outputs=outputs, trigger_mode="always_last", **queued)
-        # change (not upload): picking an example or clearing the image updates the prediction too.
+        # change (not upload): clearing the image updates the prediction too.
         image.change(classify, inputs=image,
                      outputs=[label, message, overlay], api_name="predict", preprocess=False,
                      batch=True, max_batch_size=batch_size(config), concurrency_limit=1,
@@ -310,8 +294,8 @@ def main(argv=None) -> int:
     # A stopping Gradio server deletes every file it cached (named by content), shared or not.
     cache = private_folder("googlenet-demo-cache-", os.environ.get("GRADIO_TEMP_DIR"))
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read when gradio is imported, in build_demo
-    demo = build_demo(model, config, example_images(checkpoint), args.checkpoint, checkpoint)
-    # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the example folder.
+    demo = build_demo(model, config, args.checkpoint, checkpoint)
+    # SIGTERM (kill, systemd) stops the server like Ctrl-C: atexit then removes the cache folder.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,

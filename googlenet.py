@@ -221,20 +221,12 @@ class Split:
             return Split(labels, files=[self.files[i] for i in index])
         return Split(labels, arrays=self.arrays[index])
 
-    def subset(self, n, seed=0):
-        """n items, as many of each class (a seeded draw picks the classes that get one more)."""
+    def subset(self, n):
+        """n items evenly spaced in label order: each class keeps its share, within one."""
         if not n or n >= len(self):
             return self
-        rng = np.random.default_rng(seed)
-        labels = np.asarray(self.labels)
-        classes = rng.permutation(np.unique(labels))
-        per_class, extra = divmod(n, len(classes))
-        picked = []
-        for k, c in enumerate(classes):  # the first `extra` classes drawn get one more
-            members = np.flatnonzero(labels == c)
-            count = min(len(members), per_class + (k < extra))
-            picked.append(rng.choice(members, count, replace=False))
-        return self.take(np.sort(np.concatenate(picked)))
+        by_label = np.argsort(self.labels, kind="stable")
+        return self.take(np.sort(by_label[np.linspace(0, len(self) - 1, n).astype(int)]))
 
 @dataclass
 class DatasetInfo:
@@ -362,13 +354,6 @@ def load_dataset(name, data_dir, image_size=64, download=False):
         raise UserError(f"{data_dir}: {len(info.class_names)} class; a classifier needs at least 2")
     return info
 
-def pick_examples(info, size, count=8):
-    """Up to `count` val images of different classes, to travel in a checkpoint (for the demo)."""
-    _, first_of_class = np.unique(info.val.labels, return_index=True)
-    picked = info.val.take(np.sort(first_of_class)[:count])
-    store = build_store(picked, size, skip_bad_images=True, log=lambda line: None)
-    return {"images": store.images, "labels": store.labels.tolist()} if len(store) else None
-
 @dataclass
 class ImageStore:
     """Decoded images [N, 3, S, S] uint8 and their labels [N] int64, in memory."""
@@ -410,7 +395,11 @@ def _worker_signals(worker_id):  # the inherited SIGTERM handler only set a flag
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-def build_store(split, size, workers=0, skip_bad_images=False, split_name="train", log=print):
+def _stop_at_bad_image(errors):  # DecodedImages' lines of a batch: the first bad image stops
+    for error in filter(None, errors):
+        raise UserError(f"{error}; remove it from the dataset")
+
+def build_store(split, size, workers=0, split_name="train", log=print):
     """split as an ImageStore, decoded by `workers` processes straight into one uint8 tensor."""
     labels = torch.tensor(split.labels, dtype=torch.int64)
     if split.arrays is not None and split.arrays.shape[1] == size:  # taken as they are
@@ -418,21 +407,14 @@ def build_store(split, size, workers=0, skip_bad_images=False, split_name="train
     start = time.perf_counter()
     images = torch.empty((len(split), 3, size, size), dtype=torch.uint8)
     chunks = [range(i, min(i + 32, len(split))) for i in range(0, len(split), 32)]
-    keep = []
-    errors = []
-    for chunk, (batch, _, errs) in zip(chunks, DecodedImages(split, size).batches(chunks, workers)):
+    decoded = DecodedImages(split, size).batches(chunks, workers)
+    for chunk, (batch, _, errors) in zip(chunks, decoded):
         raise_if_stopped()  # a stop ends it within a batch of 32
-        good = [k for k, error in enumerate(errs) if not error]
-        errors += filter(None, errs)
-        if errors and not skip_bad_images:
-            raise UserError(f"{errors[0]}; remove it or pass --skip-bad-images")
-        images[len(keep):len(keep) + len(good)] = batch[good]
-        keep += [chunk[k] for k in good]
-    if errors:
-        log(f"warning: skipped {len(errors)} undecodable images in {split_name}, e.g. {errors[0]}")
-    log(f"{split_name}: decoded {len(keep)} images to {size}x{size} in "
-        f"{time.perf_counter() - start:.1f}s ({images[:len(keep)].nbytes / 2**20:.0f} MiB)")
-    return ImageStore(images[:len(keep)], labels[keep])
+        _stop_at_bad_image(errors)
+        images[chunk.start:chunk.stop] = batch
+    log(f"{split_name}: decoded {len(split)} images to {size}x{size} in "
+        f"{time.perf_counter() - start:.1f}s ({images.nbytes / 2**20:.0f} MiB)")
+    return ImageStore(images, labels)
 
 def _resample_matrix(scale, offset, out_size, in_size):
     """[B, out, in] bilinear weights: out pixel o reads at scale * o + offset (affine_grid's)."""
@@ -559,20 +541,17 @@ class StoreLoader:
         else:
             fetched = self.store.batches(batches.tolist(), self.workers)
         for extra, (images, labels, errors) in zip(extras.to(self.device), fetched):
-            if any(errors):  # the first bad image stops the run
-                error = next(error for error in errors if error)
-                raise UserError(f"{error}; remove it or use the fast loader with --skip-bad-images")
+            _stop_at_bad_image(errors)
             yield images, labels, extra
 
-def make_loaders(info, batch_size, image_size, loader="fast", crop="pad", workers=0, subset=0,
-                 seed=0, skip_bad_images=False, rank=0, world_size=1, log=print, need_train=True,
-                 store_device=None, device=None):
+def make_loaders(info, batch_size, loader="fast", crop="pad", workers=0, subset=0, seed=0, rank=0,
+                 world_size=1, log=print, need_train=True, store_device=None, device=None):
     """(train_loader or None, val_loader); fast: stores decoded once onto store_device (or host)."""
 
     def make_store(split, name):
-        split = split.subset(subset, seed)
+        split = split.subset(subset)
         if loader == "fast":
-            store = build_store(split, info.source_size, workers, skip_bad_images, name, log)
+            store = build_store(split, info.source_size, workers, name, log)
             return ImageStore(store.images.to(store_device), store.labels.to(store_device))
         return DecodedImages(split, info.source_size)
 
@@ -597,10 +576,6 @@ class Device:
     world_size: int = 1
     distributed: str | None = None
     note: str = ""  # said in the device line: why XLA runs on the CPU
-
-    @property
-    def is_master(self):
-        return self.rank == 0
 
 class Stopped(UserError):
     """SIGTERM or Ctrl-C: the run stopped, after saving where it was once training had begun."""
@@ -627,8 +602,8 @@ def raise_if_stopped(what="before training began: nothing new was saved"):
         raise Stopped(f"stopped by {signal.Signals(STOP['signal']).name} {what}", STOP["signal"])
 
 class _MainThreadStopHandlers:
-    """Unpickled in a TPU process's main thread (installing the handlers) before it trains in a
-    worker thread (torch_xla 2.9's launcher)."""
+    """Unpickled in each TPU process's main thread, it installs the handlers there (torch_xla 2.9's
+    launcher trains in a worker thread)."""
     def __reduce__(self):
         return (install_stop_handlers, ())
 
@@ -637,8 +612,7 @@ def _forward_to_children(signum, frame):  # the TPU launcher's process: its chil
         os.kill(child.pid, signum)
 
 def resolve_device_kind(requested):
-    """auto, cuda, xla or cpu -> the kind to train on; one line saying what to do where unusable.
-    XLA without PJRT_DEVICE: the TPU where there is one (torch_xla would default to the CPU)."""
+    """auto, cuda, xla or cpu -> the kind to train on (XLA: the TPU unless PJRT_DEVICE says)."""
     import importlib.util
     pjrt_device = os.environ.get("PJRT_DEVICE")  # as set: torch_xla's import may default it
     tpu = pjrt_device or list(Path("/dev").glob("accel*"))
@@ -659,8 +633,7 @@ def resolve_device_kind(requested):
     return requested
 
 def make_device(kind):
-    """The Device of a kind; under torchrun it joins the process group (nccl on CUDA, gloo on the
-    CPU), one GPU per process."""
+    """The Device of a kind; under torchrun it joins the process group, one GPU per process."""
     import torch.distributed as dist
     if kind == "xla":
         import torch_xla
@@ -688,8 +661,7 @@ def cpu_has_native_bf16():
     return torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported()
 
 def resolve_precision(precision, device):
-    """auto: bf16 where native (CUDA 8.0+, TPUs, CPUs with avx512_bf16 or AMX), fp16 on older
-    CUDA GPUs, else fp32."""
+    """auto: bf16 where native (CUDA 8.0+, TPU, avx512_bf16 or AMX), fp16 on older GPUs, or fp32."""
     if precision != "auto":
         return precision
     if device.kind == "cuda":
@@ -735,42 +707,37 @@ def any_process(flag, device):
     return all_reduce_sum(zeros_on(device, 1) + flag, device).item() > 0
 
 def gather_rng_states(device):
-    """Every process's random states, a row per rank (one collective): a resumed epoch draws the
-    same dropout and crops from them as the stopped one would have."""
-    mine = {"rng": torch.get_rng_state()}
+    """Every process's random states as JSON values, a dict per rank (one collective): a resumed
+    epoch draws the same dropout and crops from them as the stopped one would have."""
+    mine = {"cpu": torch.get_rng_state().tolist()}
     if device.torch_device.type == "cuda":
-        mine["cuda_rng"] = torch.cuda.get_rng_state(device.torch_device)
+        mine["cuda"] = torch.cuda.get_rng_state(device.torch_device).tolist()
     if device.kind == "xla":
         import torch_xla.core.xla_model as xm
-        mine["xla_rng"] = str(xm.get_rng_state(device.torch_device))  # a uint64: text in JSON
+        mine["xla"] = xm.get_rng_state(device.torch_device)  # a uint64
+    if device.distributed == "xla":
+        return xm.mesh_reduce("rng_states", mine, list)
     states = [mine] * device.world_size
     if device.distributed == "ddp":
         torch.distributed.all_gather_object(states, mine)
-    if device.distributed == "xla":
-        states = xm.mesh_reduce("rng_states", mine, list)
-    rows = {"cuda_rng": None, "xla_rng": None}
-    for key in mine:  # a row per rank: tensors stacked, XLA's seeds a list
-        rows[key] = [state[key] for state in states]
-        if key != "xla_rng":
-            rows[key] = torch.stack(rows[key])
-    return rows
+    return states
 
 def restore_rng_states(states, device):
-    """This process's row of gather_rng_states' (saved by a run of the same shape)."""
-    torch.set_rng_state(states["rng"][device.rank].clone())
-    if device.torch_device.type == "cuda" and states.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(states["cuda_rng"][device.rank].clone(), device.torch_device)
-    if device.kind == "xla" and states.get("xla_rng") is not None:
+    """This process's dict of gather_rng_states' (saved by a run of the same shape)."""
+    mine = states[device.rank]
+    torch.set_rng_state(torch.tensor(mine["cpu"], dtype=torch.uint8))
+    if "cuda" in mine:  # (the saving run's device kind was this run's)
+        torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8), device.torch_device)
+    if "xla" in mine:
         import torch_xla
         import torch_xla.core.xla_model as xm
-        xm.set_rng_state(int(states["xla_rng"][device.rank]), device.torch_device)
+        xm.set_rng_state(mine["xla"], device.torch_device)
         # Each sync advances XLA's seed. The stopped run's next step came after one more sync (the
         # loader's, after the check's that this state was read at): this is that sync.
         torch_xla.sync()
 
 def first_on_each_node(device, fn):
-    """fn(True) on each node's first process (LOCAL_RANK 0), then, once it is done, fn(False) on
-    the others. If it fails, that process exits and torchrun stops the others."""
+    """fn(True) on each node's first process (LOCAL_RANK 0), then fn(False) on the others."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     result = fn(True) if first else None
     if device.distributed == "ddp":
@@ -805,12 +772,10 @@ class TrainConfig:
     aux_weight: float = 0.3           # loss = main + aux_weight x (aux1 + aux2)
     crop: str = "pad"                 # or "resized"
     precision: str = "auto"           # see resolve_precision
-    channels_last: bool | None = None  # None: on, except on XLA
     compile: bool | str = False       # torch.compile the step (a string: its backend)
     tta: bool = False                 # validation: mean logits of each image and its mirror
     seed: int = 0
     log_interval: int = 50            # steps between progress lines, or ~30 s (0: none)
-    save_every: float = 0.0           # minutes between mid-epoch saves of last (0: none)
 
 def peak_lr(config, world_size=1):
     return config.lr * config.batch_size * world_size / 256
@@ -864,8 +829,8 @@ def _autocast(device, precision):
 def make_grad_scaler(precision, device):
     return torch.amp.GradScaler(device.kind, enabled=precision == "fp16")
 
-def uses_channels_last(config, device):
-    return config.channels_last if config.channels_last is not None else device.kind != "xla"
+def uses_channels_last(device):  # faster convolutions, except on XLA (which picks its own layout)
+    return device.kind != "xla"
 
 class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite."""
@@ -883,14 +848,13 @@ def weights_finite(model):
 # What train_step adds up on the device, in one tensor (main / aux_loss: the loss x images).
 SUMS = ("main_loss", "aux_loss", "correct", "images")
 
-def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision,
-               channels_last):
+def train_step(step_model, optimizer, scaler, batch, sums, model_config, config, device, precision):
     """One step, adding its SUMS to `sums`; reads nothing back."""
     images, labels, crop_params = batch
     if images.dtype == torch.uint8:  # the fast loader's: augmented on the device
         images = train_transform(images, crop_params, model_config.image_size, model_config.mean,
                                  model_config.std, config.crop)
-    if channels_last:
+    if uses_channels_last(device):
         images = images.contiguous(memory_format=torch.channels_last)
     with _autocast(device, precision):
         loss = googlenet_loss(step_model(images), labels, config.aux_weight, config.label_smoothing)
@@ -912,52 +876,48 @@ def _clock(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
-def _agree(sums, device, stop, save):
-    """(the SUMS of all processes, whether any asks to stop, to save): one all_reduce of one small
+def _agree(sums, device):
+    """(the SUMS of all processes, whether any was asked to stop): one all_reduce of one small
     tensor, so a NaN anywhere makes the summed loss NaN everywhere."""
     if device.kind == "xla":  # the step's graph ends here as at any other step: no new graph
         import torch_xla
         torch_xla.sync()
-    wishes = torch.tensor([float(stop), float(save)]).to(sums.device)
-    agreed = all_reduce_sum(torch.cat([sums, wishes]), device).tolist()
-    return dict(zip(SUMS, agreed)), agreed[-2] > 0, agreed[-1] > 0
+    stop = torch.tensor([float(STOP["signal"] is not None)]).to(sums.device)
+    agreed = all_reduce_sum(torch.cat([sums, stop]), device).tolist()
+    return dict(zip(SUMS, agreed)), agreed[-1] > 0
+
+def _run_shape(device, config, steps):  # a position's step means the same images in a run alike
+    return [device.kind, device.world_size, config.batch_size, steps]
 
 def train_one_epoch(model, loader, optimizer, device, model_config, config, epoch, log=print,
-                    step_model=None, announce_first_step=False, scaler=None, position=None,
-                    save_position=None, save_every=0.0):
+                    step_model=None, scaler=None, position=None, stop_at=None):
     """One pass; SUMS add up on the device. At check points (every step on the CPU, else at
-    progress lines and 4 times an epoch) the processes read them and agree on divergence, stop and
-    save: save_position(position, stop). position: a stopped epoch's place."""
+    progress lines and 4 times an epoch) the processes read them and agree on divergence and on a
+    stop: stop_at(position) saves where the epoch is. position: a stopped epoch's place."""
     model.train()
     precision = resolve_precision(config.precision, device)
     scaler = scaler or make_grad_scaler(precision, device)
-    channels_last = uses_channels_last(config, device)
     steps = len(loader)
     interval = 1 if device.kind == "cpu" else max(1, min(config.log_interval or steps, steps // 4))
     sums = zeros_on(device, len(SUMS))
     first = (position or {}).get("step", 0)
     start = time.perf_counter()  # the epoch's: on resume earlier, by the seconds it had run
-    logged = saved = start - 10  # the first progress line after ~20 s
+    logged = start - 10  # the first progress line after ~20 s
     if position:  # its sums are all processes': rank 0 carries them on
-        sums += torch.tensor(position["sums"]).to(sums.device) * device.is_master
+        sums += torch.tensor(position["sums"]).to(sums.device) * (device.rank == 0)
         start -= position["seconds"]
-    if announce_first_step:
-        log("compiling the first training step (once, for minutes)")
     batches = itertools.islice(device_batches(loader, device), first, None)
     for step, batch in enumerate(batches, first + 1):
         if position and step == first + 1:  # after the loader drew its seeds: dropout as it was
-            restore_rng_states(position, device)
-        if announce_first_step and step == 2:  # batch 2 comes once step 1 is compiled: no sync
-            log(f"first step compiled in {time.perf_counter() - start:.1f}s")
+            restore_rng_states(position["rng"], device)
         lr = learning_rate(config, epoch, step - 1, steps, device.world_size)
         set_lr(optimizer, lr)
         train_step(step_model or model, optimizer, scaler, batch, sums, model_config, config,
-                   device, precision, channels_last)
+                   device, precision)
         if step % interval and step < steps:
             continue
         now = time.perf_counter()
-        totals, stop, save = _agree(sums, device, STOP["signal"] is not None,
-                                    save_every and now - saved >= save_every)
+        totals, stop = _agree(sums, device)
         if not math.isfinite(totals["main_loss"]):
             raise _diverged("loss", step, epoch, config)
         if config.log_interval and (step % config.log_interval == 0 or now - logged >= 30):
@@ -967,14 +927,11 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
                 f"{totals['main_loss'] / totals['images']:.4f} lr {lr:.4g} | {_clock(now - start)} "
                 f"elapsed, ETA epoch {_clock(per_step * (steps - step))} run "
                 f"{_clock(per_step * (steps * (config.epochs - epoch) - step))}")
-        if save_position is not None and step < steps and (stop or save):  # else: at the end
+        if stop and step < steps and stop_at is not None:  # at the last step: after validation
             if not weights_finite(model):  # an update broke them after a finite loss: never save
                 raise _diverged("weights", step, epoch, config)
-            save_position({"step": step, "sums": [totals[name] for name in SUMS],
-                           "seconds": now - start, "world_size": device.world_size,
-                           "batch_size": config.batch_size, "steps_per_epoch": steps,
-                           **gather_rng_states(device)}, stop)
-            saved = now
+            stop_at({"step": step, "sums": [totals[name] for name in SUMS], "seconds": now - start,
+                     "shape": _run_shape(device, config, steps), "rng": gather_rng_states(device)})
     totals = dict(zip(SUMS, all_reduce_sum(sums, device).tolist()))
     images = max(totals["images"], 1)
     return {"train_loss": totals["main_loss"] / images,
@@ -984,25 +941,19 @@ def train_one_epoch(model, loader, optimizer, device, model_config, config, epoc
 
 @torch.no_grad()
 def evaluate(model, loader, device, model_config, precision="auto", tta=False):
-    """Loss, top-1, top-5 over all validation images (padding masked, processes summed); tta: mean
-    with the mirror. precision: as train()'s."""
+    """Loss, top-1, top-5 over all validation images (padding masked, processes summed)."""
     model.eval()
     precision = resolve_precision(precision, device)
-    weight = next(model.parameters())  # the stem's: channels last or not, as the model is
-    channels_last = weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last)
     sums = zeros_on(device, 4)  # loss, top1, top5, images
     for images, labels, mask in device_batches(loader, device):
         if images.dtype == torch.uint8:
             images = eval_transform(images, model_config)
-        if channels_last and device.kind != "xla":
+        if uses_channels_last(device):
             images = images.contiguous(memory_format=torch.channels_last)
-        for this_precision in (precision, "fp32"):  # fp16 logits over 65504: again in fp32
-            with _autocast(device, this_precision):
-                logits = model(images).float()
-                if tta:
-                    logits = (logits + model(images.flip(3)).float()) / 2
-            if precision != "fp16" or torch.isfinite(logits).all():
-                break
+        with _autocast(device, precision):
+            logits = model(images).float()
+            if tta:  # the mean with the mirror's
+                logits = (logits + model(images.flip(3)).float()) / 2
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         loss = F.cross_entropy(logits, labels, reduction="none")
         top1_hits = (top5[:, 0] == labels).float()
@@ -1028,20 +979,18 @@ def _resumed_position(resume, device, config, steps, log):
     position = resume.get("position")
     if position is None or position["epoch"] != resume["config"]["epoch"]:
         return None
-    saved = (position["world_size"], position["batch_size"], position["steps_per_epoch"])
-    here = (device.world_size, config.batch_size, steps)
-    if saved != here:
+    here = _run_shape(device, config, steps)
+    if position["shape"] != here:
         log(f"note: the position saved after step {position['step']} of epoch "
-            f"{position['epoch'] + 1} is for (processes, batch, steps an epoch) {saved}, this run "
-            f"is {here}: the epoch restarts from its first step")
+            f"{position['epoch'] + 1} is for (device, processes, batch, steps an epoch) "
+            f"{position['shape']}, this run is {here}: the epoch restarts from its first step")
         return None
     return position
 
 def _model_to_train(model, device, config):
-    """Moves model to the device; returns what runs forward/backward (DDP, torch.compile) while
-    `model` keeps the weights under their plain names (no module. or _orig_mod. keys)."""
+    """What runs forward/backward (DDP, torch.compile); `model` keeps the weights' plain names."""
     model.to(device.torch_device)
-    if uses_channels_last(config, device):
+    if uses_channels_last(device):
         model.to(memory_format=torch.channels_last)
     step_model = model
     if device.distributed == "ddp":
@@ -1057,7 +1006,7 @@ def _model_to_train(model, device, config):
 def _best(history):  # the record of the best validation top-1, the earliest of equals
     return max(history, key=lambda h: h["val_top1"], default=None)
 
-def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, history, examples, argv):
+def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, history, argv):
     """Readies rank 0's folder; returns save(epoch, position=None): last with a position, or at an
     epoch's end best first if it is the best (a crash never loses it), last, metrics.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1068,21 +1017,18 @@ def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, histor
         write_metrics(out_dir / "metrics.jsonl", history)
 
     def save(epoch, position=None):
+        best = _best(history) or {}
         model_config.epoch = epoch
-        best = _best(history)
-        if best is not None:
-            model_config.best_top1 = best["val_top1"]
-            model_config.best_epoch = best["epoch"]
-        name = LAST_FILE
+        model_config.best_top1 = best.get("val_top1")
+        model_config.best_epoch = best.get("epoch")
+        files = [LAST_FILE]
         if position is None:
             model_config.val_top1 = history[-1]["val_top1"]
-            if best is history[-1]:
-                name = BEST_FILE
-        save_checkpoint(out_dir / name, model, optimizer, model_config, config, history, examples,
-                        argv, scaler, position)
-        if name == BEST_FILE:
-            best_bytes = (out_dir / BEST_FILE).read_bytes()
-            _atomic_write(out_dir / LAST_FILE, lambda f: f.write(best_bytes))
+            if best is history[-1]:  # best first: a crash between the two never loses it
+                files.insert(0, BEST_FILE)
+        for name in files:
+            save_checkpoint(out_dir / name, model, optimizer, model_config, config, history, argv,
+                            scaler, position)
         if position is None:
             write_metrics(out_dir / "metrics.jsonl", history)
     return save
@@ -1094,28 +1040,22 @@ def _stopped(checkpoint_dir, where):
         message += f": saved in {Path(checkpoint_dir) / LAST_FILE}; continue with --resume"
     return Stopped(message, signum)
 
-def _save_position(save, device, epoch, checkpoint_dir, log, position, stop):
-    """train_one_epoch's save_position: rank 0 saves; a stop raises Stopped on every process."""
+def _stop_mid_epoch(save, device, epoch, checkpoint_dir, position):
+    """train_one_epoch's stop_at: rank 0 saves the position in last; each process raises Stopped."""
     if save is not None:
         save(epoch, {"epoch": epoch, **position})
-    if stop:
-        any_process(True, device)  # a barrier: the others wait until rank 0 has written last
-        raise _stopped(checkpoint_dir, f"after step {position['step']} of epoch {epoch + 1}")
-    log(f"saved the position (epoch {epoch + 1} step {position['step']})")
+    any_process(True, device)  # a barrier: the others wait until rank 0 has written last
+    raise _stopped(checkpoint_dir, f"after step {position['step']} of epoch {epoch + 1}")
 
 def _epoch_record(epoch, result, val, config, device, steps, run_start):
-    record = {"epoch": epoch + 1, **result, **{f"val_{key}": value for key, value in val.items()},
-              "val_tta": config.tta,
-              "lr": learning_rate(config, epoch, 0, steps, device.world_size),
-              "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
-              "train_images_per_second": result["train_images"] / result["epoch_seconds"],
-              "elapsed_seconds": time.perf_counter() - run_start}
-    if device.world_size > 1:
-        record["processes"] = device.world_size
-    return record
+    return {"epoch": epoch + 1, **result, **{f"val_{key}": value for key, value in val.items()},
+            "val_tta": config.tta, "lr": learning_rate(config, epoch, 0, steps, device.world_size),
+            "last_lr": learning_rate(config, epoch, steps - 1, steps, device.world_size),
+            "train_images_per_second": result["train_images"] / result["epoch_seconds"],
+            "elapsed_seconds": time.perf_counter() - run_start, "processes": device.world_size}
 
 def train(model, train_loader, val_loader, model_config, config, device=None, checkpoint_dir=None,
-          resume=None, examples=None, argv=None, log=print):
+          resume=None, argv=None, log=print):
     """Train to config.epochs, validating each; returns the history. resume: load_checkpoint's
     result (its weights already in model). SIGTERM / Ctrl-C: saves, raises Stopped."""
     install_stop_handlers()  # main() did already: this is for library callers
@@ -1137,19 +1077,19 @@ def train(model, train_loader, val_loader, model_config, config, device=None, ch
         scaler.load_state_dict(resume["scaler"])
     position = _resumed_position(resume, device, config, steps, log)
     save = None
-    if checkpoint_dir is not None and device.is_master:
+    if checkpoint_dir is not None and device.rank == 0:
         save = _checkpoints(Path(checkpoint_dir), model, optimizer, scaler, model_config, config,
-                            history, examples, argv)
+                            history, argv)
+    if config.compile or device.kind == "xla":
+        log("compiling the first training step (once, for minutes)")
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed * 1000 + epoch, device)
         if hasattr(train_loader, "set_epoch"):  # make_loaders' do; a caller's own may not
             train_loader.set_epoch(epoch)
-        first = epoch == start_epoch
-        result = train_one_epoch(
-            model, train_loader, optimizer, device, model_config, config, epoch, log, step_model,
-            first and (bool(config.compile) or device.kind == "xla"), scaler, first and position,
-            functools.partial(_save_position, save, device, epoch, checkpoint_dir, log),
-            config.save_every * 60)
+        stop_at = functools.partial(_stop_mid_epoch, save, device, epoch, checkpoint_dir)
+        result = train_one_epoch(model, train_loader, optimizer, device, model_config, config,
+                                 epoch, log, step_model, scaler, epoch == start_epoch and position,
+                                 stop_at)
         average_buffers(model, device)  # validate the BatchNorm statistics that are saved
         val = evaluate(model, val_loader, device, model_config, config.precision, config.tta)
         if not weights_finite(model):  # the last update can break them after a finite loss
@@ -1178,8 +1118,7 @@ def write_metrics(path, history):
 
 @torch.no_grad()
 def predict_proba(model, config, images):
-    """Class probabilities [N, num_classes] of a uint8 batch from decode_image(...,
-    config.source_size)."""
+    """Class probabilities [N, classes] of a uint8 batch [N, 3, S, S] (S: config.source_size)."""
     model.eval()
     images = images.to(next(model.parameters()).device)
     return model(eval_transform(images, config)).float().softmax(1).cpu()
@@ -1208,7 +1147,7 @@ def predict_with_cam(model, config, images):
 # Checkpoint: atomic safetensors files, read at one boundary that checks each file whole
 # ---------------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = "googlenet-checkpoint-v3"
+CHECKPOINT_FORMAT = "googlenet-checkpoint-v4"
 LAST_FILE = "last.safetensors"
 BEST_FILE = "best.safetensors"
 CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, "metrics.jsonl")
@@ -1294,21 +1233,17 @@ def _atomic_write(path, write):
             tmp.unlink(missing_ok=True)
 
 def save_checkpoint(path, model, optimizer, model_config, train_config=None, history=None,
-                    examples=None, argv=None, scaler=None, position=None):
-    """An atomic safetensors file: tensors (weights, momentum, examples, RNG states) + JSON."""
+                    argv=None, scaler=None, position=None):
+    """An atomic safetensors file: the weights and momentum as tensors, the rest as JSON."""
     from safetensors.torch import save
-    position = dict(position or {})
-    examples = examples or {}
     state = getattr(optimizer, "state", {})
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     tensors.update({f"momentum.{name}": state.get(p, {}).get("momentum_buffer")
                     for name, p in model.named_parameters()})
-    tensors.update({"examples": examples.get("images"), "position.rng": position.pop("rng", None),
-                    "position.cuda_rng": position.pop("cuda_rng", None)})
     metadata = {"config": dataclasses.asdict(model_config), "history": history, "argv": argv,
                 "train_config": train_config and dataclasses.asdict(train_config),
-                "examples": examples.get("labels"), "position": position,
-                "scaler": scaler and scaler.state_dict(), "torch_version": torch.__version__}
+                "position": position, "scaler": scaler and scaler.state_dict(),
+                "torch_version": torch.__version__}
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items() if t is not None}
     metadata = {key: json.dumps(value) for key, value in metadata.items() if value}  # not [], {}
     _atomic_write(path, lambda f: f.write(save(tensors, {"format": CHECKPOINT_FORMAT, **metadata})))
@@ -1321,7 +1256,7 @@ def _json_number(text, kind=float):  # 20 digits: a uint64 (XLA's random seed) f
 # Each metadata entry's type (and its items'); all but the config (a schema) are used as saved
 _ENTRIES = {"config": (dict, None), "train_config": (dict, None), "scaler": (dict, None),
             "position": (dict, None), "torch_version": (str, None), "history": (list, dict),
-            "argv": (list, str), "examples": (list, int)}
+            "argv": (list, str)}
 
 def _read_metadata(file):
     """Metadata by one bounded JSON parse, its types and schema; then the tensor table fits it."""
@@ -1329,7 +1264,7 @@ def _read_metadata(file):
     if metadata.pop("format", None) != CHECKPOINT_FORMAT:
         raise ValueError(f"not a googlenet.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     checkpoint = {"format": CHECKPOINT_FORMAT, "config": {}, "train_config": None, "history": [],
-                  "argv": [], "examples": [], "scaler": None, "position": None}
+                  "argv": [], "scaler": None, "position": None}
     for key, text in metadata.items():
         try:
             value = json.loads(text, parse_int=functools.partial(_json_number, kind=int),
@@ -1341,21 +1276,11 @@ def _read_metadata(file):
             raise ValueError(f"its {key!r:.60} is not an entry of the type googlenet.py writes")
         checkpoint[key] = value
     config = ModelConfig(**checkpoint["config"]).check()  # none: "missing 7 arguments"
-    labels = checkpoint["examples"]
-    if len(labels) > 16 or not all(0 <= n < config.num_classes for n in labels):
-        raise ValueError("its examples must be at most 16, each with a label of its classes")
     with torch.device("meta"):  # shapes only: a claim of 100,000 classes costs nothing
         net = build_model(config.arch, config.num_classes, **config.model_options)
     dtypes = {torch.float32: "F32", torch.int64: "I64"}  # safetensors' names of the dtypes
     required = {f"model.{k}": (dtypes[v.dtype], list(v.shape)) for k, v in net.state_dict().items()}
     optional = {f"momentum.{k}": ("F32", list(p.shape)) for k, p in net.named_parameters()}
-    if labels:
-        required["examples"] = ("U8", [len(labels), 3] + [config.source_size] * 2)
-    if checkpoint["position"] is not None:  # a row per rank: the CPU generator, CUDA's Philox
-        ranks = checkpoint["position"].get("world_size")
-        required["position.rng"] = ("U8", [ranks, torch.get_rng_state().numel()])
-        optional["position.cuda_rng"] = ("U8", [ranks, 16])
-        checkpoint["position"]["cuda_rng"] = None  # where saved: its tensor replaces it
     expected = {**optional, **required}
     found = {n: (file.get_slice(n).get_dtype(), file.get_slice(n).get_shape()) for n in file.keys()}
     misfit = sorted(set(required) - set(found))
@@ -1377,14 +1302,11 @@ def load_checkpoint(path):
                               f"(earlier versions' .pt files are not read)") from None
     except (TypeError, ValueError) as e:  # the metadata's, the config's, the tensor table's
         raise CheckpointError(f"{path}: {str(e)[:200]}; use a file googlenet.py wrote") from None
-    labels = checkpoint.pop("examples")
-    checkpoint.update(model={}, momentum={}, examples=None)
-    if labels:
-        checkpoint["examples"] = {"images": tensors.pop("examples"), "labels": labels}
+    checkpoint.update(model={}, momentum={})
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} is NaN or infinite; use an earlier checkpoint")
-        section, _, key = name.partition(".")  # model., momentum., position.
+        section, _, key = name.partition(".")  # model. or momentum.
         checkpoint[section][key] = tensor
     return checkpoint
 
@@ -1428,7 +1350,6 @@ def build_parser():
     add("--loader", default="fast", choices=("fast", "torch"), help="torch: decode per batch")
     add("--crop", choices=("pad", "resized"), help="augmentation (folder: resized, else pad)")
     add("--workers", type=number(int, 0, cpus), default=min(4, cpus), help="decoding processes")
-    add("--skip-bad-images", action="store_true", help="skip undecodable images (counted)")
     add("--arch", default="tiny", choices=ARCHS, help="original: the paper's; tiny: 64x64, BN")
     add("--batch-norm", action=switch, help="BatchNorm after each conv (default: tiny's)")
     add("--no-aux", dest="aux", action="store_false", help="drop the two auxiliary heads")
@@ -1445,10 +1366,8 @@ def build_parser():
     add("--tta", action=switch, help="validate on each image and its mirror")
     add("--seed", type=number(int, 0, 2**32 - 1), help="data order, augmentation, init, dropout")
     add("--precision", choices=PRECISIONS, help="auto: bf16 where native, fp16 on older GPUs")
-    add("--channels-last", action=switch, help="channels_last (default: not on XLA)")
     add("--compile", action=switch, help="torch.compile the step (minutes)")
     add("--log-interval", type=number(int, 0, 2**31), help="steps between progress lines (50)")
-    add("--save-every", type=number(float, 0), metavar="MINUTES", help="save mid-epoch too (0)")
     add("--device", default="auto", choices=("auto", "cuda", "xla", "cpu"), help="auto: any")
     add("--num-cores", type=number(int, 1), help="TPU: 1 core, or leave out for all")
     add("--sync-bn", action=switch, default=False, help="torchrun, CUDA: BatchNorm over all")
@@ -1532,11 +1451,11 @@ def _run(args, checkpoint=None):  # train or evaluate, in this process (of torch
         checkpoint = load_checkpoint(args.resume)  # each TPU process reads it
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     device = make_device(args.device)
-    log = functools.partial(print, flush=True) if device.is_master else (lambda line: None)
+    log = functools.partial(print, flush=True) if device.rank == 0 else (lambda line: None)
     if not args.evaluate and checkpoint and checkpoint["config"]["epoch"] >= config.epochs:
         done = checkpoint["config"]["epoch"]  # said before any data is read
         log(f"{args.resume} has already trained {done} epochs: pass --epochs N (> {done})")
-        if device.is_master and checkpoint["history"]:  # a kill after last, before metrics.jsonl
+        if device.rank == 0 and checkpoint["history"]:  # a kill after last, before metrics.jsonl
             write_metrics(Path(args.checkpoint_dir) / "metrics.jsonl", checkpoint["history"])
         return checkpoint["history"]
     torch.manual_seed(config.seed)
@@ -1559,9 +1478,8 @@ def _run(args, checkpoint=None):  # train or evaluate, in this process (of torch
         if images * 3 * info.source_size**2 < torch.cuda.mem_get_info(pin_device)[0] / 4:
             store_device = pin_device
     train_loader, val_loader = make_loaders(
-        info, config.batch_size, args.image_size, args.loader, config.crop, args.workers,
-        args.subset, config.seed, args.skip_bad_images, device.rank, device.world_size, log,
-        not args.evaluate, store_device, pin_device)
+        info, config.batch_size, args.loader, config.crop, args.workers, args.subset, config.seed,
+        device.rank, device.world_size, log, not args.evaluate, store_device, pin_device)
     if args.evaluate:
         result = evaluate(model.to(device.torch_device), val_loader, device, model_config,
                           config.precision, config.tta)
@@ -1571,10 +1489,9 @@ def _run(args, checkpoint=None):  # train or evaluate, in this process (of torch
         return result
     resumed = checkpoint and f"resumed from {args.resume} {resume_point(checkpoint)}; "
     log(f"{resumed or ''}writing checkpoints to {args.checkpoint_dir}")
-    examples = (checkpoint or {}).get("examples") or pick_examples(info, info.source_size)
     argv = _command_line(build_parser(), vars(args))  # saved in each checkpoint
     return train(model, train_loader, val_loader, model_config, config, device,
-                 args.checkpoint_dir, checkpoint, examples, argv, log)
+                 args.checkpoint_dir, checkpoint, argv, log)
 
 def _xla_worker(index, args, stop_handlers=None):  # a process per TPU core, by torch_xla.launch
     _run(args)
@@ -1585,20 +1502,16 @@ def _launch_on_tpu_cores(args):  # a process per TPU core (all of them), a SIGTE
     import torch_xla
     torch_xla.launch(_xla_worker, args=(args, _MainThreadStopHandlers()))
 
-def _ending(error, args):  # main's exit code and last line for what ended the run early
-    last = args and Path(args.checkpoint_dir) / LAST_FILE
+def _ending(error):  # main's exit code and last line for what ended the run early
     if isinstance(error, Stopped):  # saved where it stopped: not an error
         return error.exit_code, str(error)
-    if isinstance(error, KeyboardInterrupt) and last and last.exists():  # past the stop handlers
-        return 130, f"interrupted: {last} holds the last saved epoch; continue with --resume"
-    if isinstance(error, KeyboardInterrupt):
-        return 130, "interrupted before any epoch was saved: nothing to resume"
+    if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C, past the stop handlers
+        return 130, "interrupted: a run continues from its last saved epoch with --resume"
     return 1 if isinstance(error, TrainingDiverged) else 2, f"error: {printable(error)}"
 
 def main(argv=None):
     """The command line: 0; 2 on a bad flag or input; 1 on divergence; 128 + signal: stopped."""
     install_stop_handlers()
-    args = None
     try:
         args, checkpoint = parse_args(argv)
         args.device = resolve_device_kind(args.device)
@@ -1624,7 +1537,7 @@ def main(argv=None):
     except SystemExit as e:  # argparse's, having printed its usage and error (or --help)
         return e.code
     except (UserError, KeyboardInterrupt) as e:  # Stopped is one
-        code, line = _ending(e, args)
+        code, line = _ending(e)
         # One line: from rank 0 if every process raised it (divergence), else from each node's first
         speaker = "RANK" if getattr(e, "everywhere", False) else "LOCAL_RANK"
         if os.environ.get(speaker, "0") == "0":

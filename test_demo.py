@@ -101,15 +101,13 @@ def image_mode(path) -> str:
 
 def small_checkpoint(path: Path, class_names=("cat", "dog", "bird"), history=None, **config_fields) -> Path:
     """A real checkpoint of an untrained 3-class tiny net (no aux heads), written by
-    googlenet.save_checkpoint with one example image: seconds to make, no training."""
+    googlenet.save_checkpoint: seconds to make, no training."""
     config = googlenet.ModelConfig("tiny", len(class_names), list(class_names), 32, 32, (0.5,) * 3, (0.25,) * 3,
                                    dataset="pets", model_options={"aux_logits": False}, epoch=1, val_top1=0.5)
     for key, value in config_fields.items():
         setattr(config, key, value)
-    example = torch.from_numpy(np.array(gradient(32, 32))).permute(2, 0, 1).contiguous()
     googlenet.save_checkpoint(path, googlenet.build_model("tiny", len(class_names), aux_logits=False), None, config,
-                              history=history or [{"epoch": 1, "val_top1": 0.5, "val_top5": 1.0, "train_loss": 1.1}],
-                              examples={"images": example[None], "labels": [0]})
+                              history=history or [{"epoch": 1, "val_top1": 0.5, "val_top5": 1.0, "train_loss": 1.1}])
     return path
 
 
@@ -119,9 +117,6 @@ def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
     tensors = {f"model.{name}": value.contiguous() for name, value in checkpoint.get("model", {}).items()}
     entries = {key: checkpoint[key] for key in ("config", "train_config", "history", "argv", "scaler")
                if checkpoint.get(key) is not None}
-    if checkpoint.get("examples"):
-        tensors["examples"] = checkpoint["examples"]["images"]
-        entries["examples"] = checkpoint["examples"]["labels"]
     entries.update(metadata)
     save_file(tensors, str(path), metadata={"format": googlenet.CHECKPOINT_FORMAT,
                                             **{key: json.dumps(value) for key, value in entries.items()}})
@@ -135,8 +130,8 @@ def write_unchecked(path: Path, checkpoint: dict, **metadata) -> Path:
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint written by googlenet.py's real training and save path.
 
-    One quick epoch on Tiny ImageNet when it is on disk (real class names, real
-    example images), else on the synthetic dataset.
+    One quick epoch on Tiny ImageNet when it is on disk (real class names), else on
+    the synthetic dataset.
     """
     override = os.environ.get("GOOGLENET_DEMO_CHECKPOINT")
     if override:
@@ -384,17 +379,6 @@ def test_page_publishes_no_local_path(server, checkpoint):
     assert str(checkpoint.parent) not in page and str(ROOT) not in page
 
 
-def test_examples_come_from_the_checkpoint(checkpoint):
-    stored = googlenet.load_checkpoint(checkpoint)["examples"]
-    examples = demo.example_images(googlenet.load_checkpoint(checkpoint))
-    assert len(examples) == min(demo.NUM_EXAMPLES, len(stored["images"])) > 0
-    for path, array in zip(examples, stored["images"]):
-        with Image.open(path) as image:
-            assert np.array_equal(np.asarray(image), array.permute(1, 2, 0).numpy())
-    assert examples[0].parent.stat().st_mode & 0o077 == 0  # a private folder of our own
-    assert demo.example_images({"examples": None}) == []
-
-
 def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
     """The attack that worked on the old demo: a checkpoint whose metadata points at a folder
     holding a crafted CIFAR-10 pickle. Now nothing the checkpoint names is opened, and a pickled
@@ -417,7 +401,6 @@ def test_hostile_checkpoint_runs_nothing(checkpoint, odd_images, tmp_path):
     write_unchecked(tmp_path / "evil.safetensors", real)
     result = run_cli("--checkpoint", str(tmp_path / "evil.safetensors"), str(odd_images["1x1.png"]))
     assert result.returncode == 0, result.stderr
-    demo.example_images(googlenet.load_checkpoint(tmp_path / "evil.safetensors"))
     assert not marker.exists()
     # A pickled object (the format before safetensors): not unpickled, one line.
     real["config"]["arch"] = Payload()
@@ -455,18 +438,13 @@ def test_an_image_beyond_pils_own_limit_is_too_large_not_unreadable(tmp_path):
     assert labels == [None] and f"{demo.plain('wide.png')} is too large" in messages[0]
 
 
-def test_example_folders_are_removed_when_the_demo_exits(tmp_path):
-    """The examples' temporary folder goes at exit: a script's normal exit, and the server's SIGTERM."""
+def test_the_demos_upload_folder_is_removed_when_the_server_gets_sigterm(tmp_path):
+    """The uploads' private temporary folder goes at exit, also when the server is stopped by SIGTERM."""
     checkpoint = small_checkpoint(tmp_path / "best.safetensors")
     env = {**ENV, "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    script = f"import demo, googlenet; print(demo.example_images(googlenet.load_checkpoint({str(checkpoint)!r}))[0])"
-    made = Path(subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                               check=True).stdout.strip())
-    assert made.name == "example-0.png" and made.parent.parent == tmp_path / "tmp" and not made.parent.exists()
     server = Server(checkpoint, tmp_path / "server.log", env=env)
     try:
-        assert len(list((tmp_path / "tmp").glob("googlenet-demo-examples-*"))) == 1  # there while serving
         assert len(list((tmp_path / "tmp").glob("googlenet-demo-cache-*"))) == 1  # its uploads' folder
     finally:
         server.stop()
@@ -553,7 +531,7 @@ def test_concurrent_requests_are_batched_and_isolated(loaded, odd_images, tmp_pa
             return self.inner(x)
 
     counting = CountingModel(model)
-    app = demo.build_demo(counting, config, examples=[])
+    app = demo.build_demo(counting, config)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -270,7 +270,7 @@ def test_fp16_trains_with_a_grad_scaler_and_resumes_exactly(tmp_path, capsys):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def _one_step_probe(precision, channels_last):
+def _one_step_probe(precision):
     """Train one step and report what the network saw: the input's memory format and the dtype
     of the first conv's output."""
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def _one_step_probe(precision, channels_last):
         channels_last=inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous(),
         dtype=out.dtype))
     store = g.ImageStore(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), torch.arange(8) % 4)
-    config = g.TrainConfig(epochs=1, batch_size=8, precision=precision, channels_last=channels_last, log_interval=0)
+    config = g.TrainConfig(epochs=1, batch_size=8, precision=precision, log_interval=0)
     mc = g.ModelConfig("tiny", 4, list("abcd"), 16, 16, (0.5,) * 3, (0.25,) * 3)
     g.train(model, g.StoreLoader(store, 8, True), g.StoreLoader(store, 8, False), mc, config,
             g.Device("cpu", torch.device("cpu")), log=lambda *a: None)
@@ -288,11 +288,11 @@ def _one_step_probe(precision, channels_last):
 
 
 def test_bf16_autocast_and_channels_last_reach_the_network():
-    seen, model = _one_step_probe("bf16", None)
+    seen, model = _one_step_probe("bf16")
     assert seen == {"channels_last": True, "dtype": torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights
-    seen, _ = _one_step_probe("fp32", False)
-    assert seen == {"channels_last": False, "dtype": torch.float32}
+    seen, _ = _one_step_probe("fp32")
+    assert seen == {"channels_last": True, "dtype": torch.float32}
 
 
 # --- data: on-device transforms ---------------------------------------------------------------
@@ -346,8 +346,8 @@ def test_both_loaders_give_the_same_training_batches():
     # --loader torch decodes per batch in worker processes, the fast path once: the same images, labels and
     # crop parameters reach the step, so the two train the same numbers (augmentation runs on the device).
     info = g.make_synthetic(16, train_size=40, val_size=12)
-    fast, _ = g.make_loaders(info, 8, 16, "fast", seed=3, log=lambda *a: None)
-    per_batch, _ = g.make_loaders(info, 8, 16, "torch", workers=1, seed=3, log=lambda *a: None)
+    fast, _ = g.make_loaders(info, 8, "fast", seed=3, log=lambda *a: None)
+    per_batch, _ = g.make_loaders(info, 8, "torch", workers=1, seed=3, log=lambda *a: None)
     for loader in (fast, per_batch):
         loader.set_epoch(2)
     pairs = list(zip(fast, per_batch))
@@ -364,12 +364,16 @@ def test_both_loaders_give_the_same_training_batches():
     assert losses[0] == losses[1]
 
 
-def test_subset_is_seeded_and_stratified():
-    split = g.Split(labels=[c for c in range(20) for _ in range(50)], files=[f"{i}.jpg" for i in range(1000)])
-    a, b = split.subset(100, seed=1), split.subset(100, seed=1)
-    assert a.files == b.files and len(a) == 100
+def test_subset_is_stratified():
+    labels = [c for c in range(20) for _ in range(50)]
+    split = g.Split(labels=labels, files=[f"{i}.jpg" for i in range(1000)])
+    a = split.subset(100)
+    assert len(a) == 100 and len(set(a.files)) == 100
     assert np.bincount(a.labels).tolist() == [5] * 20  # every class, evenly
-    assert split.subset(100, seed=2).files != a.files
+    shuffled = g.Split(labels=np.random.default_rng(0).permutation(labels).tolist(), files=split.files)
+    assert np.bincount(shuffled.subset(100).labels).tolist() == [5] * 20  # in any file order
+    uneven = g.Split(labels=[0] * 30 + [1] * 70, files=[f"{i}.jpg" for i in range(100)])
+    assert np.bincount(uneven.subset(10).labels).tolist() == [3, 7]  # each class its share
     assert split.subset(0) is split
 
 
@@ -614,7 +618,7 @@ def test_both_nets_learn_real_images_at_default_recipe(arch, size, tmp_path):
     keep = [i for i, label in enumerate(info.val.labels) if label < 10]
     info.val = g.Split([info.val.labels[i] for i in keep], [info.val.files[i] for i in keep])
     config = g.TrainConfig(epochs=3, batch_size=32, log_interval=5)
-    train_loader, val_loader = g.make_loaders(info, 32, size)
+    train_loader, val_loader = g.make_loaders(info, 32)
     mc = g.ModelConfig(arch, 10, info.class_names[:10], size, 64, info.mean, info.std, "tiny")
     lines = []
     history = g.train(g.build_model(arch, 10), train_loader, val_loader, mc, config,
@@ -626,7 +630,7 @@ def test_both_nets_learn_real_images_at_default_recipe(arch, size, tmp_path):
     assert any("ETA epoch" in line and "run" in line for line in lines)  # progress lines carry an ETA
 
 
-def test_bad_image_named_or_skipped(tmp_path, capsys):
+def test_a_bad_image_is_named_in_one_line_by_both_loaders(tmp_path, capsys):
     root = tmp_path / "tiny-imagenet-200"
     _write_tiny_imagenet(root)
     bad = root / "train" / "n01" / "images" / "n01_broken.JPEG"
@@ -634,17 +638,13 @@ def test_bad_image_named_or_skipped(tmp_path, capsys):
     argv = ["--dataset", "tiny", "--data-dir", tmp_path, "--image-size", 32, "--epochs", 1,
             "--batch-size", 4, "--device", "cpu", "--workers", 0]
     code, out, err = run_main(argv + ["--checkpoint-dir", tmp_path / "a"], capsys)
-    assert code == 2 and "n01_broken.JPEG" in err and "--skip-bad-images" in err
+    assert code == 2 and "n01_broken.JPEG" in err and "remove it" in err
     assert len(err.strip().splitlines()) == 1
-    code, out, err = run_main(argv + ["--skip-bad-images", "--checkpoint-dir", tmp_path / "b"], capsys)
-    assert code == 0, err
-    assert "skipped 1 undecodable" in out
-    # the per-sample loader: the same one line, pointing at the fast loader (whose store skips them)
+    # the per-sample loader: the same one line, once the broken image's batch is decoded
     torch_argv = argv + ["--loader", "torch", "--batch-size", 13]  # 13 train images: the broken one is in the batch
-    for extra, folder in [([], "c"), (["--skip-bad-images"], "d")]:
-        code, out, err = run_main(torch_argv + extra + ["--checkpoint-dir", tmp_path / folder], capsys)
-        assert code == 2 and "n01_broken.JPEG" in err and "fast loader with --skip-bad-images" in err, err
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out, err = run_main(torch_argv + ["--checkpoint-dir", tmp_path / "c"], capsys)
+    assert code == 2 and "n01_broken.JPEG" in err and "remove it" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_build_store_holds_one_copy_while_decoding(tmp_path):
@@ -871,10 +871,9 @@ def test_folder_dataset_trains_and_checkpoints(tmp_path, capsys):
     assert code == 0, err
     model, config = g.load_for_inference(tmp_path / "run" / "best.safetensors")
     assert config.class_names == ["cat", "dog"] and config.dataset == "folder" and config.image_size == 32
-    # no local paths travel in a checkpoint; example images do, as small uint8 arrays
+    # no local paths travel in a checkpoint
     checkpoint = g.load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert str(tmp_path) not in json.dumps({k: v for k, v in checkpoint["config"].items()})
-    assert checkpoint["examples"]["images"].dtype == torch.uint8 and checkpoint["examples"]["labels"] == [0, 1]
 
 
 def test_one_class_folder_is_an_error_before_training(tmp_path, capsys):
@@ -1270,19 +1269,16 @@ def _peak_rss_mib():
 
 _BIG = 10**400  # JSON parses it; float() and math.isfinite of it overflow
 _SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
-_POSITION = {"epoch": 0, "step": 1, "sums": [2.0, 2.0, 1.0, 32.0], "seconds": 1.0,
-             "world_size": 1, "batch_size": 32, "steps_per_epoch": 3, "xla_rng": None}
+_POSITION = {"epoch": 0, "step": 1, "sums": [2.0, 2.0, 1.0, 32.0], "seconds": 1.0, "shape": ["cpu", 1, 32, 3],
+             "rng": [{"cpu": torch.get_rng_state().tolist()}]}
 
 
 def _set(section, **values):
     return lambda tensors, metadata: metadata.setdefault(section, {}).update(values)
 
 
-def _hostile_position(position, rng_bytes=5056):
-    def change(tensors, metadata):
-        metadata["position"] = {**_POSITION, **position}
-        tensors["position.rng"] = torch.zeros(1, rng_bytes, dtype=torch.uint8)
-    return change
+def _hostile_position(position):
+    return lambda tensors, metadata: metadata.update(position={**_POSITION, **position})
 
 
 # The issue's table (#30) and the earlier hostile files, in the safetensors format: (change, fragment).
@@ -1306,9 +1302,8 @@ _HOSTILE = {
                                            "'optimizer' is not an entry"),
     "dampening x in a param group": (_set("optimizer", param_groups=[{"dampening": "x"}]), "is not an entry"),
     "maximize in a param group": (_set("optimizer", param_groups=[{"maximize": True}]), "is not an entry"),
-    "a position with a 10-byte RNG state": (_hostile_position({}, rng_bytes=10), "do not fit"),
-    "a position of 10**12 processes": (_hostile_position({"world_size": 10**12}), "do not fit"),
-    "a position of processes 'many'": (_hostile_position({"world_size": "many"}), "do not fit"),
+    "a position's XLA seed of 21 digits": (_hostile_position({"rng": [{"cpu": [0], "xla": 10**20}]}),
+                                           "out of range"),
     "no config": (lambda t, m: m.pop("config"), "missing 7 required"),
     "arch disagrees": (_set("config", arch="original"), "do not fit"),
     "names missing": (_set("config", class_names=["a"]), "writes: class_names"),
@@ -1321,12 +1316,9 @@ _HOSTILE = {
     "model options a list": (lambda t, m: m["config"].update(model_options=["aux_logits"]), "writes: model_options"),
     "image size 2048": (_set("config", image_size=2048), "writes: image_size"),
     "an unknown config field": (_set("config", data=[0] * 10), "unexpected keyword"),
-    "examples claimed, none stored": (lambda t, m: m.update(examples=[0, 1]), "do not fit"),
-    "an example label out of range": (lambda t, m: (m.update(examples=[7]), t.update({
-        "examples": torch.zeros(1, 3, 32, 32, dtype=torch.uint8)})),
-        "a label of its classes"),
-    "17 examples": (lambda t, m: (m.update(examples=[0] * 17), t.update({
-        "examples": torch.zeros(17, 3, 32, 32, dtype=torch.uint8)})), "at most 16"),
+    "format v3's examples": (lambda t, m: m.update(examples=[0, 1]), "'examples' is not an entry"),
+    "an examples tensor": (lambda t, m: t.update(examples=torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
+                           "do not fit"),
     "history a string": (lambda t, m: m.update(history="epoch 1"), "'history' is not"),
     "history of strings": (lambda t, m: m.update(history=["epoch 1"]), "'history' is not"),
     "argv of numbers": (lambda t, m: m.update(argv=[3]), "'argv' is not"),
@@ -1361,17 +1353,18 @@ def test_model_options_with_dropout_rates_round_trip(tmp_path):
 def test_a_position_with_every_ranks_random_states_round_trips(tmp_path):
     model = g.build_model("tiny", 3)
     config = g.ModelConfig("tiny", 3, ["a", "b", "c"], 32, 32, (0.5,) * 3, (0.2,) * 3)
-    rng = torch.stack([torch.get_rng_state(), torch.get_rng_state()])
-    position = {**_POSITION, "world_size": 2, "xla_rng": [2**64 - 1, 101], "rng": rng,
-                "cuda_rng": torch.zeros(2, 16, dtype=torch.uint8)}
+    torch.manual_seed(1)
+    other = torch.get_rng_state()
+    rng = [{"cpu": _POSITION["rng"][0]["cpu"], "cuda": list(range(16)), "xla": 2**64 - 1},
+           {"cpu": other.tolist()}]  # a CPU rank's (the device kind is in the shape)
+    position = {**_POSITION, "shape": ["cpu", 2, 32, 3], "rng": rng}
     g.save_checkpoint(tmp_path / "last.safetensors", model, None, config, position=position)
     loaded = g.load_checkpoint(tmp_path / "last.safetensors")["position"]
-    assert loaded.keys() == position.keys() and loaded["xla_rng"] == [2**64 - 1, 101]
-    assert torch.equal(loaded["rng"], rng) and loaded["cuda_rng"].shape == (2, 16)
-    position["rng"] = rng[:1]  # one rank's state for two ranks
-    g.save_checkpoint(tmp_path / "last.safetensors", model, None, config, position=position)
-    with pytest.raises(g.CheckpointError, match="do not fit"):
-        g.load_checkpoint(tmp_path / "last.safetensors")
+    assert loaded == position and loaded["rng"][0]["xla"] == 2**64 - 1  # a uint64 seed, exact
+    device = g.Device("cpu", torch.device("cpu"), rank=1, world_size=2)
+    torch.manual_seed(2)
+    g.restore_rng_states(loaded["rng"], device)  # rank 1 takes its own row
+    assert torch.equal(torch.get_rng_state(), other)
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '[{"epoch": 1, "lr": 1e400}]', '[{"lr": -1e999}]',
@@ -1470,8 +1463,9 @@ def test_an_unreadable_file_is_one_checkpoint_error_line(flag, tmp_path, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
-def test_a_checkpoint_of_format_v2_is_one_line(tmp_path, capsys):
-    path = _write(tmp_path / "last.safetensors", *_checkpoint_parts(), "googlenet-checkpoint-v2")
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_a_checkpoint_of_an_earlier_format_is_one_line(version, tmp_path, capsys):
+    path = _write(tmp_path / "last.safetensors", *_checkpoint_parts(), f"googlenet-checkpoint-{version}")
     code, out, err = run_main(["--resume", path, "--evaluate"], capsys)
     assert code == 2 and "not a googlenet.py checkpoint" in err and len(err.strip().splitlines()) == 1
 
@@ -1580,7 +1574,7 @@ def test_xla_train_resume_compile_count_and_cpu_parity(tmp_path):
                             timeout=900, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device: xla" in result.stdout and "on the CPU" in result.stdout and "precision fp32" in result.stdout
-    assert "compiling the first training step" in result.stdout and "first step compiled in" in result.stdout
+    assert "compiling the first training step" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     two, three = g.TrainConfig(epochs=2, batch_size=16), g.TrainConfig(epochs=3, batch_size=16)
@@ -1613,7 +1607,7 @@ def run(folder, resume=None):
     if resume is not None:
         model, _ = g.model_from_checkpoint(resume)
     try:
-        g.train(model, *g.make_loaders(info, 16, 8), g.model_config_for(info, "tiny", 8), config, device,
+        g.train(model, *g.make_loaders(info, 16), g.model_config_for(info, "tiny", 8), config, device,
                 out / folder, resume, log=lambda line: None)
     except g.Stopped as e:
         print(e, flush=True)
@@ -1655,7 +1649,7 @@ def test_xla_compile_uses_the_openxla_backend_and_trains(tmp_path):
     result = subprocess.run([str(a) for a in argv], env=XLA_ENV, capture_output=True, text=True, timeout=900,
                             cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "first step compiled in" in result.stdout and "epoch 1/1 train loss" in result.stdout
+    assert "compiling the first training step" in result.stdout and "epoch 1/1 train loss" in result.stdout
 
 
 @needs_xla
@@ -1708,7 +1702,7 @@ def test_a_stop_during_evaluate_only_exits_143(tmp_path, capsys, monkeypatch):
 
 def test_a_validation_batch_is_never_larger_than_the_validation_split():
     info = g.make_synthetic(16, train_size=64, val_size=100)
-    _, val = g.make_loaders(info, 65536, 16, need_train=False)  # as --evaluate
+    _, val = g.make_loaders(info, 65536, need_train=False)  # as --evaluate
     assert [images.shape[0] for images, _, _ in val] == [100]  # not 65,536 rows of padding
 
 
@@ -1766,7 +1760,7 @@ def test_torchrun_two_processes_train_one_model_then_resume_on_one(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert code.returncode == 0, code.stderr[-2000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3] and "processes" not in records[2]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[2]["processes"] == 1
     assert records[2]["lr"] == pytest.approx(g.learning_rate(g.TrainConfig(epochs=3, batch_size=16), 2, 0, 8))
 
 
@@ -1814,8 +1808,8 @@ def test_torchrun_sigterm_then_resume_ends_bit_identical_to_the_uninterrupted_ru
     result = _torchrun(DDP_RUN + ["--epochs", 2, "--checkpoint-dir", stopped], STOP_ON_RANK_1, timeout=600)
     assert result.returncode != 0 and "stopped by SIGTERM after step 2 of epoch 2" in result.stderr, result.stderr[-3000:]
     position = g.load_checkpoint(stopped / "last.safetensors")["position"]
-    assert (position["epoch"], position["step"], position["world_size"]) == (1, 2, 2)
-    assert position["rng"].shape[0] == 2 and not torch.equal(position["rng"][0], position["rng"][1])  # each rank's
+    assert (position["epoch"], position["step"], position["shape"][:2]) == (1, 2, ["cpu", 2])
+    assert len(position["rng"]) == 2 and position["rng"][0]["cpu"] != position["rng"][1]["cpu"]  # each rank's
     result = _torchrun(DDP_RUN + ["--epochs", 2, "--resume", stopped / "last.safetensors", "--checkpoint-dir", stopped],
                        timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -2020,12 +2014,12 @@ def test_progress_lines_come_every_30_seconds_whatever_the_step_interval(monkeyp
     assert steps[0] == 2 and len(steps) >= 2  # the first after ~20 s, then every ~30 s
 
 
-def test_ctrl_c_before_any_save_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
+def test_a_second_ctrl_c_is_one_line_and_130(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(g, "load_dataset", interrupted)  # Ctrl-C while the data is being read
     code, _, err = run_main(["--dataset", "synthetic", "--device", "cpu", "--checkpoint-dir", tmp_path / "run"], capsys)
-    assert code == 130 and "nothing to resume" in err and "last.safetensors" not in err
+    assert code == 130 and err.startswith("interrupted") and len(err.strip().splitlines()) == 1
 
 
 # --- torch.compile --------------------------------------------------------------------------------
@@ -2038,7 +2032,7 @@ def test_compiled_step_matches_eager_and_saves_plain_keys(tmp_path):
     for compiled in (False, "aot_eager"):
         torch.manual_seed(0)
         model = g.build_model("tiny", 10)
-        train_loader, val_loader = g.make_loaders(info, 16, 16)
+        train_loader, val_loader = g.make_loaders(info, 16)
         config = g.TrainConfig(epochs=1, batch_size=16, precision="fp32", compile=compiled, log_interval=0)
         lines = []
         history = g.train(model, train_loader, val_loader, g.model_config_for(info, "tiny", 16), config,
@@ -2046,7 +2040,7 @@ def test_compiled_step_matches_eager_and_saves_plain_keys(tmp_path):
                           log=lines.append)
         results[compiled] = history[0]["train_loss"]
     assert results["aot_eager"] == pytest.approx(results[False], rel=1e-3)
-    assert any("first step compiled" in line for line in lines)
+    assert any("compiling the first training step" in line for line in lines)
     keys = g.load_checkpoint(tmp_path / "aot_eager" / "last.safetensors")["model"].keys()
     assert not [k for k in keys if "_orig_mod" in k]
 
@@ -2083,7 +2077,7 @@ def test_imports_and_explains_without_torch_xla(tmp_path):
 # Two processes whose device kind is "cuda" on CPU tensors: they read their sums at CUDA's checks
 # (every min(log_interval, steps // 4) steps: 3 of 12 here, not every step). Rank 1 alone gets the stop
 # request (as one process of a preempted job can), after step 3. Then a loss that is infinite on rank 1
-# from step 4, with a save due at every check.
+# from step 4, with the stop request at the same time.
 CUDA_CHECK_POINTS = """
 import json, os, signal, sys, time
 import torch, torch.distributed as dist
@@ -2112,26 +2106,26 @@ class Loader:
     def __iter__(self):
         return slow_batches(self.after_third)
 
-def epoch(after_third, save_every):
+def epoch(after_third):
     model, saves = g.build_model("tiny", 4), []
-    def save_position(position, stop):
-        saves.append([position["step"], stop])
-        if stop:
-            raise g.Stopped("stopped", signal.SIGTERM)
+    def stop_at(position):
+        saves.append(position["step"])
+        raise g.Stopped("stopped", signal.SIGTERM)
     try:
         g.train_one_epoch(model, Loader(after_third), g.make_optimizer(model, config), device, mc, config, 0,
-                          log=lambda line: None, save_position=save_position, save_every=save_every)
+                          log=lambda line: None, stop_at=stop_at)
         return {"saves": saves}
     except g.UserError as e:
         return {"saves": saves, "error": str(e)}
 
 g.STOP["signal"] = None
-stopped = epoch(lambda: g.STOP.update(signal=signal.SIGTERM), 0.0)
+stopped = epoch(lambda: g.STOP.update(signal=signal.SIGTERM))
 g.STOP["signal"] = None
 loss = g.googlenet_loss
-def infinite_from_now():
+def infinite_from_now_and_stop():
     g.googlenet_loss = lambda *a, **k: loss(*a, **k)._replace(total=loss(*a, **k).total * float("inf"))
-diverged = epoch(infinite_from_now, 1e-9)
+    g.STOP.update(signal=signal.SIGTERM)
+diverged = epoch(infinite_from_now_and_stop)
 # A file per rank: two processes printing to one pipe can interleave their lines.
 result = {"stopped": stopped, "diverged": diverged}
 with open(os.path.join(os.path.dirname(__file__), f"result.{dist.get_rank()}.json"), "w") as f:
@@ -2151,9 +2145,9 @@ def test_off_the_cpu_several_processes_stop_and_save_soon_after_a_request_and_ne
     assert ranks[0] == ranks[1]  # both decided the same, at the same steps
     stopped, diverged = ranks[0]["stopped"], ranks[0]["diverged"]
     # The stop: at the first check after step 3, within one check interval (3 steps), saved once.
-    assert len(stopped["saves"]) == 1 and stopped["saves"][0][1] is True and 3 <= stopped["saves"][0][0] <= 8
-    # The bad step: saves before it, none after it, and the one line names the check that saw it.
-    assert diverged["saves"] and all(step < 4 for step, _ in diverged["saves"])
+    assert len(stopped["saves"]) == 1 and 3 <= stopped["saves"][0] <= 8
+    # The bad step: the stop saves nothing after it, and the one line names the check that saw it.
+    assert diverged["saves"] == []
     assert "non-finite by step 6 of epoch 1" in diverged["error"] and "saved before are kept" in diverged["error"]
 
 
@@ -2176,8 +2170,7 @@ def _cuda_like_epoch(monkeypatch, break_at_step_3):
     monkeypatch.setitem(g.STOP, "signal", None)
     with pytest.raises(g.TrainingDiverged) as error:
         g.train_one_epoch(model, g.StoreLoader(store, 4, True), optimizer, g.Device("cuda", torch.device("cpu")),
-                          mc, config, 0, log=lambda line: None, save_position=lambda *a: saves.append(a),
-                          save_every=1e-9)
+                          mc, config, 0, log=lambda line: None, stop_at=saves.append)
     g.STOP["signal"] = None
     return saves, str(error.value)
 
@@ -2194,10 +2187,10 @@ def test_off_the_cpu_a_save_never_writes_after_a_bad_step_or_over_broken_weights
         out = loss(*a, **k)
         return out._replace(total=out.total * float("inf")) if len(calls) == 3 else out
     saves, error = _cuda_like_epoch(monkeypatch, nan_weights_after_a_finite_loss)
-    assert [s[0]["step"] for s in saves] == [1, 2] and "weights became non-finite by step 3" in error
+    assert saves == [] and "weights became non-finite by step 3" in error
     monkeypatch.setattr(g, "googlenet_loss", third_infinite)
     saves, error = _cuda_like_epoch(monkeypatch, lambda model: None)
-    assert [s[0]["step"] for s in saves] == [1, 2] and "loss became non-finite by step 3" in error
+    assert saves == [] and "loss became non-finite by step 3" in error
 
 
 def test_resume_on_another_device_kind_uses_this_devices_optimizer_kernels(tmp_path, monkeypatch):
@@ -2229,12 +2222,12 @@ def test_a_position_saved_by_one_process_restarts_its_epoch_under_two(tmp_path, 
     code, _, err = run_main(DDP_RUN + ["--epochs", 1, "--checkpoint-dir", tmp_path], capsys)
     assert code == 143 and "after step 3 of epoch 1" in err
     position = g.load_checkpoint(tmp_path / "last.safetensors")["position"]
-    assert (position["world_size"], position["batch_size"], position["steps_per_epoch"]) == (1, 16, 8)
+    assert position["shape"] == ["cpu", 1, 16, 8]
     result = _torchrun(DDP_RUN + ["--resume", tmp_path / "last.safetensors", "--checkpoint-dir", tmp_path])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {tmp_path / 'last.safetensors'} after step 3 of epoch 1" in result.stdout
-    assert ("the position saved after step 3 of epoch 1 is for (processes, batch, steps an epoch) (1, 16, 8), this "
-            "run is (2, 16, 4): the epoch restarts from its first step") in result.stdout
+    assert ("the position saved after step 3 of epoch 1 is for (device, processes, batch, steps an epoch) "
+            "['cpu', 1, 16, 8], this run is ['cpu', 2, 16, 4]: the epoch restarts from its first step") in result.stdout
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["train_images"] == 128 and record["processes"] == 2  # each image once, none skipped
     # The epoch line's lr: the rates of its first and last steps (warming up: they differ).
@@ -2284,7 +2277,7 @@ def training(args, checkpoint=None):  # in the launcher's worker thread, as the 
     info = g.make_synthetic(8, train_size=32, val_size=16)
     config = g.TrainConfig(epochs=1, batch_size=16, precision="fp32", log_interval=0)
     try:
-        g.train(g.build_model("tiny", 10), *g.make_loaders(info, 16, 8), g.model_config_for(info, "tiny", 8),
+        g.train(g.build_model("tiny", 10), *g.make_loaders(info, 16), g.model_config_for(info, "tiny", 8),
                 config, g.Device("cpu", torch.device("cpu")), log=lambda line: None)
         print("trained on", flush=True)
     except g.Stopped as e:
@@ -2318,17 +2311,6 @@ def test_bench_runs_on_image_files(tmp_path, capsys):
     assert bench.main([str(a) for a in argv + ["--profile"]]) == 0
     table = capsys.readouterr().out
     assert "aten::convolution_backward" in table and "default: " in table
-
-
-def test_fp16_validation_whose_logits_overflow_still_gives_a_finite_loss():
-    store, mc = _fp16_batches(n=8, size=8)
-    model = g.build_model("tiny", 4, aux_logits=False)
-    with torch.no_grad():
-        model.fc.weight.mul_(1e7)  # logits near 1e5: finite in fp32, infinite in fp16 (max 65504)
-    cpu = g.Device("cpu", torch.device("cpu"))
-    fp32 = g.evaluate(model, g.StoreLoader(store, 8, False), cpu, mc, "fp32")
-    fp16 = g.evaluate(model, g.StoreLoader(store, 8, False), cpu, mc, "fp16")
-    assert math.isfinite(fp16["loss"]) and fp16 == pytest.approx(fp32)
 
 
 def test_a_batch_larger_than_the_subset_is_refused_in_one_line(tmp_path, capsys):
