@@ -616,7 +616,8 @@ def test_cli_bad_checkpoint_gives_one_line_and_exit_2(problem, checkpoint, odd_i
 
 @pytest.mark.parametrize("field,value", [("mean", "0.5"), ("mean", (0.5,) * 7), ("std", (0.2, 0.0, 0.2)),
                                          ("class_names", [["a"], ["b"], ["c"]]), ("model_options", ["aux_logits"]),
-                                         ("val_top1", "90%"), ("source_size", 4096), ("examples", "none"),
+                                         ("val_top1", "90%"), ("source_size", 4096),
+                                         ("examples", [0]),  # v3's entry, well formed: now unknown, refused
                                          # the issue's table (#30): numbers and strings that crashed demo.py
                                          ("val_top1", 10**400), ("std", (1e-300,) * 3), ("dataset", "cifar\udcff"),
                                          ("class_names", ["\ud800", "dog", "bird"]),
