@@ -597,9 +597,16 @@ def install_stop_handlers():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, _request_stop)
 
+def _stopped(checkpoint_dir, where):
+    signum = STOP["signal"] or signal.SIGTERM  # (another process got it)
+    message = f"stopped by {signal.Signals(signum).name} {where}"
+    if checkpoint_dir is not None:
+        message += f": saved in {Path(checkpoint_dir) / LAST_FILE}; continue with --resume"
+    return Stopped(message, signum)
+
 def raise_if_stopped(what="before training began: nothing new was saved"):
     if STOP["signal"] is not None:
-        raise Stopped(f"stopped by {signal.Signals(STOP['signal']).name} {what}", STOP["signal"])
+        raise _stopped(None, what)
 
 class _MainThreadStopHandlers:
     """Unpickled in each TPU process's main thread, it installs the handlers there (torch_xla 2.9's
@@ -1021,24 +1028,19 @@ def _checkpoints(out_dir, model, optimizer, scaler, model_config, config, histor
         model_config.epoch = epoch
         model_config.best_top1 = best.get("val_top1")
         model_config.best_epoch = best.get("epoch")
-        files = [LAST_FILE]
+        name = LAST_FILE
         if position is None:
             model_config.val_top1 = history[-1]["val_top1"]
             if best is history[-1]:  # best first: a crash between the two never loses it
-                files.insert(0, BEST_FILE)
-        for name in files:
-            save_checkpoint(out_dir / name, model, optimizer, model_config, config, history, argv,
-                            scaler, position)
+                name = BEST_FILE
+        save_checkpoint(out_dir / name, model, optimizer, model_config, config, history, argv,
+                        scaler, position)
+        if name == BEST_FILE:  # last is the same file: copied, not gathered and serialized again
+            best_bytes = (out_dir / BEST_FILE).read_bytes()
+            _atomic_write(out_dir / LAST_FILE, lambda f: f.write(best_bytes))
         if position is None:
             write_metrics(out_dir / "metrics.jsonl", history)
     return save
-
-def _stopped(checkpoint_dir, where):
-    signum = STOP["signal"] or signal.SIGTERM  # (another process got it)
-    message = f"stopped by {signal.Signals(signum).name} {where}"
-    if checkpoint_dir is not None:
-        message += f": saved in {Path(checkpoint_dir) / LAST_FILE}; continue with --resume"
-    return Stopped(message, signum)
 
 def _stop_mid_epoch(save, device, epoch, checkpoint_dir, position):
     """train_one_epoch's stop_at: rank 0 saves the position in last; each process raises Stopped."""
